@@ -1,0 +1,27 @@
+"""``multimix bench step`` (the pure-torch training step) and ``multimix bench data`` (augmentation).
+
+Benchmarks print numbers (img/s, peak memory) and ratios against a baseline measured in the same
+process; they are not timed tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+SUBCOMMANDS = {
+    "step": ("multimix.bench.step", "img/s and peak memory of one MultiMix step vs the naive step"),
+    "data": ("multimix.bench.data", "weak+strong augmentation pairs/s per core vs the paper's"),
+}
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
+    for name, (module, help_) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(_bench_run=mod.run)
+
+
+def run(args) -> int:
+    return args._bench_run(args)

