@@ -153,3 +153,32 @@ def ray_local():
                  configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# real data prepared once per session (small images: the counts and checks do not need 256 px)
+
+PREPARED_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def kermany_prepared(shared_data, tmp_path_factory) -> Path:
+    """Kermany ``train`` (5,216 images) prepared at 64 px into a session temp dir (~10 s)."""
+    from multimix.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("kermany64") / "ds"
+    prepare(str(shared_data / "kermany-cxr"), str(out), image_size=PREPARED_SIZE, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def v7_prepared(shared_data, tmp_path_factory) -> Path:
+    """V7 lung segmentation (418 image-mask pairs) prepared at 64 px (~3 s)."""
+    from multimix.data.prepare import prepare
+
+    src = shared_data / "v7-covid-lungs"
+    if not src.is_dir():
+        pytest.skip(f"{src} is missing (see ../shared/data/README.md)")
+    out = tmp_path_factory.mktemp("v7_64") / "ds"
+    prepare(str(src), str(out), image_size=PREPARED_SIZE, progress=False)
+    return out

@@ -1,0 +1,251 @@
+"""Image decoding, resizing and PNG (de)serialisation: pure numpy + Pillow, no Ray.
+
+Used by ``multimix prepare`` (source files → stored PNG bytes), by the Ray Data pipeline (stored
+PNG bytes → arrays) and by ``multimix predict`` (any user image → the model's input size), so every
+function takes any size, grey or colour, 8- or 16-bit, and fails with a :class:`DataError` that
+names the file instead of a Pillow traceback.
+
+Conventions: an *image* is a 2-D ``numpy.uint8`` array ``(H, W)`` of grey levels 0..255; a *mask*
+is a 2-D ``numpy.uint8`` array ``(H, W)`` with values {0, 1} in memory and {0, 255} when stored
+as PNG (see ``docs/DESIGN.md`` §1).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from multimix.errors import DataError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "load_grey",
+    "to_grey",
+    "resize_image",
+    "resize_mask",
+    "binarize_mask",
+    "encode_png",
+    "decode_png",
+    "decode_mask_png",
+]
+
+#: file extensions (lower case) that :mod:`multimix.data.sources` treats as images
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+#: what Pillow raises for a file that is not an image, or a damaged one
+_DECODE_ERRORS = (
+    UnidentifiedImageError,
+    OSError,  # "image file is truncated", broken data stream, bad PNG chunk
+    SyntaxError,  # Pillow's parsers raise it for malformed headers
+    ValueError,
+    EOFError,
+    IndexError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
+)
+
+Source = Union[str, os.PathLike, bytes, bytearray, memoryview]
+
+
+def load_grey(src: Source, name: str | None = None) -> np.ndarray:
+    """Decode an image file (path or raw bytes) into grey levels.
+
+    Args:
+        src: a file path, or the file's bytes.
+        name: how to name the file in errors (defaults to the path, or ``"<bytes>"``).
+
+    Returns:
+        ``numpy.uint8`` array ``(H, W)``. Only the first frame of multi-frame files is used;
+        EXIF orientation is *not* applied (masks rarely carry it and must stay aligned).
+
+    Conversion rules (see :func:`to_grey`): colour → ITU-R 601 luma (exact for grey content
+    stored as RGB), alpha dropped, palette expanded, 16-bit and 32-bit integer images scaled by
+    their bit depth (the smallest of 8/10/12/14/16 bits that holds the maximum), float images
+    scaled by their min/max.
+
+    Raises:
+        DataError: the file is missing, not an image, truncated or otherwise undecodable.
+    """
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        label = name or "<bytes>"
+        fp: object = io.BytesIO(bytes(src))
+    else:
+        label = name or os.fspath(src)
+        fp = Path(src)
+        if not fp.is_file():
+            raise DataError(f"{label}: no such file")
+    # Truncated files must fail, not decode into a half-grey image (Pillow's global switch).
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(fp) as im:  # type: ignore[arg-type]
+            im.load()
+            return to_grey(im)
+    except DataError as exc:
+        raise DataError(f"{label}: {exc}") from None
+    except _DECODE_ERRORS as exc:
+        reason = str(exc) or type(exc).__name__
+        raise DataError(f"{label}: not a readable image ({reason})") from None
+
+
+def to_grey(im: Image.Image) -> np.ndarray:
+    """Convert a loaded Pillow image of any mode to a ``uint8 (H, W)`` grey array.
+
+    - ``L``: as is; ``1``: 0/255; ``P``/``PA``: palette expanded, then luma.
+    - ``RGB``/``RGBA``/``LA``/``CMYK``/``YCbCr``/…: alpha dropped, ITU-R 601 luma
+      (``L = (19595 R + 38470 G + 7471 B + 2**15) >> 16``, exact when R = G = B).
+    - ``I;16*`` (16-bit grey) and ``I`` (32-bit int): divided by ``2**b - 1`` where ``b`` is the
+      smallest of 8, 10, 12, 14, 16 bits holding the image's maximum (so 12-bit data stored in
+      16-bit containers uses the whole 0..255 range, and 8-bit data in a 16-bit file is
+      unchanged). Integers outside 0..65535 fall back to min/max scaling.
+    - ``F`` (32-bit float): min/max scaled to 0..255 (a constant image gives zeros).
+    """
+    if im.width == 0 or im.height == 0:
+        raise DataError("empty image (0 pixels)")
+    mode = im.mode
+    if mode == "L":
+        return np.array(im, dtype=np.uint8)
+    if mode == "1":
+        return np.array(im.convert("L"), dtype=np.uint8)
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im).astype(np.int64)
+        lo, hi = int(a.min()), int(a.max())
+        if lo >= 0 and hi <= 0xFFFF:
+            bits = next(b for b in (8, 10, 12, 14, 16) if hi < (1 << b))
+            scale = 255.0 / ((1 << bits) - 1)
+            return np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+        return _minmax_u8(a.astype(np.float64))
+    if mode == "F":
+        return _minmax_u8(np.asarray(im, dtype=np.float64))
+    if mode in ("P", "PA"):
+        im = im.convert("RGBA")
+    if mode in ("LA", "La"):
+        return np.array(im.getchannel(0), dtype=np.uint8)
+    if im.mode in ("RGBA", "RGBa", "RGBX"):
+        im = im.convert("RGB")
+    return np.array(im.convert("L"), dtype=np.uint8)
+
+
+def _minmax_u8(a: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(a)
+    if not finite.any():
+        return np.zeros(a.shape, np.uint8)
+    lo, hi = float(a[finite].min()), float(a[finite].max())
+    a = np.where(finite, a, lo)
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint8)
+    return np.clip(np.rint((a - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+
+
+def _check_2d_u8(a: np.ndarray, what: str) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim != 2 or a.dtype != np.uint8:
+        raise ValueError(f"{what}: expected a uint8 array (H, W), got {a.dtype} {a.shape}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"{what}: empty array {a.shape}")
+    return np.ascontiguousarray(a)
+
+
+def resize_image(a: np.ndarray, size: int) -> np.ndarray:
+    """Resize a grey image to ``(size, size)`` (aspect ratio not kept, as in the paper).
+
+    Per axis: the area filter (``Image.BOX``, an exact pixel-area average) when shrinking, bicubic
+    when enlarging; when one axis shrinks and the other grows, the two axes are resized in two
+    passes with their own filter.
+
+    Args:
+        a: ``uint8 (H, W)`` (a trailing channel axis of 1 is accepted).
+        size: output side length, ``>= 1``.
+
+    Returns:
+        ``uint8 (size, size)``, a new array.
+    """
+    a = _check_2d_u8(a, "resize_image")
+    if size < 1:
+        raise ValueError(f"resize_image: size must be >= 1, got {size}")
+    h, w = a.shape
+    if h == size and w == size:
+        return a.copy()
+    im = Image.fromarray(a, mode="L")
+
+    def filt(src: int) -> int:
+        return Image.Resampling.BOX if src > size else Image.Resampling.BICUBIC
+
+    if (h >= size and w >= size) or (h <= size and w <= size):
+        # one pass; the filter only matters on axes that change
+        f = Image.Resampling.BOX if max(h, w) > size else Image.Resampling.BICUBIC
+        im = im.resize((size, size), resample=f)
+    else:
+        im = im.resize((size, h), resample=filt(w))
+        im = im.resize((size, size), resample=filt(h))
+    return np.array(im, dtype=np.uint8)
+
+
+def binarize_mask(a: np.ndarray) -> np.ndarray:
+    """Mask of any 8-bit encoding → ``uint8`` {0, 1}.
+
+    0/1 masks (maximum ≤ 1) are kept; anything else is thresholded at the middle of the 8-bit
+    range (``> 127``), so 0/255 masks and lossy-compressed masks with values near 0 and 255 both
+    come out clean.
+    """
+    a = _check_2d_u8(a, "binarize_mask")
+    if a.max(initial=0) <= 1:
+        return a.copy()
+    return (a > 127).astype(np.uint8)
+
+
+def resize_mask(a: np.ndarray, size: int) -> np.ndarray:
+    """Binarise (see :func:`binarize_mask`) and resize a mask to ``(size, size)``, nearest neighbour.
+
+    Returns:
+        ``uint8 (size, size)`` with values in {0, 1}.
+    """
+    m = binarize_mask(a)
+    if size < 1:
+        raise ValueError(f"resize_mask: size must be >= 1, got {size}")
+    if m.shape == (size, size):
+        return m
+    im = Image.fromarray(m, mode="L").resize((size, size), resample=Image.Resampling.NEAREST)
+    return np.array(im, dtype=np.uint8)
+
+
+def encode_png(a: np.ndarray, compress_level: int = 6) -> bytes:
+    """``uint8 (H, W)`` → 8-bit grey PNG bytes (lossless). Store masks as 0/255 (``m * 255``)."""
+    a = _check_2d_u8(a, "encode_png")
+    buf = io.BytesIO()
+    Image.fromarray(a, mode="L").save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes, name: str | None = None) -> np.ndarray:
+    """Stored image bytes (normally from :func:`encode_png`) → ``uint8 (H, W)``.
+
+    Fast path for 8-bit grey PNGs; any other image goes through :func:`load_grey`.
+
+    Raises:
+        DataError: the bytes are not a decodable image (named by ``name`` when given).
+    """
+    if data is None:
+        raise DataError(f"{name or '<bytes>'}: no image data (null)")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.mode == "L":
+                im.load()
+                return np.array(im, dtype=np.uint8)
+    except _DECODE_ERRORS:
+        pass  # load_grey names the problem
+    return load_grey(bytes(data), name=name)
+
+
+def decode_mask_png(data: bytes, name: str | None = None) -> np.ndarray:
+    """Stored mask bytes (0/255 PNG) → ``uint8 (H, W)`` with values {0, 1}."""
+    return binarize_mask(decode_png(data, name=name))

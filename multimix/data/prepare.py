@@ -1,0 +1,551 @@
+"""``multimix prepare``: a public dataset layout → sharded Parquet + manifest + report.
+
+Output (DESIGN.md §1), in a local folder or under ``s3://bucket/prefix``::
+
+    manifest.json            what the dataset is (written last: its presence marks a complete set)
+    report.json              every file that did not become a row, with the reason; duplicates
+    data/part-00000.parquet  rows sorted by id, ~``shard_rows`` rows per shard
+
+Decoding and resizing run in a process pool (one process per core by default); rows come back
+in id order, so the output is the same for any number of workers. Unreadable or truncated images
+and masks whose size differs from their image are skipped and listed in ``report.json``
+(``strict=True`` turns the first one into a :class:`DataError`); byte-identical files (same
+sha256) are all kept and listed as duplicate groups. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter, defaultdict
+from concurrent.futures import Future, ProcessPoolExecutor
+from datetime import datetime, timezone
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from multimix import __version__
+from multimix.config import StorageConfig
+from multimix.data import storage
+from multimix.data.images import encode_png, load_grey, resize_image, resize_mask
+from multimix.data.sources import LAYOUTS, Record, Source, discover
+from multimix.errors import DataError, UserError
+
+__all__ = [
+    "FORMAT",
+    "SCHEMA",
+    "prepare",
+    "prepare_demo",
+    "read_manifest",
+    "shard_uris",
+    "read_table",
+    "DatasetWriter",
+    "add_arguments",
+    "run",
+]
+
+FORMAT = "multimix-prepared/1"
+
+#: Parquet schema of a prepared dataset (DESIGN.md §1)
+SCHEMA = pa.schema([
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("task", pa.string(), nullable=False),
+    pa.field("image", pa.binary(), nullable=False),
+    pa.field("mask", pa.binary()),
+    pa.field("ignore", pa.binary()),
+    pa.field("label", pa.int32()),
+    pa.field("hash", pa.string(), nullable=False),
+    pa.field("path", pa.string(), nullable=False),
+    pa.field("orig_height", pa.int32(), nullable=False),
+    pa.field("orig_width", pa.int32(), nullable=False),
+])
+
+_CHUNK = 32  # records per pool task
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a prepared dataset
+
+
+def read_manifest(uri: str, storage_cfg: Optional[StorageConfig] = None) -> dict:
+    """The ``manifest.json`` of a prepared dataset.
+
+    Raises:
+        DataError: ``not a prepared dataset: <uri>/manifest.json missing``, invalid JSON or an
+            unknown format.
+        StorageError: S3 trouble (credentials, bucket, endpoint).
+    """
+    m_uri = storage.join(uri, "manifest.json")
+    try:
+        text = storage.read_text(m_uri, storage_cfg)
+    except DataError:
+        raise DataError(f"not a prepared dataset: {m_uri} missing "
+                        "(write one with `multimix prepare`)") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{m_uri}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise DataError(f"{m_uri}: unknown format {got!r} (expected {FORMAT!r})")
+    return manifest
+
+
+def shard_uris(uri: str, manifest: dict) -> list[str]:
+    """Full URIs of the dataset's Parquet shards (for ``ray.data.read_parquet`` & co.)."""
+    return [storage.join(uri, rel) for rel in manifest["shards"]]
+
+
+def read_table(uri: str, columns: Optional[list[str]] = None,
+               storage_cfg: Optional[StorageConfig] = None) -> pa.Table:
+    """Read (some columns of) a prepared dataset into one Arrow table, in shard order.
+
+    ``columns=["id", "label", "hash"]`` reads only those column chunks, not the image bytes.
+    """
+    manifest = read_manifest(uri, storage_cfg)
+    fs, _ = storage.resolve(uri, storage_cfg)
+    paths = [storage.resolve(u, storage_cfg)[1] for u in shard_uris(uri, manifest)]
+    if not paths:
+        return SCHEMA.empty_table().select(columns) if columns else SCHEMA.empty_table()
+    with storage.storage_errors(uri, storage_cfg):
+        tables = [pq.read_table(p, columns=columns, filesystem=fs) for p in paths]
+    return pa.concat_tables(tables)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+class DatasetWriter:
+    """Write rows (dicts with the :data:`SCHEMA` columns) as Parquet shards under ``out_uri``.
+
+    Rows must be added in the final order (sorted by id). A shard is flushed every
+    ``shard_rows`` rows or when its buffered bytes pass ``shard_bytes``. :meth:`finish` writes
+    ``report.json`` and then ``manifest.json``.
+    """
+
+    def __init__(self, out_uri: str, storage_cfg: Optional[StorageConfig], *,
+                 shard_rows: int = 1000, shard_bytes: int = 128 << 20,
+                 overwrite: bool = False) -> None:
+        if shard_rows < 1:
+            raise UserError(f"shard_rows must be >= 1, got {shard_rows}")
+        self.out_uri = out_uri.rstrip("/") if "://" in out_uri else out_uri
+        self.st = storage_cfg
+        self.shard_rows, self.shard_bytes = shard_rows, shard_bytes
+        storage.check_writable(out_uri, storage_cfg)
+        self.fs, self.root = storage.resolve(out_uri, storage_cfg)
+        self._clear_previous(overwrite)
+        self.shards: list[str] = []
+        self._buf: list[dict] = []
+        self._buf_bytes = 0
+        self.num_rows = 0
+        self.ids: list[str] = []
+        self.hashes: list[str] = []
+        self.paths: list[str] = []
+        self.labels: list[Optional[int]] = []
+        self.with_ignore = 0
+
+    def _clear_previous(self, overwrite: bool) -> None:
+        m = storage.join(self.out_uri, "manifest.json")
+        if storage.exists(m, self.st):
+            if not overwrite:
+                raise DataError(f"{self.out_uri} already holds a prepared dataset; choose another "
+                                "--out or pass --overwrite")
+            with storage.storage_errors(self.out_uri, self.st):
+                self.fs.delete_file(storage.resolve(m, self.st)[1])
+            for sub in ("splits",):
+                storage.delete_dir(storage.join(self.out_uri, sub), self.st)
+        # stale shards of an interrupted run (no manifest): ours by name, so safe to remove
+        for rel in storage.list_files(storage.join(self.out_uri, "data"), self.st,
+                                      recursive=False):
+            if rel.startswith("part-") and rel.endswith(".parquet"):
+                with storage.storage_errors(self.out_uri, self.st):
+                    self.fs.delete_file(f"{self.root}/data/{rel}")
+
+    def add(self, row: dict) -> None:
+        self._buf.append(row)
+        self._buf_bytes += len(row["image"]) + len(row.get("mask") or b"") + len(
+            row.get("ignore") or b"")
+        self.ids.append(row["id"])
+        self.hashes.append(row["hash"])
+        self.paths.append(row["path"])
+        self.labels.append(row.get("label"))
+        self.with_ignore += row.get("ignore") is not None
+        self.num_rows += 1
+        if len(self._buf) >= self.shard_rows or self._buf_bytes >= self.shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        cols = {name: [r.get(name) for r in self._buf] for name in SCHEMA.names}
+        table = pa.Table.from_pydict(cols, schema=SCHEMA)
+        rel = f"data/part-{len(self.shards):05d}.parquet"
+        uri = storage.join(self.out_uri, rel)
+        with storage.storage_errors(uri, self.st):
+            if isinstance(self.fs, pafs.LocalFileSystem):
+                self.fs.create_dir(f"{self.root}/data", recursive=True)
+            with self.fs.open_output_stream(f"{self.root}/{rel}") as f:
+                # PNG bytes do not compress further: store them as is
+                pq.write_table(table, f, row_group_size=len(self._buf),
+                               compression={n: ("NONE" if n in ("image", "mask", "ignore")
+                                                else "SNAPPY") for n in SCHEMA.names},
+                               use_dictionary=["source", "task"])
+        self.shards.append(rel)
+        self._buf, self._buf_bytes = [], 0
+
+    def abort(self) -> None:
+        """Remove the shards written so far (no manifest was written: the set is incomplete)."""
+        for rel in self.shards:
+            with storage.storage_errors(self.out_uri, self.st):
+                self.fs.delete_file(f"{self.root}/{rel}")
+        self.shards, self._buf = [], []
+
+    def duplicate_groups(self) -> list[list[int]]:
+        """Row indices of byte-identical files, groups of ≥ 2, sorted by first id."""
+        by_hash: dict[str, list[int]] = defaultdict(list)
+        for i, h in enumerate(self.hashes):
+            by_hash[h].append(i)
+        groups = [sorted(g, key=lambda i: self.ids[i]) for g in by_hash.values() if len(g) > 1]
+        return sorted(groups, key=lambda g: self.ids[g[0]])
+
+    def finish(self, *, source: str, task: str, image_size: int,
+               classes: Optional[list[str]], skipped: list[dict], parameters: dict,
+               ignored_files: Iterable[str] = (), synthetic: bool = False) -> dict:
+        """Flush the last shard, write ``report.json`` and ``manifest.json``; return the manifest."""
+        self._flush()
+        if self.num_rows == 0:
+            raise DataError(f"no rows to write to {self.out_uri}: every file was skipped "
+                            f"({len(skipped)}; first: {skipped[0] if skipped else 'none'})")
+        groups = self.duplicate_groups()
+        dup_report = []
+        for g in groups:
+            entry = {"hash": self.hashes[g[0]], "ids": [self.ids[i] for i in g],
+                     "paths": [self.paths[i] for i in g]}
+            if task == "cls":
+                labs = sorted({self.labels[i] for i in g})
+                entry["labels"] = [classes[x] for x in labs] if classes else labs
+                entry["conflicting_labels"] = len(labs) > 1
+            dup_report.append(entry)
+        if task == "cls":
+            counts_by_label = Counter(self.labels)
+            counts = {"cls": {c: int(counts_by_label.get(i, 0)) for i, c in enumerate(classes)}}
+        else:
+            counts = {"seg": self.num_rows, "with_ignore": int(self.with_ignore)}
+        report = {"source": source, "num_rows": self.num_rows, "skipped": skipped,
+                  "duplicates": dup_report, "ignored_files": sorted(ignored_files)}
+        storage.write_text(storage.join(self.out_uri, "report.json"),
+                           json.dumps(report, indent=1) + "\n", self.st)
+        manifest = {
+            "format": FORMAT,
+            "num_rows": self.num_rows,
+            "image_size": int(image_size),
+            "source": source,
+            "task": task,
+            **({"classes": list(classes)} if task == "cls" else {}),
+            "counts": counts,
+            "shards": list(self.shards),
+            "duplicate_groups": [[self.ids[i] for i in g] for g in groups],
+            "skipped": len(skipped),
+            "report": "report.json",
+            "synthetic": bool(synthetic),
+            "parameters": parameters,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "multimix_version": __version__,
+        }
+        storage.write_text(storage.join(self.out_uri, "manifest.json"),
+                           json.dumps(manifest, indent=1) + "\n", self.st)
+        return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# per-record work (runs in pool processes)
+
+_WORKER_FS: Optional[pafs.FileSystem] = None
+
+
+def _init_worker(fs: pafs.FileSystem) -> None:
+    global _WORKER_FS
+    _WORKER_FS = fs
+    # leave the parent's threads alone: one thread per process is what we want
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+
+
+def _read_file(fs: pafs.FileSystem, path: str) -> bytes:
+    if isinstance(fs, pafs.LocalFileSystem):
+        with open(path, "rb") as f:
+            return f.read()
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def _load(fs, path: str, rel: str, what: str) -> tuple[Optional[bytes], Optional[np.ndarray],
+                                                        Optional[str]]:
+    """(bytes, grey array, None) or (None, None, reason)."""
+    try:
+        data = _read_file(fs, path)
+    except FileNotFoundError:
+        return None, None, f"{what} file not found"
+    except OSError as exc:
+        return None, None, f"{what} file cannot be read ({exc})"
+    try:
+        return data, load_grey(data, name=rel), None
+    except DataError as exc:
+        msg = str(exc)
+        return None, None, (f"{what}: " + msg.split(": ", 1)[1]) if ": " in msg else msg
+
+
+def process_record(rec: Record, image_size: int, source: str, task: str,
+                   fs: pafs.FileSystem) -> tuple[str, dict]:
+    """Decode, check, resize and encode one record.
+
+    Returns ``("row", row_dict)`` or ``("skip", {"path", "reason"})``.
+    """
+    data, img, why = _load(fs, rec.image_file, rec.path, "image")
+    if why:
+        return "skip", {"path": rec.path, "reason": why}
+    h, w = img.shape
+    row = {
+        "id": rec.id, "source": source, "task": task,
+        "image": encode_png(resize_image(img, image_size)), "mask": None, "ignore": None,
+        "label": rec.label, "hash": hashlib.sha256(data).hexdigest(), "path": rec.path,
+        "orig_height": h, "orig_width": w,
+    }
+    for kind, file, rel in (("mask", rec.mask_file, rec.mask_path),
+                            ("ignore", rec.ignore_file, rec.ignore_path)):
+        if file is None:
+            continue
+        _, m, why = _load(fs, file, rel, kind)
+        if why:
+            return "skip", {"path": rec.path, "reason": f"{why} ({rel})"}
+        if m.shape != (h, w):
+            return "skip", {"path": rec.path,
+                            "reason": f"{kind} {rel} is {m.shape[1]}x{m.shape[0]} but the image "
+                                      f"is {w}x{h} (width x height)"}
+        row[kind] = encode_png(resize_mask(m, image_size) * np.uint8(255))
+    return "row", row
+
+
+def _process_chunk(recs: list[Record], image_size: int, source: str,
+                   task: str) -> list[tuple[str, dict]]:
+    return [process_record(r, image_size, source, task, _WORKER_FS) for r in recs]
+
+
+def default_workers() -> int:
+    """Processes for decoding: the CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _results(records: list[Record], image_size: int, source: str, task: str,
+             fs: pafs.FileSystem, workers: int) -> Iterator[tuple[str, dict]]:
+    """Process all records; yield results in record order. At most ``4 × workers`` chunks are in
+    flight, so memory stays bounded on large sets."""
+    chunks = [records[i:i + _CHUNK] for i in range(0, len(records), _CHUNK)]
+    if workers <= 1 or len(chunks) <= 1:
+        for rec in records:
+            yield process_record(rec, image_size, source, task, fs)
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork: the parent may run Ray/S3 threads
+    with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx,
+                             initializer=_init_worker, initargs=(fs,)) as ex:
+        pending: list[Future] = []
+        it = iter(chunks)
+        try:
+            for chunk in it:
+                pending.append(ex.submit(_process_chunk, chunk, image_size, source, task))
+                if len(pending) >= 4 * workers:
+                    yield from pending.pop(0).result()
+            while pending:
+                yield from pending.pop(0).result()
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+class _Progress:
+    """One stderr line every ``every`` seconds: done/total, rate, skipped."""
+
+    def __init__(self, total: int, enabled: bool, label: str, every: float = 5.0) -> None:
+        self.total, self.enabled, self.label, self.every = total, enabled, label, every
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, done: int, skipped: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not final and now - self.last < self.every):
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        print(f"{self.label}: {done}/{self.total} images ({rate:.0f}/s), {skipped} skipped"
+              + (f", {now - self.t0:.1f}s" if final else ""), file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the entry points
+
+
+def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: int = 256,
+            source_name: Optional[str] = None, storage_cfg: Optional[StorageConfig] = None,
+            strict: bool = False, split: Optional[str] = None, shard_rows: int = 1000,
+            workers: Optional[int] = None, progress: bool = True,
+            overwrite: bool = False) -> dict:
+    """Prepare the dataset at ``source_uri`` (folder or CSV, local or ``s3://``) into ``out_uri``.
+
+    Args:
+        layout: ``auto`` | ``folders`` | ``pairs`` | ``csv`` (see :mod:`multimix.data.sources`).
+        image_size: side of the stored square images/masks (area filter when shrinking).
+        source_name: the ``source`` column and manifest field (default: the folder's name).
+        strict: raise :class:`DataError` at the first file that would be skipped.
+        split: for class folders with a split level (``train/``…): which one.
+        shard_rows: rows per Parquet shard.
+        workers: decoding processes (default: one per available CPU; 1 = in this process).
+        progress: print a progress line to stderr every few seconds.
+        overwrite: replace an existing prepared dataset at ``out_uri``.
+
+    Returns:
+        The manifest (also written to ``out_uri/manifest.json``).
+    """
+    if image_size < 8:
+        raise UserError(f"--size must be >= 8, got {image_size}")
+    src = discover(source_uri, layout, split=split, name=source_name, storage_cfg=storage_cfg)
+    if strict and src.problems:
+        p = src.problems[0]
+        raise DataError(f"{storage.join(source_uri, p['path'])}: {p['reason']} (--strict; "
+                        f"{len(src.problems)} such problem(s) in the layout)")
+    writer = DatasetWriter(out_uri, storage_cfg, shard_rows=shard_rows, overwrite=overwrite)
+    workers = default_workers() if workers is None else max(1, int(workers))
+    skipped = list(src.problems)
+    prog = _Progress(len(src.records), progress, f"prepare {src.name}")
+    done = 0
+    for kind, item in _results(src.records, image_size, src.name, src.task, src.fs, workers):
+        done += 1
+        if kind == "skip":
+            if strict:
+                writer.abort()
+                raise DataError(f"{storage.join(source_uri, item['path'])}: {item['reason']} "
+                                "(--strict)")
+            skipped.append(item)
+        else:
+            writer.add(item)
+        prog.update(done, len(skipped))
+    prog.update(done, len(skipped), final=True)
+    parameters = {"source_uri": source_uri, "layout": src.layout, "split": src.split,
+                  "image_size": image_size, "strict": strict, "shard_rows": shard_rows}
+    return writer.finish(source=src.name, task=src.task, image_size=image_size,
+                         classes=src.classes, skipped=skipped, parameters=parameters,
+                         ignored_files=src.other_files)
+
+
+def prepare_demo(out_uri: str, *, n_cls: int = 400, n_seg: int = 100, image_size: int = 64,
+                 seed: int = 0, storage_cfg: Optional[StorageConfig] = None,
+                 shard_rows: int = 1000, overwrite: bool = False) -> dict:
+    """Write the synthetic demo set: ``<out>/cls`` (NORMAL/PNEUMONIA phantoms) and ``<out>/seg``
+    (phantoms with lung masks). Marked ``"synthetic": true``, source ``synthetic-demo``.
+
+    Returns:
+        ``{"cls": manifest, "seg": manifest}``.
+    """
+    from multimix.data import synthetic
+
+    cls_recs, seg_recs = synthetic.make_demo(n_cls, n_seg, image_size, seed)
+    params = {"n_cls": n_cls, "n_seg": n_seg, "image_size": image_size, "seed": seed,
+              "generator": "multimix.data.synthetic.make_demo"}
+    out = {}
+    for task, recs in (("cls", cls_recs), ("seg", seg_recs)):
+        writer = DatasetWriter(storage.join(out_uri, task), storage_cfg, shard_rows=shard_rows,
+                               overwrite=overwrite)
+        for r in recs:
+            png = encode_png(r["image"])
+            writer.add({
+                "id": r["id"], "source": synthetic.SOURCE_NAME, "task": task, "image": png,
+                "mask": encode_png(r["mask"] * np.uint8(255)) if task == "seg" else None,
+                "ignore": None, "label": r.get("label"), "hash": hashlib.sha256(png).hexdigest(),
+                "path": r["id"] + ".png", "orig_height": image_size, "orig_width": image_size,
+            })
+        out[task] = writer.finish(source=synthetic.SOURCE_NAME, task=task, image_size=image_size,
+                                  classes=list(synthetic.CLASSES) if task == "cls" else None,
+                                  skipped=[], parameters=params, synthetic=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", nargs="?", help="dataset folder or CSV manifest (local or s3://)")
+    p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    p.add_argument("--layout", choices=LAYOUTS, default="auto",
+                   help="folders: ROOT/[SPLIT/]CLASS/*.png; pairs: images/ + masks/ (+ ignore/); "
+                        "csv: path,label or path,mask_path[,ignore_path] (default: auto)")
+    p.add_argument("--size", type=int, default=None,
+                   help="stored image side in pixels (default: data.image_size of the config, "
+                        "256)")
+    p.add_argument("--name", default=None, help="dataset name (default: the folder's name)")
+    p.add_argument("--split", default=None,
+                   help="split folder to use when the class folders sit below train/, test/ …")
+    p.add_argument("--strict", action="store_true",
+                   help="fail at the first unreadable file instead of skipping and reporting it")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding processes (default: one per CPU)")
+    p.add_argument("--shard-rows", type=int, default=1000, help="rows per Parquet shard")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    p.add_argument("--demo", action="store_true",
+                   help="write the built-in synthetic demo set (<out>/cls and <out>/seg) instead")
+    p.add_argument("--demo-count", type=int, default=400,
+                   help="--demo: classification phantoms (segmentation: a quarter, at least 16)")
+    p.add_argument("--seed", type=int, default=0, help="--demo: generator seed")
+    p.add_argument("--config", default=None, help="preset name or YAML file (storage settings)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. storage.endpoint=http://127.0.0.1:8333")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _summary(m: dict, out_uri: str) -> str:
+    if m["task"] == "cls":
+        counts = ", ".join(f"{c} {n}" for c, n in m["counts"]["cls"].items())
+    else:
+        counts = f"{m['counts']['seg']} image-mask pairs, {m['counts']['with_ignore']} with ignore"
+    dups = len(m["duplicate_groups"])
+    return (f"{out_uri}: {m['num_rows']} rows ({counts}) at {m['image_size']}px, "
+            f"{len(m['shards'])} shard(s); {dups} duplicate group(s); {m['skipped']} skipped; "
+            f"report: {storage.join(out_uri, m['report'])}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from multimix.config import load_config
+
+    cfg = load_config(args.config or None, args.set)
+    size = args.size if args.size is not None else cfg.data.image_size
+    if args.demo:
+        if args.source:
+            raise UserError("give either SOURCE or --demo, not both")
+        if args.demo_count < 4:
+            raise UserError(f"--demo-count must be >= 4, got {args.demo_count}")
+        ms = prepare_demo(args.out, n_cls=args.demo_count, n_seg=max(16, args.demo_count // 4),
+                          image_size=size if args.size is not None else 64, seed=args.seed,
+                          storage_cfg=cfg.storage, shard_rows=args.shard_rows,
+                          overwrite=args.overwrite)
+        for task, m in ms.items():
+            print("synthetic " + _summary(m, storage.join(args.out, task)))
+        return 0
+    if not args.source:
+        raise UserError("missing SOURCE (a dataset folder or CSV), or pass --demo")
+    m = prepare(args.source, args.out, layout=args.layout, image_size=size,
+                source_name=args.name, storage_cfg=cfg.storage, strict=args.strict,
+                split=args.split, shard_rows=args.shard_rows, workers=args.workers,
+                progress=not args.quiet, overwrite=args.overwrite)
+    print(_summary(m, args.out))
+    return 0

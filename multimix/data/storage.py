@@ -1,0 +1,309 @@
+"""Local paths and ``s3://`` URIs behind one pyarrow ``FileSystem`` (DESIGN.md §8).
+
+``resolve(uri, storage_cfg)`` is the single place where a URI becomes a filesystem and a path.
+Everything else (prepare, splits, the Ray Data pipeline, checkpoints) goes through it, so S3
+settings come from one :class:`~multimix.config.StorageConfig` (or the standard AWS environment
+variables), and S3 failures become one :class:`StorageError` that names the URI and the likely
+cause — never the keys. Buckets are never created implicitly: a missing bucket is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from contextlib import contextmanager
+from typing import Iterator, Optional
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from multimix.config import StorageConfig, _fill_storage_from_env
+from multimix.errors import DataError, StorageError
+
+__all__ = [
+    "resolve",
+    "is_s3",
+    "join",
+    "exists",
+    "read_bytes",
+    "write_bytes",
+    "read_text",
+    "write_text",
+    "list_files",
+    "delete_dir",
+    "check_writable",
+    "storage_errors",
+    "default_storage",
+]
+
+
+def default_storage() -> StorageConfig:
+    """A :class:`StorageConfig` filled from the AWS environment variables (``AWS_*``)."""
+    st = StorageConfig()
+    _fill_storage_from_env(st)
+    return st
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b/`` → ``("bucket", "bucket/a/b")``."""
+    rest = uri[len("s3://"):]
+    bucket = rest.split("/", 1)[0]
+    rest = rest.strip("/")
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket name (expected s3://bucket/prefix)")
+    rest = re.sub(r"/+", "/", rest)
+    return bucket, rest
+
+
+def _endpoint_parts(endpoint: str) -> tuple[str, str]:
+    """``http://host:9000`` → ``("host:9000", "http")``; a bare ``host:port`` means https."""
+    endpoint = endpoint.strip()
+    if "://" in endpoint:
+        u = urlparse(endpoint)
+        if u.scheme not in ("http", "https") or not u.netloc:
+            raise StorageError(
+                f"storage.endpoint {endpoint!r}: expected http://host:port or https://host"
+            )
+        return u.netloc + u.path.rstrip("/"), u.scheme
+    return endpoint.rstrip("/"), "https"
+
+
+def resolve(uri: str, storage_cfg: Optional[StorageConfig] = None) -> tuple[pafs.FileSystem, str]:
+    """URI → ``(pyarrow FileSystem, path inside it)``.
+
+    - ``/a/b``, ``a/b``, ``file:///a/b`` → ``LocalFileSystem``, absolute path.
+    - ``s3://bucket/prefix`` → ``S3FileSystem`` with ``endpoint_override`` and scheme from
+      ``storage.endpoint`` (``http://host:port``), ``region`` and the keys; where the keys are
+      unset the AWS default chain (environment, ``~/.aws``, instance role) applies. The path is
+      ``bucket/prefix`` without a trailing slash.
+
+    Args:
+        storage_cfg: S3 settings; None reads the ``AWS_*`` environment variables.
+
+    Raises:
+        StorageError: unsupported scheme or malformed URI / endpoint.
+    """
+    uri = os.fspath(uri)
+    if not uri:
+        raise StorageError("empty path/URI")
+    if uri.startswith("file://"):
+        return pafs.LocalFileSystem(), os.path.abspath(urlparse(uri).path)
+    if is_s3(uri):
+        _, path = _split_s3(uri)
+        st = storage_cfg if storage_cfg is not None else default_storage()
+        kwargs: dict = {
+            "region": st.region or "us-east-1",
+            "allow_bucket_creation": False,
+            "allow_bucket_deletion": False,
+            "connect_timeout": 5.0,
+            "request_timeout": 60.0,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=3),
+        }
+        if st.endpoint:
+            kwargs["endpoint_override"], kwargs["scheme"] = _endpoint_parts(st.endpoint)
+        if st.access_key_id or st.secret_access_key:
+            if not (st.access_key_id and st.secret_access_key):
+                raise StorageError(
+                    "storage.access_key_id and storage.secret_access_key must be set together "
+                    "(or neither, to use the AWS default credential chain)"
+                )
+            kwargs["access_key"] = st.access_key_id
+            kwargs["secret_key"] = st.secret_access_key
+            if st.session_token:
+                kwargs["session_token"] = st.session_token
+        return pafs.S3FileSystem(**kwargs), path
+    if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", uri):
+        scheme = uri.split("://", 1)[0]
+        raise StorageError(f"{uri}: unsupported scheme {scheme!r} (use a local path or s3://)")
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with ``/`` (``s3://b/p`` + ``data`` → ``s3://b/p/data``)."""
+    uri = os.fspath(uri)
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://" + posixpath.join(rest.rstrip("/") or rest, *parts)
+    return os.path.join(uri, *parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# error translation
+
+
+def _secrets(st: Optional[StorageConfig]) -> list[str]:
+    st = st if st is not None else default_storage()
+    vals = [st.access_key_id, st.secret_access_key, st.session_token]
+    env = [os.environ.get(k) for k in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+    return [v for v in vals + env if v and len(v) >= 4]
+
+
+def _scrub(msg: str, st: Optional[StorageConfig]) -> str:
+    for s in _secrets(st):
+        msg = msg.replace(s, "***")
+    return msg
+
+
+def _endpoint_name(st: Optional[StorageConfig]) -> str:
+    st = st if st is not None else default_storage()
+    return st.endpoint or "the default AWS endpoint"
+
+
+_DENIED = ("ACCESS_DENIED", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+           "HTTP response code 403", "response code: 403", "Forbidden", "INVALID_ACCESS_KEY_ID",
+           "SIGNATURE_DOES_NOT_MATCH", "error code: 15")
+_NO_BUCKET = ("NoSuchBucket", "NO_SUCH_BUCKET", "bucket does not exist", "Bucket does not exist")
+_UNREACHABLE = ("curlCode: 7", "Couldn't connect", "Could not connect", "Connection refused",
+                "NETWORK_CONNECTION", "Failed to connect", "Could not resolve host",
+                "curlCode: 6", "curlCode: 28", "Timeout was reached")
+
+
+def translate(exc: BaseException, uri: str, st: Optional[StorageConfig]) -> Exception:
+    """Turn a pyarrow/OS error about ``uri`` into a :class:`StorageError` or :class:`DataError`."""
+    msg = _scrub(str(exc), st)
+    if is_s3(uri):
+        bucket, _ = _split_s3(uri)
+        if any(s in msg for s in _DENIED):
+            return StorageError(
+                f"access denied to {uri}: check the S3 credentials (storage.access_key_id / "
+                "storage.secret_access_key or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and "
+                f"the permissions on bucket '{bucket}'"
+            )
+        if any(s in msg for s in _NO_BUCKET):
+            return StorageError(f"bucket '{bucket}' does not exist at {_endpoint_name(st)} "
+                                f"(create it first; {uri})")
+        if any(s in msg for s in _UNREACHABLE):
+            return StorageError(f"cannot reach the S3 endpoint {_endpoint_name(st)} for {uri}: "
+                                "check storage.endpoint / AWS_ENDPOINT_URL and the network")
+        if isinstance(exc, FileNotFoundError):
+            return DataError(f"{uri}: no such file")
+        return StorageError(f"{uri}: {msg}")
+    if isinstance(exc, FileNotFoundError):
+        return DataError(f"{uri}: no such file or directory")
+    if isinstance(exc, PermissionError):
+        return StorageError(f"{uri}: permission denied")
+    return StorageError(f"{uri}: {msg}")
+
+
+@contextmanager
+def storage_errors(uri: str, st: Optional[StorageConfig] = None) -> Iterator[None]:
+    """Context manager: pyarrow ``OSError``\\ s raised inside become clear user errors."""
+    try:
+        yield
+    except (StorageError, DataError):
+        raise
+    except OSError as exc:
+        raise translate(exc, uri, st) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+
+def check_bucket(uri: str, storage_cfg: Optional[StorageConfig] = None) -> None:
+    """For ``s3://`` URIs: the bucket must exist and be reachable with these credentials.
+
+    (Writes to a missing bucket do not always fail before the stream is closed, so writers call
+    this up front.) No-op for local paths.
+
+    Raises:
+        StorageError: missing bucket, access denied or unreachable endpoint.
+    """
+    if not is_s3(uri):
+        return
+    bucket, _ = _split_s3(uri)
+    fs, _ = resolve(uri, storage_cfg)
+    with storage_errors(uri, storage_cfg):
+        info = fs.get_file_info(bucket)
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"bucket '{bucket}' does not exist at {_endpoint_name(storage_cfg)} "
+                           f"(create it first; {uri})")
+
+
+def check_writable(uri: str, storage_cfg: Optional[StorageConfig] = None) -> None:
+    """Fail early when ``uri`` cannot be written: a missing bucket, bad credentials, or a local
+    path whose nearest existing parent is a file."""
+    if is_s3(uri):
+        check_bucket(uri, storage_cfg)
+        return
+    _, path = resolve(uri)
+    p = path
+    while not os.path.exists(p):
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    if os.path.exists(p) and not os.path.isdir(p):
+        raise StorageError(f"{uri}: {p} is a file, not a directory")
+
+
+def exists(uri: str, storage_cfg: Optional[StorageConfig] = None) -> bool:
+    """Whether a file or directory exists at ``uri``."""
+    fs, path = resolve(uri, storage_cfg)
+    with storage_errors(uri, storage_cfg):
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str, storage_cfg: Optional[StorageConfig] = None) -> bytes:
+    """The whole file. Raises DataError when it does not exist, StorageError on S3 trouble
+    (including a missing bucket)."""
+    fs, path = resolve(uri, storage_cfg)
+    try:
+        with storage_errors(uri, storage_cfg):
+            with fs.open_input_stream(path) as f:
+                return f.read()
+    except DataError:
+        check_bucket(uri, storage_cfg)  # a missing bucket says so, not "no such file"
+        raise
+
+
+def write_bytes(uri: str, data: bytes, storage_cfg: Optional[StorageConfig] = None) -> None:
+    """Write (replace) a file, creating local parent directories.
+
+    The bucket must exist (checked first: some S3 servers, SeaweedFS among them, would silently
+    create it on the first write)."""
+    check_bucket(uri, storage_cfg)
+    fs, path = resolve(uri, storage_cfg)
+    with storage_errors(uri, storage_cfg):
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.create_dir(posixpath.dirname(path) or "/", recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def read_text(uri: str, storage_cfg: Optional[StorageConfig] = None) -> str:
+    return read_bytes(uri, storage_cfg).decode("utf-8")
+
+
+def write_text(uri: str, text: str, storage_cfg: Optional[StorageConfig] = None) -> None:
+    write_bytes(uri, text.encode("utf-8"), storage_cfg)
+
+
+def list_files(uri: str, storage_cfg: Optional[StorageConfig] = None,
+               recursive: bool = True) -> list[str]:
+    """Paths (relative to ``uri``, ``/``-separated, sorted) of the files under a directory."""
+    fs, path = resolve(uri, storage_cfg)
+    with storage_errors(uri, storage_cfg):
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive,
+                                                   allow_not_found=True))
+    base = path.rstrip("/") + "/"
+    out = []
+    for info in infos:
+        if info.type == pafs.FileType.File:
+            p = info.path.replace(os.sep, "/") if os.sep != "/" else info.path
+            out.append(p[len(base):] if p.startswith(base) else p)
+    return sorted(out)
+
+
+def delete_dir(uri: str, storage_cfg: Optional[StorageConfig] = None) -> None:
+    """Delete a directory (prefix) and everything under it; no error when it does not exist."""
+    fs, path = resolve(uri, storage_cfg)
+    with storage_errors(uri, storage_cfg):
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            return
+        fs.delete_dir(path)

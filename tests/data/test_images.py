@@ -1,0 +1,164 @@
+"""multimix.data.images: decoding of any grey/colour/8/16-bit input, resizing, PNG round trips."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from multimix.data.images import (
+    binarize_mask,
+    decode_mask_png,
+    decode_png,
+    encode_png,
+    load_grey,
+    resize_image,
+    resize_mask,
+)
+from multimix.errors import DataError
+
+
+def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def grad() -> np.ndarray:
+    """uint8 (20, 30) with many distinct values."""
+    return (np.arange(20 * 30).reshape(20, 30) % 251).astype(np.uint8)
+
+
+def test_grey_png_round_trip_exact(grad, tmp_path):
+    p = tmp_path / "g.png"
+    p.write_bytes(_png(grad))
+    for src in (p, str(p), p.read_bytes()):
+        out = load_grey(src)
+        assert out.dtype == np.uint8 and out.shape == (20, 30)
+        np.testing.assert_array_equal(out, grad)
+
+
+def test_rgb_with_grey_content_is_exact_and_colour_uses_luma(grad):
+    rgb = np.stack([grad] * 3, axis=-1)
+    np.testing.assert_array_equal(load_grey(_png(rgb)), grad)
+    colour = np.zeros((4, 4, 3), np.uint8)
+    colour[..., 0] = 200  # pure red → 601 luma ≈ 0.299 · 200
+    assert load_grey(_png(colour))[0, 0] == round(0.299 * 200)
+
+
+def test_rgba_alpha_is_dropped_and_palette_expanded(grad):
+    rgba = np.dstack([grad, grad, grad, np.zeros_like(grad)])  # fully transparent
+    np.testing.assert_array_equal(load_grey(_png(rgba, "RGBA")), grad)
+    pal = Image.fromarray(np.stack([grad] * 3, -1)).convert("P", palette=Image.Palette.ADAPTIVE,
+                                                             colors=256)
+    buf = io.BytesIO()
+    pal.save(buf, format="PNG")
+    expect = np.asarray(pal.convert("L"))
+    np.testing.assert_array_equal(load_grey(buf.getvalue()), expect)
+
+
+def test_sixteen_bit_full_range_scaled_by_type_range():
+    a = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)
+    out = load_grey(_png(a))  # Pillow writes uint16 arrays as 16-bit grey PNGs
+    np.testing.assert_array_equal(out, [[0, 1, 128, 255]])
+
+
+def test_sixteen_bit_twelve_bit_data_scaled_by_its_depth():
+    a = np.array([[0, 1365, 2730, 4095]], dtype=np.uint16)  # 12-bit data in a 16-bit file
+    np.testing.assert_array_equal(load_grey(_png(a)), [[0, 85, 170, 255]])
+
+
+def test_sixteen_bit_container_with_eight_bit_values_unchanged():
+    a = np.array([[0, 17, 200, 255]], dtype=np.uint16)
+    np.testing.assert_array_equal(load_grey(_png(a)), [[0, 17, 200, 255]])
+
+
+def test_float_tiff_min_max_scaled(tmp_path):
+    a = np.array([[-1.0, 0.0, 1.0]], dtype=np.float32)
+    p = tmp_path / "f.tiff"
+    Image.fromarray(a, mode="F").save(p)
+    np.testing.assert_array_equal(load_grey(p), [[0, 128, 255]])
+
+
+def test_truncated_jpeg_fails_with_the_name_even_if_pillow_was_told_to_tolerate_it(tmp_path):
+    rng = np.random.default_rng(0)
+    data = _jpeg(rng.integers(0, 255, (64, 64), dtype=np.uint8))
+    p = tmp_path / "cut.jpeg"
+    p.write_bytes(data[: len(data) // 2])
+    old = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True  # some other library flipped the global switch
+    try:
+        with pytest.raises(DataError, match="cut.jpeg.*not a readable image"):
+            load_grey(p)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
+
+
+def test_garbage_missing_and_empty_inputs_raise_data_error(tmp_path):
+    p = tmp_path / "x.png"
+    p.write_bytes(b"this is not an image at all")
+    with pytest.raises(DataError, match="x.png: not a readable image"):
+        load_grey(p)
+    with pytest.raises(DataError, match="nope.png: no such file"):
+        load_grey(tmp_path / "nope.png")
+    with pytest.raises(DataError, match="<bytes>"):
+        load_grey(b"")
+    with pytest.raises(DataError, match="row 7"):
+        load_grey(b"\x89PNG\r\n\x1a\n garbage", name="row 7")
+
+
+def test_resize_image_shrinks_with_exact_area_average():
+    a = np.zeros((8, 8), np.uint8)
+    a[:4, :4] = 100
+    a[:4, 4:] = np.array([[0, 40], [80, 120]], np.uint8).repeat(2, 0).repeat(2, 1)  # mean 60
+    out = resize_image(a, 2)
+    assert out.dtype == np.uint8 and out.shape == (2, 2)
+    np.testing.assert_array_equal(out, [[100, 60], [0, 0]])
+
+
+def test_resize_image_enlarges_and_handles_mixed_axes():
+    const = np.full((10, 40), 77, np.uint8)
+    for size in (5, 20, 64):
+        out = resize_image(const, size)
+        assert out.shape == (size, size) and out.dtype == np.uint8
+        assert (out == 77).all()  # no ringing/shift on a constant image, any filter
+    ramp = np.tile(np.linspace(0, 255, 16).astype(np.uint8), (16, 1))
+    up = resize_image(ramp, 64)
+    assert np.all(np.diff(up[32].astype(int)) >= -1)  # stays (nearly) monotone
+    assert resize_image(ramp, 16) is not ramp and np.array_equal(resize_image(ramp, 16), ramp)
+    with pytest.raises(ValueError):
+        resize_image(ramp.astype(np.float32), 8)
+
+
+def test_resize_mask_is_binary_nearest():
+    m = np.array([[0, 255], [255, 0]], np.uint8)
+    out = resize_mask(m, 4)
+    np.testing.assert_array_equal(out, [[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0]])
+    big = np.random.default_rng(1).integers(0, 2, (37, 53)).astype(np.uint8)  # 0/1 mask
+    for size in (8, 64):
+        r = resize_mask(big, size)
+        assert r.shape == (size, size) and set(np.unique(r)) <= {0, 1}
+    noisy = np.array([[3, 250], [128, 127]], np.uint8)  # lossy-compressed 0/255 mask
+    np.testing.assert_array_equal(binarize_mask(noisy), [[0, 1], [1, 0]])
+
+
+def test_png_round_trip_and_decode_of_other_formats(grad):
+    data = encode_png(grad)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    np.testing.assert_array_equal(decode_png(data), grad)
+    np.testing.assert_array_equal(decode_png(_png(np.stack([grad] * 3, -1))), grad)
+    mask = (grad > 100).astype(np.uint8)
+    np.testing.assert_array_equal(decode_mask_png(encode_png(mask * 255)), mask)
+    with pytest.raises(DataError, match="row x"):
+        decode_png(b"nonsense", name="row x")
+    with pytest.raises(DataError):
+        decode_png(None)
