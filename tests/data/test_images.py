@@ -162,3 +162,134 @@ def test_png_round_trip_and_decode_of_other_formats(grad):
         decode_png(b"nonsense", name="row x")
     with pytest.raises(DataError):
         decode_png(None)
+
+
+# --- encode_png writes filter-0 PNGs; decode_png reads them without Pillow --------------------
+
+
+def _pil_decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        assert im.mode == "L"
+        return np.array(im)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 1), (20, 30), (64, 64), (33, 257)])
+def test_encode_png_is_standard_filter0_grey_and_fast_path_is_bit_exact(shape):
+    import struct
+    import zlib
+
+    from multimix.data.images import _decode_png_fast
+
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    a = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    for level in (1, 6):
+        data = encode_png(a, compress_level=level)
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        # chunk structure and CRCs of every chunk
+        pos, kinds = 8, []
+        while pos < len(data):
+            (n,) = struct.unpack(">I", data[pos:pos + 4])
+            kind, payload = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+            (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
+            assert crc == zlib.crc32(kind + payload) & 0xFFFFFFFF
+            kinds.append(kind)
+            if kind == b"IDAT":
+                raw = np.frombuffer(zlib.decompress(payload), np.uint8).reshape(shape[0], -1)
+                assert not raw[:, 0].any()  # filter type 0 on every row
+            pos += 12 + n
+        assert kinds == [b"IHDR", b"IDAT", b"IEND"]
+        assert np.array_equal(_pil_decode(data), a)  # any reader: Pillow
+        fast = _decode_png_fast(data)
+        assert fast is not None and np.array_equal(fast, a)
+        out = decode_png(data)
+        assert np.array_equal(out, a) and out.flags.writeable and out.flags.c_contiguous
+
+
+def test_masks_go_through_the_same_encoder():
+    from multimix.data.images import _decode_png_fast
+
+    m = np.zeros((40, 50), np.uint8)
+    m[10:30, 5:45] = 1
+    data = encode_png(m * 255)
+    assert _decode_png_fast(data) is not None
+    assert np.array_equal(_pil_decode(data), m * 255)
+    assert np.array_equal(decode_mask_png(data), m)
+
+
+def test_pillow_adaptive_png_uses_the_fallback_and_matches(grad):
+    from multimix.data.images import _decode_png_fast
+
+    rng = np.random.default_rng(3)
+    smooth = np.clip(np.cumsum(rng.integers(-3, 4, size=(64, 64)), axis=1) + 128, 0,
+                     255).astype(np.uint8)
+    for a in (grad, smooth):
+        data = _png(a)  # Pillow: adaptive filters (Paeth/Sub/Up rows)
+        assert _decode_png_fast(data) is None
+        assert np.array_equal(decode_png(data), a)
+    # other PNG kinds also fall back: RGB, 16-bit, palette, interlaced
+    assert _decode_png_fast(_png(np.stack([grad] * 3, -1))) is None
+    assert _decode_png_fast(_png(grad.astype(np.uint16) * 257)) is None
+    assert _decode_png_fast(_png(grad, mode="P")) is None
+    buf = io.BytesIO()
+    Image.fromarray(grad).save(buf, format="PNG", interlace=1)
+    assert _decode_png_fast(buf.getvalue()) is None
+    assert np.array_equal(decode_png(buf.getvalue()), grad)
+
+
+def _no_addr(msg: str) -> str:
+    import re
+
+    return re.sub(r"0x[0-9a-f]+", "0x?", msg)  # Pillow names the BytesIO object
+
+
+def _old_error(data: bytes, name=None) -> str:
+    """What decode_png raised before the fast path: Pillow, then load_grey's DataError."""
+    from multimix.data.images import load_grey
+
+    with pytest.raises(DataError) as exc:
+        load_grey(bytes(data), name=name)
+    return str(exc.value)
+
+
+def test_truncated_and_corrupt_filter0_png_raise_the_same_data_error(grad):
+    import zlib
+
+    from multimix.data.images import _decode_png_fast
+
+    data = encode_png(grad)
+    idat = data.index(b"IDAT")
+    bad = []
+    for cut in (5, 20, 40, idat + 10, len(data) - 20):
+        bad.append(data[:cut])
+    corrupt = bytearray(data)  # flip bits inside the zlib stream (Adler-32 / inflate fails)
+    corrupt[idat + 20] ^= 0xFF
+    bad.append(bytes(corrupt))
+    bad_ihdr = bytearray(data)  # IHDR CRC mismatch
+    bad_ihdr[20] ^= 0x01
+    bad.append(bytes(bad_ihdr))
+    wrong_len = bytearray(data)  # stream inflates to fewer bytes than H*(W+1)
+    short = encode_png(grad[:-1])
+    wrong_len[:] = data[:33] + short[33:]
+    bad.append(bytes(wrong_len))
+    raised = 0
+    for b in bad:
+        assert _decode_png_fast(b) is None
+        # the same outcome as Pillow alone (the decoder before the fast path): the same
+        # DataError, or, where Pillow tolerates the damage (a stream cut inside its Adler-32,
+        # a stream shorter than the header says), the same array
+        try:
+            want = _pil_decode(b)
+        except Exception:  # noqa: BLE001
+            want = None
+        if want is None:
+            raised += 1
+            with pytest.raises(DataError) as exc:
+                decode_png(b, name="x.png")
+            assert _no_addr(str(exc.value)) == _no_addr(_old_error(b, name="x.png"))
+        else:
+            assert np.array_equal(decode_png(b), want)
+    assert raised >= 6
+    with pytest.raises(DataError, match="null"):
+        decode_png(None)
+    assert zlib  # used above

@@ -1,0 +1,369 @@
+"""``multimix bench data``: weak+strong augmentation pairs/s per CPU core, fast vs the paper's.
+
+Measures, in one run and on the same images (real Kermany X-rays when ``$MULTIMIX_DATA`` points
+at ``../shared/data``, else synthetic phantoms), at ``--size`` (256 by default):
+
+1. ``img_per_s_per_core``: weak+strong pairs per CPU-second of :class:`Augmenter` (uint8 in,
+   uint8 out; CPU time of this process, so other load on the machine matters less);
+2. ``baseline_img_per_s_per_core``: the same for the paper's per-image sequential Pillow
+   pipeline (:func:`multimix.data.augment.paper_pair`), and ``ratio`` = 1 / 2;
+3. ``decode_augment_img_per_s_per_core``: PNG decode + fast pair in-process (the best a data
+   pipeline can do, since every row must be decoded); ``decode_ms_per_img``: decode alone;
+4. ``e2e_img_per_s_per_core``: the Ray Data pipeline read Parquet → decode → augment → batches
+   from a temporary local, id-sorted Parquet set, consumed through ``streaming_split`` with the
+   local shuffle buffer as a Train worker does: rows/s divided by the CPUs the pipeline used
+   (wall time: other load on the machine lowers it); ``e2e_img_per_cpu_s``: rows per CPU-second
+   that this process and its Ray processes actually used (robust to other load);
+   ``e2e_s3_*`` the same from an S3 server when ``--s3-endpoint`` is given;
+5. ``e2e_vs_bare`` = e2e / 1, ``e2e_vs_decode_augment`` = e2e / 3 (wall), and
+   ``e2e_cpu_s_vs_decode_augment`` (CPU-time based).
+
+The helpers that write small prepared datasets (DESIGN §1) live here too; tests use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# small prepared datasets, written directly with pyarrow (bench + tests)
+
+
+def write_dataset(root: str, rows: list[dict], task: str, size: int, shards: int = 2,
+                  row_group_rows: int | None = None) -> str:
+    """rows: dicts with id, image (uint8 HxW), and label (cls) or mask/ignore (seg) arrays, or
+    ``image_bytes`` to store raw bytes (e.g. a corrupt PNG). Rows are written in the given order
+    in ``row_group_rows``-row groups (default: what ``multimix prepare`` writes)."""
+    from multimix.data.prepare import ROW_GROUP_ROWS
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from multimix.data.images import encode_png
+
+    os.makedirs(os.path.join(root, "data"), exist_ok=True)
+    recs = []
+    for r in rows:
+        img = r.get("image_bytes")
+        if img is None:
+            img = encode_png(r["image"])
+        recs.append({
+            "id": r["id"], "source": "test", "task": task, "image": img,
+            "mask": encode_png(r["mask"] * 255) if r.get("mask") is not None else None,
+            "ignore": encode_png(r["ignore"] * 255) if r.get("ignore") is not None else None,
+            "label": r.get("label"), "hash": r["id"], "path": r["id"],
+            "orig_height": size, "orig_width": size,
+        })
+    schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("task", pa.string()),
+                        ("image", pa.binary()), ("mask", pa.binary()), ("ignore", pa.binary()),
+                        ("label", pa.int32()), ("hash", pa.string()), ("path", pa.string()),
+                        ("orig_height", pa.int32()), ("orig_width", pa.int32())])
+    names = []
+    for k, part in enumerate(np.array_split(np.arange(len(recs)), shards)):
+        name = f"data/part-{k:05d}.parquet"
+        pq.write_table(pa.Table.from_pylist([recs[i] for i in part], schema=schema),
+                       os.path.join(root, name), row_group_size=row_group_rows or ROW_GROUP_ROWS)
+        names.append(name)
+    manifest = {"format": "multimix-prepared/1", "num_rows": len(recs), "image_size": size,
+                "source": "test", "task": task, "shards": names, "skipped": 0,
+                "duplicate_groups": [], "report": "report.json", "parameters": {},
+                "created": "2026-01-01T00:00:00"}
+    if task == "cls":
+        manifest["classes"] = ["NORMAL", "PNEUMONIA"]
+        manifest["counts"] = {"cls": {}}
+    else:
+        manifest["counts"] = {"seg": len(recs), "with_ignore": 0}
+    with open(os.path.join(root, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return root
+
+
+def kermany_rows(data_root, n: int, size: int) -> list[dict]:
+    from pathlib import Path
+
+    from multimix.data.images import load_grey, resize_image
+
+    out = []
+    for cls, name in enumerate(("NORMAL", "PNEUMONIA")):
+        files = sorted((Path(data_root) / "kermany-cxr" / "train" / name).glob("*.jpeg"))
+        for f in files[: n // 2]:
+            out.append({"id": f"{name}/{f.stem}", "image": resize_image(load_grey(f), size),
+                        "label": cls})
+    return out
+
+
+def v7_rows(data_root, n: int, size: int) -> list[dict]:
+    from pathlib import Path
+
+    from multimix.data.images import binarize_mask, load_grey, resize_image, resize_mask
+
+    root = Path(data_root) / "v7-covid-lungs"
+    out = []
+    for f in sorted((root / "images").glob("*.png"))[:n]:
+        ign = root / "ignore" / f.name
+        out.append({
+            "id": f.stem,
+            "image": resize_image(load_grey(f), size),
+            "mask": resize_mask(load_grey(root / "masks" / f.name), size),
+            "ignore": resize_mask(load_grey(ign), size) if ign.exists() else None,
+        })
+    return out
+
+
+def synthetic_rows(n: int, size: int, seed: int = 0) -> list[dict]:
+    from multimix.data.synthetic import phantom
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img, _ = phantom(size, np.random.default_rng(rng.integers(1 << 62)), bool(i % 2))
+        out.append({"id": f"{'PNEUMONIA' if i % 2 else 'NORMAL'}/syn-{i:05d}", "image": img,
+                    "label": i % 2})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", type=int, default=256, help="image side (default 256)")
+    p.add_argument("--n", type=int, default=256, help="distinct images (default 256)")
+    p.add_argument("--batch", type=int, default=64, help="augmentation batch (default 64)")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions (best is kept)")
+    p.add_argument("--e2e-passes", type=int, default=2, help="timed passes over the e2e set")
+    p.add_argument("--e2e-rows", type=int, default=1024,
+                   help="rows of the e2e Parquet set (the images repeated under new ids)")
+    p.add_argument("--no-e2e", action="store_true", help="skip the Ray Data measurements")
+    p.add_argument("--cpus", type=int, default=None,
+                   help="CPUs for the Ray Data pipeline (default: all of this machine)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="synthetic phantoms even when $MULTIMIX_DATA is set")
+    p.add_argument("--s3-endpoint", default=None, help="S3 endpoint (http://host:port) for e2e_s3")
+    p.add_argument("--s3-bucket", default="multimix-bench", help="existing bucket (default "
+                   "multimix-bench)")
+    p.add_argument("--s3-access-key", default=None)
+    p.add_argument("--s3-secret-key", default=None)
+    p.add_argument("--s3-region", default="us-east-1")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _images(args) -> tuple[np.ndarray, list[dict], str]:
+    root = os.environ.get("MULTIMIX_DATA")
+    if root and not args.synthetic and os.path.isdir(os.path.join(root, "kermany-cxr")):
+        rows = kermany_rows(root, args.n, args.size)
+        source = "kermany-cxr"
+    else:
+        rows = synthetic_rows(args.n, args.size)
+        source = "synthetic"
+    return np.stack([r["image"] for r in rows]), rows, source
+
+
+def _cpu_rate(fn, n_items: int, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t0)
+    return n_items / max(best, 1e-9)
+
+
+def _tree_cpu_s() -> float:
+    """CPU seconds used so far by this process and all its descendants (the local Ray cluster
+    it started: GCS, raylet, workers), read from /proc (0.0 where there is no /proc)."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        parent: dict = {}
+        cpu: dict = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    st = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parent[int(d)] = int(st[1])
+            cpu[int(d)] = (int(st[11]) + int(st[12])) / tick  # utime + stime
+    except (OSError, ValueError, AttributeError):
+        return 0.0
+    me, total = os.getpid(), 0.0
+    for pid in cpu:
+        p, seen = pid, 0
+        while p and p != me and seen < 64:
+            p, seen = parent.get(p, 0), seen + 1
+        if p == me:
+            total += cpu[pid]
+    return total
+
+
+def _e2e(uri: str, ids: list[str], cfg, passes: int, cpus: int) -> tuple[float, float]:
+    """(rows/s/CPU of wall time, rows per CPU-second used by the driver + Ray processes)."""
+    from multimix.data import pipeline as P
+
+    P.configure_data_context()
+    ds = P.stream_dataset(uri, ids, cfg, mode="pair", stream="unl_cls")
+    it = ds.streaming_split(1, equal=True)[0]  # what a Train worker iterates
+    b = cfg.data.unlabeled_batch
+    kw = dict(batch_size=b, batch_format="numpy", prefetch_batches=4,
+              local_shuffle_buffer_size=max(8 * b, P.SHUFFLE_ROWS), local_shuffle_seed=0)
+    for _ in it.iter_batches(**kw):  # warm-up pass (worker processes, imports)
+        pass
+    c0, t0 = _tree_cpu_s(), time.perf_counter()
+    rows = 0
+    for _ in range(passes):
+        for batch in it.iter_batches(**kw):
+            rows += len(batch["unl_weak"])
+    wall, cpu_s = time.perf_counter() - t0, _tree_cpu_s() - c0
+    return rows / wall / cpus, (rows / cpu_s if cpu_s > 0 else float("nan"))
+
+
+def run(args) -> int:
+    from multimix.config import load_config
+    from multimix.data.augment import Augmenter, paper_pair, row_keys
+    from multimix.data.images import decode_png, encode_png
+
+    imgs, rows, source = _images(args)
+    n, size = len(imgs), args.size
+    aug = Augmenter(size)
+    keys = row_keys([r["id"] for r in rows], 0)
+    b = args.batch
+
+    def fast():
+        for j in range(0, n, b):
+            aug.pair(imgs[j:j + b], keys[j:j + b])
+
+    rng = random.Random(0)
+
+    def paper():
+        for i in range(n):
+            paper_pair(imgs[i], rng)
+
+    pngs = [encode_png(im) for im in imgs]
+
+    def decode_fast():
+        for j in range(0, n, b):
+            aug.pair(np.stack([decode_png(x) for x in pngs[j:j + b]]), keys[j:j + b])
+
+    fast()  # warm caches
+    ours = base = 0.0
+    for _ in range(args.reps):  # interleaved, best of each: fair under varying machine load
+        ours = max(ours, _cpu_rate(fast, n, 1))
+        base = max(base, _cpu_rate(paper, n, 1))
+    dec = _cpu_rate(decode_fast, n, max(1, args.reps - 1))
+    dec_only = _cpu_rate(lambda: [decode_png(x) for x in pngs], n, max(1, args.reps - 1))
+    out = {
+        "size": size, "n": n, "source": source,
+        "img_per_s_per_core": round(ours, 1),
+        "baseline_img_per_s_per_core": round(base, 1),
+        "ratio": round(ours / base, 2),
+        "decode_augment_img_per_s_per_core": round(dec, 1),
+        "decode_ms_per_img": round(1e3 / dec_only, 3),
+        "png_kb_per_img": round(sum(len(x) for x in pngs) / n / 1024, 1),
+    }
+    if not args.no_e2e:
+        import ray
+
+        cpus = args.cpus or os.cpu_count() or 1
+        started = False
+        if not ray.is_initialized():
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+            started = True
+        try:
+            cpus = int(ray.cluster_resources().get("CPU", cpus))
+            over = {"data": {"image_size": size, "unlabeled_batch": b},
+                    "scaling": {"data_cpus_per_task": 1.0, "data_concurrency": cpus}}
+            e2e_rows = [dict(r, id=f"{r['id']}#{k}") for k in range(max(1, -(-args.e2e_rows // n)))
+                        for r in rows][: max(args.e2e_rows, 1)]
+            e2e_rows.sort(key=lambda r: r["id"])  # id order, as multimix prepare writes
+            ids = [r["id"] for r in e2e_rows]
+            with tempfile.TemporaryDirectory(prefix="mm-bench-") as tmp:
+                uri = write_dataset(os.path.join(tmp, "cls"), e2e_rows, "cls", size,
+                                    shards=max(2, cpus))
+                cfg = load_config(None, over)
+                wall, per_cpu_s = _e2e(uri, ids, cfg, args.e2e_passes, cpus)
+                out["e2e_img_per_s_per_core"] = round(wall, 1)
+                out["e2e_img_per_cpu_s"] = round(per_cpu_s, 1)
+                out["e2e_cpus"] = cpus
+                if args.s3_endpoint:
+                    s3_wall, s3_cpu = _s3_e2e(args, uri, ids, over, cpus)
+                    out["e2e_s3_img_per_s_per_core"] = round(s3_wall, 1)
+                    out["e2e_s3_img_per_cpu_s"] = round(s3_cpu, 1)
+                else:
+                    out["e2e_s3"] = "skipped: no --s3-endpoint given"
+        finally:
+            if started:
+                ray.shutdown()
+        e2e = out["e2e_img_per_s_per_core"]
+        out["e2e_vs_bare"] = round(e2e / ours, 3)
+        out["e2e_vs_decode_augment"] = round(e2e / dec, 3)
+        out["e2e_cpu_s_vs_decode_augment"] = round(out["e2e_img_per_cpu_s"] / dec, 3)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        _table(out)
+    return 0
+
+
+_LABELS = {
+    "img_per_s_per_core": "bare augmentation, fast (pairs/s/core)",
+    "baseline_img_per_s_per_core": "bare augmentation, paper Pillow chain",
+    "ratio": "fast / paper",
+    "decode_augment_img_per_s_per_core": "PNG decode + fast pair, in-process",
+    "decode_ms_per_img": "PNG decode alone (ms/img)",
+    "png_kb_per_img": "stored PNG size (KB/img)",
+    "e2e_img_per_s_per_core": "e2e Ray Data, local (img/s / CPUs, wall)",
+    "e2e_img_per_cpu_s": "e2e Ray Data, local (img per CPU-s used)",
+    "e2e_s3_img_per_s_per_core": "e2e Ray Data, S3 (img/s / CPUs, wall)",
+    "e2e_s3_img_per_cpu_s": "e2e Ray Data, S3 (img per CPU-s used)",
+    "e2e_vs_bare": "e2e (wall) / bare augmentation",
+    "e2e_vs_decode_augment": "e2e (wall) / decode + augment",
+    "e2e_cpu_s_vs_decode_augment": "e2e (CPU-s) / decode + augment",
+}
+
+
+def _table(out: dict) -> None:
+    print(f"multimix bench data: {out['size']}² images, {out['n']} distinct ({out['source']})")
+    for k, v in out.items():
+        if k in ("size", "n", "source"):
+            continue
+        print(f"  {_LABELS.get(k, k):44s} {v}")
+
+
+def _s3_e2e(args, local_uri: str, ids, over: dict, cpus: int) -> tuple[float, float]:
+    import pyarrow.fs as pafs
+
+    from multimix.config import load_config
+    from multimix.data import storage
+
+    st = {"endpoint": args.s3_endpoint, "region": args.s3_region}
+    if args.s3_access_key:
+        st.update(access_key_id=args.s3_access_key, secret_access_key=args.s3_secret_key)
+    cfg = load_config(None, {**over, "storage": st})
+    prefix = f"bench-{os.getpid()}-{int(time.time())}"
+    uri = f"s3://{args.s3_bucket}/{prefix}"
+    fs, path = storage.resolve(uri, cfg.storage)
+    with storage.storage_errors(uri, cfg.storage):
+        pafs.copy_files(local_uri, path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)
+    try:
+        return _e2e(uri, ids, load_config(None, {**over, "storage": st,
+                                                 "data": {**over["data"], "cls_data": uri}}),
+                    args.e2e_passes, cpus)
+    finally:
+        storage.delete_dir(uri, cfg.storage)
+
+
+if __name__ == "__main__":  # python -m multimix.bench.data
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

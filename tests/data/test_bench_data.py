@@ -1,0 +1,42 @@
+"""`multimix bench data` runs and reports its numbers (tiny sizes; not a timed test)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from multimix.bench import data as bench
+
+
+def test_bench_data_json_no_e2e(capsys):
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--size", "64", "--n", "8", "--reps", "1", "--no-e2e", "--json",
+                         "--synthetic"])
+    assert bench.run(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("img_per_s_per_core", "baseline_img_per_s_per_core", "ratio"):
+        assert out[key] > 0
+    assert out["source"] == "synthetic"
+
+
+def test_bench_data_e2e_local(ray_local, capsys):
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--size", "64", "--n", "16", "--reps", "1", "--e2e-passes", "1",
+                         "--json", "--synthetic", "--batch", "8", "--e2e-rows", "16"])
+    assert bench.run(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["e2e_img_per_s_per_core"] > 0 and out["e2e_s3"].startswith("skipped")
+    for key in ("decode_augment_img_per_s_per_core", "e2e_vs_bare", "e2e_vs_decode_augment",
+                "e2e_img_per_cpu_s"):
+        assert out[key] > 0
+
+
+def test_bench_data_table(capsys):
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--size", "32", "--n", "4", "--reps", "1", "--no-e2e", "--synthetic"])
+    assert bench.run(args) == 0
+    text = capsys.readouterr().out
+    assert "decode + fast pair" in text and "fast / paper" in text

@@ -1,0 +1,210 @@
+"""Ray Data pipeline on real chest X-rays: local Parquet and S3, views vs source, skipped rows,
+uneven streams across 2 workers (streaming_split, as Ray Train's DataConfig does)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from multimix.bench.data import kermany_rows, v7_rows, write_dataset
+from multimix.config import load_config
+from multimix.data import pipeline as P
+from multimix.data.augment import Augmenter, row_keys
+from multimix.data.images import encode_png
+
+SIZE = 64
+
+
+def _cfg(cls_uri="", seg_uri="", **over):
+    o = {"data": {"image_size": SIZE, "cls_data": cls_uri, "seg_data": seg_uri, "cls_batch": 4,
+                  "unlabeled_batch": 4, "seg_batch": 4, "unlabeled_seg_batch": 4},
+         "scaling": {"data_cpus_per_task": 0.5, "data_concurrency": 1}}
+    for k, v in over.items():
+        o.setdefault(k, {}).update(v)
+    return load_config("cpu-small", o)
+
+
+@pytest.fixture(scope="module")
+def real_sets(shared_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    cls_rows = kermany_rows(shared_data, 50, SIZE)
+    seg_rows = v7_rows(shared_data, 20, SIZE)
+    return {
+        "cls": write_dataset(str(root / "cls"), cls_rows, "cls", SIZE),
+        "seg": write_dataset(str(root / "seg"), seg_rows, "seg", SIZE),
+        "cls_rows": {r["id"]: r for r in cls_rows},
+        "seg_rows": {r["id"]: r for r in seg_rows},
+    }
+
+
+def _take_all(ds):
+    rows = {}
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for k in range(len(b["id"])):
+            rows[str(b["id"][k])] = {c: v[k] for c, v in b.items()}
+    return rows
+
+
+def _check_pairs(rows, source, cfg, n_expected, pass_no=0):
+    assert len(rows) == n_expected
+    aug = Augmenter.from_config(cfg.augment, SIZE)
+    for rid, r in rows.items():
+        for c in ("unl_weak", "unl_strong"):
+            assert r[c].dtype == np.uint8 and r[c].shape == (SIZE, SIZE)
+        # the two views are of the SAME source row: re-render it from its id and the seed
+        w, s = aug.pair(source[rid]["image"][None], row_keys([rid], cfg.optim.seed, pass_no,
+                                                               "unl_cls"))
+        assert np.array_equal(r["unl_weak"], w[0]) and np.array_equal(r["unl_strong"], s[0])
+
+
+def test_local_pairs_and_seg(real_sets, ray_local):
+    cfg = _cfg(real_sets["cls"], real_sets["seg"])
+    ids = sorted(real_sets["cls_rows"])[5:]
+    ds = P.stream_dataset(cfg.data.cls_data, ids, cfg, mode="pair", stream="unl_cls", debug=True)
+    _check_pairs(_take_all(ds), real_sets["cls_rows"], cfg, len(ids))
+
+    seg = P.stream_dataset(cfg.data.seg_data, None, cfg, mode="seg", augment=True, debug=True)
+    rows = _take_all(seg)
+    assert len(rows) == len(real_sets["seg_rows"])
+    for rid, r in rows.items():
+        assert set(np.unique(r["seg_mask"])) <= {0, 1} and set(np.unique(r["seg_ignore"])) <= {0, 1}
+        src = real_sets["seg_rows"][rid]
+        aug = Augmenter.from_config(cfg.augment, SIZE)
+        i2, m2 = aug.geometric(row_keys([rid], cfg.optim.seed, 0, "seg"), src["image"][None],
+                               src["mask"][None])
+        assert np.array_equal(r["seg_img"], i2[0]) and np.array_equal(r["seg_mask"], m2[0])
+
+    pool = P.load_labeled_pool(cfg.data.seg_data, sorted(real_sets["seg_rows"])[:6], cfg)
+    assert pool.images.shape == (6, SIZE, SIZE) and pool.masks.max() <= 1
+    batches = list(P.eval_batches(pool, 4))
+    assert [b["seg_img"].shape[0] for b in batches] == [4, 2]
+    assert str(batches[0]["seg_mask"].dtype) == "torch.uint8"
+
+
+def test_s3_same_as_local(real_sets, s3_server, ray_local):
+    import pyarrow.fs as pafs
+
+    s3_server.make_bucket("mm-pipe")
+    st = load_config(None, {"storage": s3_server.storage_overrides()}).storage
+    from multimix.data import storage
+
+    fs, _ = storage.resolve("s3://mm-pipe/cls", st)
+    pafs.copy_files(real_sets["cls"], "mm-pipe/cls", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=fs)
+    cfg = _cfg("s3://mm-pipe/cls", storage=s3_server.storage_overrides())
+    ids = sorted(real_sets["cls_rows"])[:20]
+    ds = P.stream_dataset(cfg.data.cls_data, ids, cfg, mode="pair", stream="unl_cls", debug=True)
+    _check_pairs(_take_all(ds), real_sets["cls_rows"], cfg, len(ids))
+    pool = P.load_labeled_pool(cfg.data.cls_data, ids[:5], cfg)
+    assert pool.labels.tolist() == [real_sets["cls_rows"][i]["label"] for i in ids[:5]]
+
+
+def test_corrupt_row_skipped_and_counted(real_sets, tmp_path, ray_local):
+    rows = list(real_sets["cls_rows"].values())[:6]
+    good = encode_png(rows[0]["image"])
+    rows = [dict(r) for r in rows] + [{"id": "BAD/truncated", "image_bytes": good[:100],
+                                       "label": 0}]
+    uri = write_dataset(str(tmp_path / "bad"), rows, "cls", SIZE)
+    cfg = _cfg(uri)
+    state = P.create_state()
+    ds = P.stream_dataset(uri, None, cfg, mode="pair", stream="unl_cls", state=state, debug=True)
+    got = _take_all(ds)
+    assert len(got) == 6 and "BAD/truncated" not in got
+    info = P.skipped_rows(state)
+    assert info["counts"] == {"unl_cls": 1}
+    assert info["examples"]["unl_cls"][0][0] == "BAD/truncated"
+    pool = P.load_labeled_pool(uri, [r["id"] for r in rows], cfg)
+    assert len(pool) == 6 and pool.skipped == 1
+
+
+def test_two_workers_uneven_streams_same_step_count(real_sets, ray_local):
+    """2 workers; unlabeled-cls pool of 37 rows, unlabeled-seg pool of 7 (shorter than one batch
+    per worker), labeled pools of 5 and 3: every worker yields exactly steps_per_epoch batches."""
+    cfg = _cfg(real_sets["cls"], real_sets["seg"], model={"variant": "multimix"},
+               data={"unlabeled_seg_from": "seg"})
+    cls_ids = sorted(real_sets["cls_rows"])
+    seg_ids = sorted(real_sets["seg_rows"])
+
+    class S:  # a Split-like object
+        def __init__(self, labeled, unlabeled):
+            self.labeled, self.unlabeled, self.val = labeled, unlabeled, []
+
+    splits = {"cls": S(cls_ids[:5], cls_ids[5:42]), "seg": S(seg_ids[:3], seg_ids[3:10])}
+    state = P.create_state()
+    datasets = P.build_datasets(cfg, splits, state=state)
+    assert set(datasets) == {"unl_cls", "unl_seg"}
+    assert P.dataset_config(datasets)._datasets_to_split == ["unl_cls", "unl_seg"]
+    shards = {name: ds.streaming_split(2, equal=True) for name, ds in datasets.items()}
+    cls_pool = P.load_labeled_pool(cfg.data.cls_data, splits["cls"].labeled, cfg)
+    seg_pool = P.load_labeled_pool(cfg.data.seg_data, splits["seg"].labeled, cfg)
+    steps = 6
+    results, errors = {}, []
+
+    def worker(rank):
+        try:
+            mine = {name: its[rank] for name, its in shards.items()}
+            out = []
+            for epoch in range(2):
+                out.append([b for b in P.TrainBatches(cfg, mine, cls_pool, seg_pool, rank, 2,
+                                                       epoch, state=state,
+                                                       steps_per_epoch=steps)])
+            results[rank] = out
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not errors, errors
+    assert sorted(results) == [0, 1]
+    for rank in (0, 1):
+        for epoch_batches in results[rank]:
+            assert len(epoch_batches) == steps
+            for b in epoch_batches:
+                assert b["cls_img"].shape == (4, 1, SIZE, SIZE) and str(b["cls_img"].dtype) == "torch.uint8"
+                assert b["cls_label"].shape == (4,) and str(b["cls_label"].dtype) == "torch.int64"
+                assert b["unl_weak"].shape == b["unl_strong"].shape == (4, 1, SIZE, SIZE)
+                assert b["seg_mask"].shape == (4, 1, SIZE, SIZE) and b["seg_mask"].max() <= 1
+                assert b["seg_ignore"].shape == (4, 1, SIZE, SIZE)
+                assert b["useg_img"].shape == (4, 1, SIZE, SIZE)
+    # new augmentation pass each epoch / restart
+    assert ray_local.get(state.get_pass.remote("unl_cls")) >= 1000
+
+
+def test_steps_per_epoch_rule():
+    cfg = _cfg(optim={"steps_per_epoch": None})
+    assert P.steps_per_epoch(cfg, 100, 2) == 100 // (4 * 2)
+    assert P.steps_per_epoch(_cfg(optim={"steps_per_epoch": 7}), 100, 2) == 7
+    assert P.streams_for("enc") == {"cls"}
+
+
+def test_class_sorted_dataset_batches_mix_classes(real_sets, tmp_path, ray_local):
+    """prepare writes rows in id order (class folder first: all NORMAL, then all PNEUMONIA);
+    the stream reads several row groups per task from a per-pass permutation and shuffles them,
+    so the unlabeled batches mix classes, and the row-group order changes between passes."""
+    rows = sorted(real_sets["cls_rows"].values(), key=lambda r: r["id"])  # class-sorted
+    uri = write_dataset(str(tmp_path / "sorted"), rows, "cls", SIZE, shards=2, row_group_rows=4)
+    cfg = _cfg(uri, data={"unlabeled_batch": 8}, model={"variant": "enc-ssl"})
+    ids = [r["id"] for r in rows]
+    pool = P.load_labeled_pool(uri, ids[:2], cfg)
+    assert ids == sorted(ids) and ids[0].startswith("NORMAL/") and ids[-1].startswith("PNEUMONIA/")
+    state = P.create_state()
+    ds = P.stream_dataset(uri, ids, cfg, mode="pair", stream="unl_cls", state=state, debug=True)
+    shard = ds.streaming_split(1, equal=True)[0]
+    classes = lambda b: {i.split("/")[0] for i in b["unl_id"]}  # noqa: E731
+    epochs = []
+    for epoch in range(2):
+        batches = list(P.TrainBatches(cfg, {"unl_cls": shard}, pool, None, 0, 1, epoch,
+                                      state=state, steps_per_epoch=len(ids) // 8))
+        assert all(len(b["unl_id"]) == 8 for b in batches)
+        mixed = [len(classes(b)) == 2 for b in batches]
+        assert mixed[0] and sum(mixed) >= len(mixed) - 1, [sorted(b["unl_id"]) for b in batches]
+        epochs.append([i for b in batches for i in b["unl_id"]])
+    assert epochs[0] != epochs[1]  # a new order (and augmentation pass) every epoch
+    # the row groups a task reads: a seeded permutation, new every pass
+    a = P._task_groups(0, 20, 4, 0, 0, "unl_cls")
+    assert a == P._task_groups(0, 20, 4, 0, 0, "unl_cls") != P._task_groups(0, 20, 4, 0, 1, "unl_cls")
