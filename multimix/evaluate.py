@@ -1,0 +1,250 @@
+"""``multimix evaluate``: score a checkpoint on labeled sets; one JSON + Markdown report with plots.
+
+    multimix evaluate --checkpoint runs/demo --cls-data data/kermany --seg-data data/v7 data/gb
+
+Which rows are scored (``--subset``):
+
+- ``auto`` (default): for the dataset the checkpoint was trained on, only its held-out validation
+  ids (stored in the checkpoint), so no training image is scored; every row of any other
+  dataset (cross-domain sets);
+- ``val``: validation ids only (an error for a dataset the checkpoint was not trained on);
+- ``all``: every row.
+
+Outputs in ``--out``: ``report.json``, ``report.md``, ``roc.png`` (classification sets),
+``dice_box.png`` (Dice per image, one box per segmentation set), ``boundaries_<set>.png``
+(reference vs predicted lung boundary) and ``saliency_<set>.png``.
+Hausdorff distances are in pixels at the model's input size (``data.image_size``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint.pt, a checkpoint directory, or a run directory (uses best)")
+    p.add_argument("--cls-data", nargs="*", default=[], metavar="URI",
+                   help="prepared classification datasets (dir or s3://)")
+    p.add_argument("--seg-data", nargs="*", default=[], metavar="URI",
+                   help="prepared segmentation datasets (dir or s3://)")
+    p.add_argument("--subset", choices=("auto", "val", "all"), default="auto",
+                   help="rows to score (default auto: held-out ids of the training sets, all rows "
+                        "of other sets)")
+    p.add_argument("--out", default="eval", help="output directory (default: eval)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--config", default=None,
+                   help="YAML/preset for storage settings (s3 endpoint) if needed")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE")
+
+
+def run(args) -> int:
+    from multimix.config import load_config
+    from multimix.errors import UserError
+
+    if not args.cls_data and not args.seg_data:
+        raise UserError("give at least one --cls-data or --seg-data dataset")
+    storage_cfg = load_config(args.config, args.set).storage
+    report = evaluate_checkpoint(args.checkpoint, cls_data=args.cls_data, seg_data=args.seg_data,
+                                 out_dir=args.out, subset=args.subset, storage_cfg=storage_cfg,
+                                 device=args.device)
+    print(Path(report["markdown"]).read_text())
+    print(f"report: {report['markdown']} and {report['json']}")
+    return 0
+
+
+def evaluate_run(result, cfg) -> dict:
+    """Evaluate the best checkpoint of a finished run on its own datasets."""
+    return evaluate_checkpoint(
+        result.best_checkpoint,
+        cls_data=[cfg.data.cls_data] if cfg.data.cls_data else [],
+        seg_data=[cfg.data.seg_data] if cfg.data.seg_data else [],
+        out_dir=str(Path("eval") / cfg.run.name) if "://" in result.run_dir
+        else str(Path(result.run_dir) / "eval"),
+        storage_cfg=cfg.storage,
+    )
+
+
+def _same_dataset(a: str, b: str) -> bool:
+    if not a or not b:
+        return False
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _select(uri: str, task: str, subset: str, ckpt_cfg, splits: dict) -> tuple[list | None, str]:
+    """(ids or None for all, description)."""
+    from multimix.errors import UserError
+
+    trained_on = ckpt_cfg.data.cls_data if task == "cls" else ckpt_cfg.data.seg_data
+    own = _same_dataset(uri, trained_on) and task in splits
+    if subset == "all":
+        return None, "all rows"
+    if subset == "val" and not own:
+        raise UserError(f"--subset val: {uri} is not the {task} dataset the checkpoint was trained "
+                        f"on ({trained_on or 'none'}); use --subset all or auto")
+    if own:
+        return list(splits[task]["val"]), "held-out validation ids"
+    return None, "all rows (not seen in training)"
+
+
+def _predict(model, images: np.ndarray, key: str, device: str, batch: int,
+             saliency: bool = False) -> dict:
+    import torch
+
+    from multimix.engine import eval_step
+
+    outs: dict[str, list] = {}
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch][:, None]))
+        res = eval_step(model, {key: x}, device, saliency=saliency)
+        for k, v in res.items():
+            outs.setdefault(k, []).append(v)
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+def evaluate_checkpoint(ckpt: str, *, cls_data=(), seg_data=(), out_dir: str = "eval",
+                        subset: str = "auto", storage_cfg=None, device: str = "cpu",
+                        n_show: int = 8) -> dict:
+    """Score ``ckpt`` on each dataset; write ``report.json``, ``report.md`` and plots.
+
+    Returns ``{"json": path, "markdown": path, "sets": {...}}``.
+    """
+    from multimix import checkpoint, plots
+    from multimix.data.pipeline import load_labeled_pool
+    from multimix.data.prepare import read_manifest, read_table
+    from multimix.metrics import classification_metrics, roc_curve, segmentation_metrics, summarize
+    from multimix.errors import UserError
+    from multimix.model import VARIANT_FLAGS
+
+    model, cfg, state = checkpoint.load_model(ckpt, storage_cfg, device=device)
+    if storage_cfg is not None:
+        cfg.storage = storage_cfg
+    flags = VARIANT_FLAGS[cfg.model.variant]
+    classes = state.get("classes") or []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bs = cfg.data.eval_batch
+    report: dict = {"checkpoint": ckpt, "epoch": state["epoch"], "variant": cfg.model.variant,
+                    "image_size": cfg.data.image_size,
+                    "hausdorff_unit": f"pixels at {cfg.data.image_size}x{cfg.data.image_size}",
+                    "cls": {}, "seg": {}, "plots": {}}
+    rocs, dices = {}, {}
+    for task, uris in (("cls", cls_data), ("seg", seg_data)):
+        if uris and not (flags.has_cls if task == "cls" else flags.has_seg):
+            raise UserError(f"variant {cfg.model.variant!r} has no {task} head; "
+                            f"drop --{task}-data")
+        for uri in uris:
+            man = read_manifest(uri, storage_cfg)
+            if man.get("task") != task:
+                raise UserError(f"{uri} holds a {man.get('task')!r} dataset, not {task!r}")
+            ids, what = _select(uri, task, subset, cfg, state.get("splits", {}))
+            if ids is None:
+                ids = read_table(uri, ["id"], storage_cfg).column("id").to_pylist()
+            pool = load_labeled_pool(uri, ids, cfg)
+            if pool.images.shape[1:] != (cfg.data.image_size,) * 2:
+                raise UserError(f"{uri} was prepared at {pool.images.shape[1]}², the checkpoint "
+                                f"expects {cfg.data.image_size}² (prepare it with --size "
+                                f"{cfg.data.image_size})")
+            if pool.skipped:
+                what += f"; {pool.skipped} undecodable row(s) skipped"
+            name = man.get("source") or Path(uri).name
+            if name in report[task]:
+                name = f"{name} ({Path(uri.rstrip('/')).name})"
+            if task == "cls":
+                pred = _predict(model, pool.images, "cls_img", device, bs)
+                m = classification_metrics(pred["cls_prob"], pool.labels, classes)
+                m.update(dataset=uri, rows=what, n=int(len(pool.labels)))
+                report["cls"][name] = m
+                if len(np.unique(pool.labels)) > 1:
+                    fpr, tpr, _ = roc_curve(pred["cls_prob"][:, 1], pool.labels)
+                    rocs[name] = (fpr, tpr, m.get("auc", float("nan")))
+                sal = _predict(model, pool.images[:n_show], "img", device, bs, True)
+                if "saliency" in sal:
+                    p = plots.plot_saliency(pool.images[:n_show], sal["saliency"][:, 0],
+                                            out / f"saliency_{_slug(name)}.png",
+                                            probs=sal["cls_prob"][:, 1], class_names=classes)
+                    report["plots"][f"saliency {name}"] = str(p)
+            else:
+                pred = _predict(model, pool.images, "seg_img", device, bs)
+                per = segmentation_metrics(pred["seg_prob"], pool.masks[:, None],
+                                           pool.ignore[:, None])
+                s = summarize(per)
+                s.update(dataset=uri, rows=what, n=int(len(pool.images)))
+                report["seg"][name] = s
+                dices[name] = per["dice"]
+                k = min(n_show, len(pool.images))
+                p = plots.plot_boundaries(pool.images[:k], pool.masks[:k],
+                                          pred["seg_prob"][:k, 0] >= 0.5,
+                                          out / f"boundaries_{_slug(name)}.png",
+                                          titles=[f"Dice {d:.3f}" for d in per["dice"][:k]])
+                report["plots"][f"boundaries {name}"] = str(p)
+                sal = _predict(model, pool.images[:k], "img", device, bs, True)
+                if "saliency" in sal:
+                    p = plots.plot_saliency(pool.images[:k], sal["saliency"][:, 0],
+                                            out / f"saliency_{_slug(name)}.png")
+                    report["plots"][f"saliency {name}"] = str(p)
+    if rocs:
+        report["plots"]["roc"] = str(plots.plot_roc(rocs, out / "roc.png"))
+    if dices:
+        report["plots"]["dice_box"] = str(plots.plot_dice_box(dices, out / "dice_box.png"))
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    (out / "report.md").write_text(_markdown(report))
+    return {"json": str(out / "report.json"), "markdown": str(out / "report.md"),
+            "sets": {"cls": report["cls"], "seg": report["seg"]}}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_") or "set"
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _markdown(r: dict) -> str:
+    lines = [f"# MultiMix evaluation", "",
+             f"Checkpoint `{r['checkpoint']}` (epoch {r['epoch'] + 1}, variant `{r['variant']}`, "
+             f"input {r['image_size']}²).", ""]
+    if r["cls"]:
+        lines += ["## Pneumonia classification", ""]
+        keys = [k for k in next(iter(r["cls"].values())) if k not in
+                ("dataset", "rows", "confusion", "confusion_matrix", "class_names", "n")]
+        keys = [k for k in keys if isinstance(next(iter(r["cls"].values()))[k], (int, float))]
+        lines.append("| set | rows | n | " + " | ".join(keys) + " |")
+        lines.append("|---|---|---|" + "---|" * len(keys))
+        for name, m in r["cls"].items():
+            lines.append(f"| {name} | {m['rows']} | {m['n']} | "
+                         + " | ".join(_fmt(m[k]) for k in keys) + " |")
+        lines.append("")
+    if r["seg"]:
+        lines += ["## Lung segmentation", "",
+                  f"Mean over images (± std). Hausdorff distance in {r['hausdorff_unit']}.", ""]
+        metrics = ["dice", "jaccard", "ssim", "hausdorff", "precision", "recall"]
+        lines.append("| set | rows | n | " + " | ".join(metrics) + " |")
+        lines.append("|---|---|---|" + "---|" * len(metrics))
+        for name, s in r["seg"].items():
+            cells = []
+            for k in metrics:
+                mean, std = s.get(f"{k}_mean"), s.get(f"{k}_std")
+                cells.append("n/a" if mean is None else f"{mean:.4f} ± {std:.4f}")
+            lines.append(f"| {name} | {s['rows']} | {s['n']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if r["plots"]:
+        lines += ["## Plots", ""] + [f"- {k}: `{v}`" for k, v in r["plots"].items()] + [""]
+    return "\n".join(lines)

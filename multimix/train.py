@@ -1,0 +1,453 @@
+"""``multimix train``: distributed MultiMix training with Ray Train (DDP; gloo on CPU, nccl on GPU).
+
+The driver resolves the splits, builds the Ray Data streams and the small in-memory pools, and
+starts a :class:`ray.train.torch.TorchTrainer`. Each worker runs :func:`train_loop_per_worker`:
+the pure-torch :func:`multimix.engine.train_step` over the batches of
+:class:`multimix.data.pipeline.TrainBatches`, then validation on the held-out labeled data of both
+tasks (metrics gathered over workers), then one checkpoint written by rank 0 while every rank
+reports.
+
+Run layout (``<run.storage_path>/<run.name>/``, a directory or ``s3://``)::
+
+    checkpoint_epoch-0003/checkpoint.pt   Ray-managed: the best (by run.checkpoint_metric) and
+    checkpoint_epoch-0004/checkpoint.pt   the latest are kept
+    history.json    one metrics dict per finished epoch (no gaps after a resume or a restart)
+    best.json       {"checkpoint": "checkpoint_epoch-0003", "epoch": 3, "metric": ..., "value": ...}
+    last.json       the same for the latest epoch
+    config.json     the run's configuration (secrets never written)
+
+Re-running the same command resumes from the latest checkpoint; a worker that dies is restarted
+(``scaling.max_failures``) and training goes on from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from multimix.config import Config, ConfigError, load_config
+from multimix.errors import UserError
+
+#: Test hook: ``rank:epoch:step:marker_path`` makes that worker SIGKILL itself once (the marker file
+#: records that it happened), to exercise fault tolerance. Forwarded to the workers' environment.
+FAULT_ENV = "MULTIMIX_FAULT_INJECT"
+
+#: metrics shown in the one-line epoch summary (every metric is in history.json)
+SUMMARY_KEYS = ("train_loss", "train_ce_sup", "train_ce_pseudo", "train_dice", "train_kl",
+                "train_accept_rate", "val_cls_accuracy", "val_cls_auc", "val_cls_f1_pneumonia",
+                "val_seg_dice_mean", "val_seg_hausdorff_mean", "val_score", "img_per_s")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", "-c", default="paper",
+                   help="preset name (paper, cpu-small) or YAML file (default: paper)")
+    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set objective.threshold=0.8 (repeatable)")
+    p.add_argument("--evaluate", action="store_true",
+                   help="after training, evaluate the best checkpoint on the validation ids and "
+                        "write the report into the run directory")
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, args.set)
+    result = train(cfg)
+    print(f"training finished: {result.epochs} epochs; run directory: {result.run_dir}")
+    print(f"best checkpoint: {result.best_checkpoint}  ({cfg.run.checkpoint_metric} = "
+          f"{result.best_value:.4f})")
+    if args.evaluate:
+        from multimix import evaluate
+
+        report = evaluate.evaluate_run(result, cfg)
+        print(f"evaluation report: {report['markdown']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    epochs: int
+    history: list[dict]
+    best_checkpoint: str | None
+    last_checkpoint: str | None
+    best_value: float
+
+
+def _needs(cfg: Config) -> tuple[bool, bool]:
+    from multimix.model import VARIANT_FLAGS
+
+    flags = VARIANT_FLAGS[cfg.model.variant]
+    return flags.has_cls, flags.has_seg
+
+
+def prepare_inputs(cfg: Config) -> dict:
+    """Driver-side work before the trainer starts: splits, pools, streams. Returns a dict with
+    ``splits``, ``classes``, ``pools`` (small in-memory arrays) and ``datasets`` (Ray Data)."""
+    from multimix.data import pipeline, splits as splits_mod
+    from multimix.data.prepare import read_manifest
+
+    has_cls, has_seg = _needs(cfg)
+    if has_cls and not cfg.data.cls_data:
+        raise ConfigError(f"data.cls_data: variant {cfg.model.variant!r} needs a prepared "
+                          "classification dataset (multimix prepare ...)")
+    if has_seg and not cfg.data.seg_data:
+        raise ConfigError(f"data.seg_data: variant {cfg.model.variant!r} needs a prepared "
+                          "segmentation dataset (multimix prepare ...)")
+    out: dict[str, Any] = {"splits": {}, "classes": [], "pools": {}}
+    if has_cls:
+        man = read_manifest(cfg.data.cls_data, cfg.storage)
+        _check_size(man, cfg, "data.cls_data")
+        out["classes"] = list(man["classes"])
+        if len(out["classes"]) != cfg.model.num_classes:
+            raise ConfigError(f"model.num_classes: is {cfg.model.num_classes} but "
+                              f"{cfg.data.cls_data} has classes {out['classes']}")
+        out["splits"]["cls"] = splits_mod.ensure_split(
+            cfg.data.cls_data, cfg.data.cls_labeled, cfg.data.val_fraction, cfg.data.split_seed,
+            cfg.storage, budget_key="data.cls_labeled")
+    if has_seg:
+        man = read_manifest(cfg.data.seg_data, cfg.storage)
+        _check_size(man, cfg, "data.seg_data")
+        out["splits"]["seg"] = splits_mod.ensure_split(
+            cfg.data.seg_data, cfg.data.seg_labeled, cfg.data.val_fraction, cfg.data.split_seed,
+            cfg.storage, budget_key="data.seg_labeled")
+    state = pipeline.create_state()
+    out["data_state"] = state
+    out["datasets"] = pipeline.build_datasets(cfg, out["splits"], state=state)
+    out["pools"] = load_pools(cfg, out["splits"])
+    need = pipeline.streams_for(cfg.model.variant)
+    n_unl = len(out["splits"]["cls"].unlabeled) if "unl" in need else 0
+    lab = out["splits"].get("cls") or out["splits"].get("seg")
+    out["steps"] = pipeline.steps_per_epoch(cfg, n_unl, cfg.scaling.num_workers,
+                                            n_labeled=len(lab.labeled))
+    return out
+
+
+def load_pools(cfg: Config, splits: dict) -> dict:
+    """The small in-memory pools: labeled training images and held-out validation images."""
+    from multimix.data.pipeline import load_labeled_pool
+
+    pools = {}
+    for task, uri in (("cls", cfg.data.cls_data), ("seg", cfg.data.seg_data)):
+        if task not in splits:
+            continue
+        pools[f"{task}_labeled"] = load_labeled_pool(uri, splits[task].labeled, cfg)
+        if splits[task].val:
+            pools[f"{task}_val"] = load_labeled_pool(uri, splits[task].val, cfg)
+    return pools
+
+
+def _check_size(manifest: dict, cfg: Config, key: str) -> None:
+    if int(manifest["image_size"]) != cfg.data.image_size:
+        raise ConfigError(
+            f"data.image_size: is {cfg.data.image_size} but {key} was prepared at "
+            f"{manifest['image_size']}² (prepare it again with --size {cfg.data.image_size}, or "
+            f"--set data.image_size={manifest['image_size']})")
+
+
+def _split_dict(split) -> dict:
+    return {"labeled": list(split.labeled), "val": list(split.val),
+            "unlabeled": list(split.unlabeled)}
+
+
+def build_trainer(cfg: Config, inputs: dict, callbacks: list | None = None):
+    """The :class:`TorchTrainer` for ``cfg`` (exposed so Ray Tune trials can run it)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from multimix.data import pipeline, storage
+
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    scaling = ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                            resources_per_worker=resources)
+    fs, path = storage.resolve(cfg.run.storage_path, cfg.storage)
+    env_vars = {k: os.environ[k] for k in (FAULT_ENV,) if k in os.environ}
+    run_config = RunConfig(
+        name=cfg.run.name,
+        storage_path=path,
+        storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=s.max_failures),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=1,  # the best; Ray always keeps the latest as well
+            checkpoint_score_attribute=cfg.run.checkpoint_metric,
+            checkpoint_score_order=cfg.run.checkpoint_mode,
+        ),
+        callbacks=callbacks or [],
+        worker_runtime_env={"env_vars": env_vars} if env_vars else None,
+    )
+    loop_config = {
+        "config": cfg.to_dict(include_secrets=False),
+        "splits": {k: _split_dict(v) for k, v in inputs["splits"].items()},
+        "classes": inputs["classes"],
+        "pools": ray.put(inputs["pools"]),
+        "data_state": inputs["data_state"],
+        "datasets": sorted(inputs["datasets"]),
+        "steps": inputs["steps"],
+    }
+    datasets = inputs["datasets"]
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
+        run_config=run_config,
+        datasets=datasets,
+        dataset_config=pipeline.dataset_config(datasets),
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+    )
+
+
+def init_ray(cfg: Config) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS``, or start a local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, configure_logging=False)
+
+
+def train(cfg: Config, callbacks: list | None = None) -> TrainResult:
+    """Train ``cfg`` to ``optim.epochs`` epochs (resuming a run of the same name if it exists)."""
+    init_ray(cfg)
+    from ray.train.base_trainer import TrainingFailedError
+
+    from multimix.data import storage
+
+    inputs = prepare_inputs(cfg)
+    run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
+    storage.write_bytes(storage.join(run_dir, "config.json"),
+                        json.dumps(cfg.to_dict(), indent=2).encode(), cfg.storage)
+    trainer = build_trainer(cfg, inputs, callbacks)
+    try:
+        trainer.fit()
+    except TrainingFailedError as exc:
+        raise UserError(f"training failed: {exc}") from exc
+    return read_run(run_dir, cfg)
+
+
+def read_run(run_dir: str, cfg: Config) -> TrainResult:
+    """Read ``history.json`` / ``best.json`` / ``last.json`` of a run directory."""
+    from multimix.data import storage
+
+    def read(name):
+        return json.loads(storage.read_bytes(storage.join(run_dir, name), cfg.storage))
+
+    history = read("history.json")
+    best, last = read("best.json"), read("last.json")
+    return TrainResult(
+        run_dir=run_dir,
+        epochs=len(history),
+        history=history,
+        best_checkpoint=storage.join(run_dir, best["checkpoint"]),
+        last_checkpoint=storage.join(run_dir, last["checkpoint"]),
+        best_value=float(best["value"]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# worker
+
+
+def _maybe_inject_fault(rank: int, epoch: int, step: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    r, e, s, marker = spec.split(":", 3)
+    if (int(r), int(e), int(s)) == (rank, epoch, step) and not os.path.exists(marker):
+        Path(marker).write_text(f"killed rank {rank} at epoch {epoch} step {step}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _log(rank: int, msg: str) -> None:
+    """Progress line from rank 0, once (Train's patched ``print`` would log it twice)."""
+    if rank != 0:
+        return
+    logger = logging.getLogger("multimix.train")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.__stdout__)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    logger.info(msg)
+
+
+def _mean_over_workers(values: dict[str, float]) -> dict[str, float]:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def validate(model, pools: dict, cfg: Config, device, rank: int, world: int,
+             classes: list[str] | None = None) -> dict:
+    """Score the held-out labeled data of both tasks. Each rank scores every ``world``-th image;
+    the per-image statistics are gathered, so the numbers equal single-process numbers."""
+    import numpy as np
+
+    from multimix.data.pipeline import eval_batches
+    from multimix.engine import eval_step
+    from multimix.metrics import ClsAccumulator, SegAccumulator, all_gather_state, val_score
+
+    out: dict[str, float] = {}
+    bs = cfg.data.eval_batch
+    if "cls_val" in pools:
+        acc = ClsAccumulator(class_names=classes)
+        for b in eval_batches(pools["cls_val"], bs, rank, world):
+            acc.update(eval_step(model, b, device)["cls_prob"], b["cls_label"].numpy())
+        acc = ClsAccumulator.merge(all_gather_state(acc.state()), class_names=classes)
+        out.update({f"val_cls_{k}": float(v) for k, v in acc.compute().items()
+                    if np.isscalar(v) and not isinstance(v, str)})
+    if "seg_val" in pools:
+        acc = SegAccumulator()
+        for b in eval_batches(pools["seg_val"], bs, rank, world):
+            acc.update(eval_step(model, b, device)["seg_prob"], b["seg_mask"].numpy(),
+                       b["seg_ignore"].numpy())
+        acc = SegAccumulator.merge(all_gather_state(acc.state()))
+        out.update({f"val_seg_{k}": float(v) for k, v in acc.compute().items()
+                    if np.isscalar(v)})
+    out["val_score"] = float(val_score(out))
+    model.train()
+    return out
+
+
+def train_loop_per_worker(loop_cfg: dict) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from multimix import checkpoint as ckpt_mod
+    from multimix.data import pipeline
+    from multimix.engine import build_optimizer, train_step
+    from multimix.model import create_model, unwrap
+
+    cfg = load_config(loop_cfg["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.optim.seed + rank)
+
+    model = create_model(cfg.model)
+    if cfg.optim.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    optimizer, scheduler = build_optimizer(model, cfg)
+
+    start_epoch, history = 0, []
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            state = ckpt_mod.load_bytes((Path(d) / ckpt_mod.FILENAME).read_bytes())
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt_mod.set_rng_state(state["rng"])
+        torch.manual_seed(cfg.optim.seed + rank + 1000 * (state["epoch"] + 1))
+        start_epoch, history = state["epoch"] + 1, list(state["history"])
+        _log(rank, f"[multimix] resumed from epoch {state['epoch']} ({restored.path})")
+
+    pools = ray.get(loop_cfg["pools"])
+    shards = {name: ray.train.get_dataset_shard(name) for name in loop_cfg["datasets"]}
+    storage_ctx = ctx.get_storage()
+    steps = loop_cfg["steps"]
+    n_img = (cfg.data.cls_batch + 2 * cfg.data.unlabeled_batch + cfg.data.seg_batch
+             + cfg.data.unlabeled_seg_batch)
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        model.train()
+        sums: dict[str, float] = {}
+        t0 = time.perf_counter()
+        batches = pipeline.TrainBatches(cfg, shards, pools.get("cls_labeled"),
+                                        pools.get("seg_labeled"), rank, world, epoch,
+                                        state=loop_cfg["data_state"], steps_per_epoch=steps)
+        for step, batch in enumerate(batches):
+            _maybe_inject_fault(rank, epoch, step)
+            terms = train_step(model, batch, optimizer, cfg, device)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if (step + 1) % cfg.run.log_every == 0 or step + 1 == steps:
+                rate = (step + 1) * n_img * world / (time.perf_counter() - t0)
+                _log(rank, f"[multimix] epoch {epoch + 1}/{cfg.optim.epochs} step {step + 1}/"
+                           f"{steps} " + " ".join(f"{k}={v:.4f}" for k, v in terms.items())
+                     + f" img/s={rate:.1f}")
+        train_time = time.perf_counter() - t0
+        scheduler.step()
+        train_means = _mean_over_workers({f"train_{k}": v / max(steps, 1)
+                                          for k, v in sums.items()})
+        val = validate(model, pools, cfg, device, rank, world, loop_cfg["classes"])
+        metrics = {"epoch": epoch, **train_means, **val,
+                   "img_per_s": steps * n_img * world / max(train_time, 1e-9),
+                   "lr": optimizer.param_groups[0]["lr"]}
+        history.append(metrics)
+        _log(rank, f"[multimix] epoch {epoch + 1}/{cfg.optim.epochs} done: "
+             + " ".join(f"{k}={metrics[k]:.4f}" for k in SUMMARY_KEYS if k in metrics))
+        name = f"checkpoint_epoch-{epoch:04d}"
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                state = ckpt_mod.build_state(
+                    model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
+                    config=cfg, splits=loop_cfg["splits"], classes=loop_cfg["classes"],
+                    history=history)
+                ckpt_mod.save(state, os.path.join(d, ckpt_mod.FILENAME))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=name)
+            _write_run_files(storage_ctx, cfg, history, name)
+        else:
+            ray.train.report(metrics, checkpoint_dir_name=name)
+
+
+def _write_run_files(storage_ctx, cfg: Config, history: list[dict], name: str) -> None:
+    """history.json, last.json, best.json beside the checkpoints (rank 0)."""
+    fs, root = storage_ctx.storage_filesystem, storage_ctx.experiment_fs_path
+    metric, mode = cfg.run.checkpoint_metric, cfg.run.checkpoint_mode
+
+    def put(fname: str, obj) -> None:
+        with fs.open_output_stream(f"{root}/{fname}") as f:
+            f.write(json.dumps(obj, indent=1, default=float).encode())
+
+    def better(a, b):
+        return a > b if mode == "max" else a < b
+
+    best = None
+    for h in history:
+        v = h.get(metric)
+        if v is not None and v == v and (best is None or better(v, best[metric])):
+            best = h
+    best = best or history[-1]
+    put("history.json", history)
+    last = history[-1]
+    put("last.json", {"checkpoint": name, "epoch": last["epoch"], "metric": metric,
+                      "value": last.get(metric)})
+    put("best.json", {"checkpoint": f"checkpoint_epoch-{best['epoch']:04d}",
+                      "epoch": best["epoch"], "metric": metric, "value": best.get(metric)})
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="multimix train")
+    add_arguments(parser)
+    sys.exit(run(parser.parse_args()))

@@ -1,0 +1,171 @@
+"""Ray Train end to end: train with 2 CPU workers, checkpoints, fault tolerance, resume,
+``multimix evaluate`` and ``multimix predict`` (on real chest X-rays where available)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from multimix import checkpoint as ckpt_mod
+from multimix.config import load_config
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(tmp_path, cls_uri, seg_uri, name, *extra):
+    return load_config("cpu-small", [
+        f"data.cls_data={cls_uri}", f"data.seg_data={seg_uri}",
+        f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}",
+        "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+        "scaling.data_cpus_per_task=0.5", "scaling.data_concurrency=1",
+        "optim.epochs=2", "optim.steps_per_epoch=6", "run.log_every=3", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    from multimix.data.prepare import prepare_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    prepare_demo(str(out), image_size=64)
+    return str(out / "cls"), str(out / "seg")
+
+
+def _history(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "history.json").read_text())
+
+
+def test_train_evaluate_predict_real_data(ray_local, kermany_prepared, v7_prepared,
+                                          shared_data, tmp_path, capsys):
+    from multimix import evaluate
+    from multimix.cli import main
+    from multimix.train import train
+
+    cfg = _cfg(tmp_path, kermany_prepared, v7_prepared, "real",
+               "data.cls_labeled=100", "data.seg_labeled=10")
+    result = train(cfg)
+
+    # every epoch reported, validated on both tasks, checkpointed
+    assert result.epochs == 2 and [h["epoch"] for h in result.history] == [0, 1]
+    for h in result.history:
+        assert 0.0 <= h["val_cls_accuracy"] <= 1.0 and 0.0 <= h["val_seg_dice_mean"] <= 1.0
+        assert h["val_cls_n"] == len(json.loads(next(
+            (Path(kermany_prepared) / "splits").glob("*.json")).read_text())["val"])
+        assert np.isfinite(h["train_loss"]) and 0.0 <= h["train_accept_rate"] <= 1.0
+    run_dir = Path(result.run_dir)
+    ckpts = sorted(run_dir.glob("checkpoint_epoch-*/checkpoint.pt"))
+    assert ckpts, "no checkpoint written"
+    state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
+    assert state["epoch"] == 1 and set(state) >= {"model", "optimizer", "scheduler", "rng",
+                                                  "config", "splits", "history"}
+    assert len(state["splits"]["cls"]["labeled"]) == 100
+    assert len(state["splits"]["seg"]["labeled"]) == 10
+    assert "secret_access_key" not in json.dumps(state["config"])
+    best = json.loads((run_dir / "best.json").read_text())
+    assert (run_dir / best["checkpoint"] / "checkpoint.pt").is_file()
+
+    # evaluate: in-domain (held-out ids) + cross-domain (every GB row), JSON + Markdown + plots
+    gb = tmp_path / "gb"
+    from multimix.data.prepare import prepare
+
+    prepare(str(shared_data / "gb-covid-lungs"), str(gb), image_size=64, progress=False)
+    rep = evaluate.evaluate_checkpoint(str(run_dir), cls_data=[str(kermany_prepared)],
+                                       seg_data=[str(v7_prepared), str(gb)],
+                                       out_dir=str(tmp_path / "eval"))
+    report = json.loads(Path(rep["json"]).read_text())
+    (cls_name, cls_m), = report["cls"].items()
+    assert cls_m["rows"] == "held-out validation ids" and cls_m["n"] == result.history[0]["val_cls_n"]
+    assert set(cls_m) >= {"accuracy", "f1_normal", "f1_pneumonia", "auc"}
+    seg_sets = report["seg"]
+    assert len(seg_sets) == 2
+    gb_m = next(m for m in seg_sets.values() if m["dataset"] == str(gb))
+    assert gb_m["n"] == 38 and gb_m["rows"].startswith("all rows")
+    for m in seg_sets.values():
+        for k in ("dice", "jaccard", "ssim", "hausdorff", "precision", "recall"):
+            assert np.isfinite(m[f"{k}_mean"])
+    md = Path(rep["markdown"]).read_text()
+    assert "Hausdorff distance in pixels" in md and "| dice |" in md.replace(" dice ", " dice ")
+    for p in report["plots"].values():
+        assert Image.open(p).format == "PNG"
+    assert {"roc", "dice_box"} <= set(report["plots"])
+
+    # predict: a Kermany JPEG (RGB, 224²), a V7 PNG (grey), a 16-bit PNG, and a non-image
+    jpeg = next((shared_data / "kermany-cxr" / "train" / "PNEUMONIA").glob("*.jpeg"))
+    png = next((shared_data / "v7-covid-lungs" / "images").glob("*.png"))
+    wide = tmp_path / "wide16.png"
+    a = np.asarray(Image.open(png).convert("L"), np.uint16) * 257
+    Image.fromarray(np.tile(a, (1, 2))).save(wide)  # 16-bit, non-square
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    out = tmp_path / "pred"
+    code = main(["predict", "--checkpoint", str(run_dir), str(jpeg), str(bad), str(png),
+                 str(wide), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 1 and "notes.png" in captured.err
+    preds = json.loads((out / "predictions.json").read_text())
+    assert [("error" in p) for p in preds] == [False, True, False, False]
+    for p, src in ((preds[0], jpeg), (preds[2], png), (preds[3], wide)):
+        assert 0.0 <= p["pneumonia_probability"] <= 1.0
+        w, h = Image.open(src).size
+        mask = np.asarray(Image.open(p["mask"]))
+        assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
+        assert Image.open(p["saliency"]).size == (w, h)
+        assert Image.open(p["overlay"]).mode == "RGB"
+
+
+def test_worker_killed_mid_run_restarts_without_gaps(ray_local, demo_data, tmp_path,
+                                                     monkeypatch):
+    from multimix.train import FAULT_ENV, train
+
+    marker = tmp_path / "killed.txt"
+    monkeypatch.setenv(FAULT_ENV, f"1:1:2:{marker}")  # rank 1 SIGKILLs itself at epoch 1 step 2
+    cfg = _cfg(tmp_path, *demo_data, "faulty", "optim.epochs=3", "scaling.max_failures=2",
+               "data.cls_labeled=40", "data.seg_labeled=10")
+    result = train(cfg)
+    assert marker.exists(), "the fault was never injected"
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    assert result.epochs == cfg.optim.epochs
+
+
+def test_rerun_resumes_after_interruption(demo_data, tmp_path):
+    cls_uri, seg_uri = demo_data
+    cmd = [sys.executable, "-m", "multimix.cli", "train", "--config", "cpu-small",
+           "--set", f"data.cls_data={cls_uri}", "--set", f"data.seg_data={seg_uri}",
+           "--set", f"run.storage_path={tmp_path / 'runs'}", "--set", "run.name=resumable",
+           "--set", "optim.epochs=3", "--set", "optim.steps_per_epoch=6",
+           "--set", "data.cls_labeled=40", "--set", "data.seg_labeled=10",
+           "--set", "scaling.cpus_per_worker=0.5", "--set", "scaling.data_cpus_per_task=0.5"]
+    run_dir = tmp_path / "runs" / "resumable"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    log1 = open(tmp_path / "first.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log1, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if (run_dir / "history.json").exists() and len(_history(run_dir)) >= 1:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        first = _history(run_dir)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the interruption: driver and its Ray die at once
+        proc.wait(timeout=30)
+    assert len(first) < 3
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed from epoch" in second.stdout + second.stderr
+    history = _history(run_dir)
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[0] == first[0]  # epochs done before the interruption are kept, not redone
