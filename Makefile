@@ -17,7 +17,7 @@ install: $(BIN)/multimix
 
 # The main job: prepare the built-in synthetic demo set, train MultiMix on a local Ray, evaluate.
 demo: install
-	$(BIN)/python -m multimix.demo --out out/demo
+	$(BIN)/multimix demo --out out/demo
 
 # The tests (real-data tests read MULTIMIX_DATA; they skip with a reason when it is unset).
 test: install

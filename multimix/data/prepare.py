@@ -125,6 +125,12 @@ def read_table(uri: str, columns: Optional[list[str]] = None,
 # writing
 
 
+#: rows per Parquet row group: the streaming pipeline's read unit. Modest, so one pipeline task
+#: can read several row groups from all over the (id-sorted, hence class-sorted) dataset and
+#: shuffle them together (see multimix.data.pipeline).
+ROW_GROUP_ROWS = 256
+
+
 class DatasetWriter:
     """Write rows (dicts with the :data:`SCHEMA` columns) as Parquet shards under ``out_uri``.
 
@@ -196,7 +202,7 @@ class DatasetWriter:
                 self.fs.create_dir(f"{self.root}/data", recursive=True)
             with self.fs.open_output_stream(f"{self.root}/{rel}") as f:
                 # PNG bytes do not compress further: store them as is
-                pq.write_table(table, f, row_group_size=len(self._buf),
+                pq.write_table(table, f, row_group_size=ROW_GROUP_ROWS,
                                compression={n: ("NONE" if n in ("image", "mask", "ignore")
                                                 else "SNAPPY") for n in SCHEMA.names},
                                use_dictionary=["source", "task"])
