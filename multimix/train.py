@@ -342,7 +342,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     from multimix import checkpoint as ckpt_mod
     from multimix.data import pipeline
-    from multimix.engine import build_optimizer, train_step
+    from multimix.engine import build_optimizer, prepare_model, train_step
     from multimix.model import create_model, unwrap
 
     cfg = load_config(loop_cfg["config"])
@@ -351,10 +351,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.optim.seed + rank)
 
-    model = create_model(cfg.model)
-    if cfg.optim.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
+    model = prepare_model(create_model(cfg.model), cfg, device)  # channels_last / compile
+    model = ray.train.torch.prepare_model(model)  # DDP when world > 1
     optimizer, scheduler = build_optimizer(model, cfg)
 
     start_epoch, history = 0, []

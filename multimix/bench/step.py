@@ -170,19 +170,8 @@ def _mem_worker(args) -> int:
     step = _step_fn(args.mem_worker)
     for _ in range(max(1, args.warmup)):
         step(model, batch, opt, cfg, device)
-    gc.collect()
-    _malloc_trim()
-    base = _status_kb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        method = "rss-hwm-reset"
-    except OSError:
-        method = "rss-hwm-absolute"  # whole-process peak; base is post-warm-up RSS
-    step(model, batch, opt, cfg, device)
-    peak = _status_kb("VmHWM")
-    print(json.dumps({"peak_mem_mb": (peak - base) / 1024.0, "base_rss_mb": base / 1024.0,
-                      "mem_method": method}))
+    res = _cpu_memory(step, model, batch, opt, cfg, device, allow_absolute=True)
+    print(json.dumps(res))
     return 0
 
 
@@ -209,19 +198,26 @@ def _cpu_memory_subprocess(args, which: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _cpu_memory(step, model, batch, opt, cfg, device) -> dict:
-    """Peak extra RSS (MB) of one step in this process, or None when the HWM cannot be reset."""
+def _cpu_memory(step, model, batch, opt, cfg, device, allow_absolute: bool = False) -> dict:
+    """Peak extra RSS (MB) of one step in this process over the post-warm-up RSS.
+
+    Resets the kernel's high-water mark (``/proc/self/clear_refs``); where that is refused,
+    returns None, or with ``allow_absolute`` (a fresh subprocess) the whole-process peak."""
     gc.collect()
     _malloc_trim()
     base = _status_kb("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
+        method = "rss-hwm-reset"
     except OSError:
-        return None
+        if not allow_absolute:
+            return None
+        method = "rss-hwm-absolute"
     step(model, batch, opt, cfg, device)
     peak = _status_kb("VmHWM")
-    return {"peak_mem_mb": (peak - base) / 1024.0, "mem_method": "rss-hwm-reset"}
+    return {"peak_mem_mb": (peak - base) / 1024.0, "base_rss_mb": base / 1024.0,
+            "mem_method": method}
 
 
 def _cuda_memory(step, model, batch, opt, cfg, device) -> float:
