@@ -356,21 +356,29 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     optimizer, scheduler = build_optimizer(model, cfg)
 
     start_epoch, history = 0, []
+    storage_ctx = ctx.get_storage()
     restored = ray.train.get_checkpoint()
+    state, source = None, None
     if restored is not None:
         with restored.as_directory() as d:
             state = ckpt_mod.load_bytes((Path(d) / ckpt_mod.FILENAME).read_bytes())
+        source = restored.path
+    # An interruption between a checkpoint's upload and Ray's own bookkeeping leaves Ray an older
+    # checkpoint (or none); last.json is written only after the checkpoint is persisted.
+    last, last_source = _read_last_checkpoint(storage_ctx)
+    if last is not None and (state is None or last["epoch"] > state["epoch"]):
+        state, source = last, last_source
+    if state is not None:
         unwrap(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ckpt_mod.set_rng_state(state["rng"])
         torch.manual_seed(cfg.optim.seed + rank + 1000 * (state["epoch"] + 1))
         start_epoch, history = state["epoch"] + 1, list(state["history"])
-        _log(rank, f"[multimix] resumed from epoch {state['epoch']} ({restored.path})")
+        _log(rank, f"[multimix] resumed from epoch {state['epoch']} ({source})")
 
     pools = ray.get(loop_cfg["pools"])
     shards = {name: ray.train.get_dataset_shard(name) for name in loop_cfg["datasets"]}
-    storage_ctx = ctx.get_storage()
     steps = loop_cfg["steps"]
     n_img = (cfg.data.cls_batch + 2 * cfg.data.unlabeled_batch + cfg.data.seg_batch
              + cfg.data.unlabeled_seg_batch)
@@ -415,6 +423,25 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             _write_run_files(storage_ctx, cfg, history, name)
         else:
             ray.train.report(metrics, checkpoint_dir_name=name)
+
+
+def _read_last_checkpoint(storage_ctx):
+    """``(state, path)`` of the checkpoint named by ``last.json`` in the run directory, or
+    ``(None, None)`` when there is none."""
+    import pyarrow.fs as pafs
+
+    from multimix import checkpoint as ckpt_mod
+
+    fs, root = storage_ctx.storage_filesystem, storage_ctx.experiment_fs_path
+    if fs.get_file_info(f"{root}/last.json").type != pafs.FileType.File:
+        return None, None
+    with fs.open_input_stream(f"{root}/last.json") as f:
+        name = json.loads(f.read())["checkpoint"]
+    path = f"{root}/{name}/{ckpt_mod.FILENAME}"
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None, None
+    with fs.open_input_stream(path) as f:
+        return ckpt_mod.load_bytes(f.read()), path
 
 
 def _write_run_files(storage_ctx, cfg: Config, history: list[dict], name: str) -> None:
