@@ -45,7 +45,6 @@ What runs where:
 
 from __future__ import annotations
 
-import json
 import logging
 import zlib
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ import numpy as np
 
 from multimix.data import storage
 from multimix.data.augment import Augmenter, mix_keys, row_keys
+from multimix.data.prepare import read_manifest
 from multimix.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -249,21 +249,6 @@ def _current_pass(state, stream: str, epoch: int) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # driver side
-
-
-def read_manifest(uri: str, storage_cfg=None) -> dict:
-    """The dataset's ``manifest.json`` (DESIGN §1)."""
-    try:
-        from multimix.data.prepare import read_manifest as _rm  # the canonical reader, if present
-    except ImportError:
-        _rm = None
-    if _rm is not None:
-        return _rm(uri, storage_cfg)
-    text = storage.read_text(storage.join(uri, "manifest.json"), storage_cfg)
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise DataError(f"{uri}/manifest.json: not valid JSON ({exc})") from None
 
 
 def shard_paths(uri: str, storage_cfg=None):
