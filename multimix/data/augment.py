@@ -347,9 +347,12 @@ def _smooth(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def _sharpness(im: Image.Image, factor: float) -> Image.Image:
-    """``ImageEnhance.Sharpness(im).enhance(factor)``: blend(SMOOTH(im), im, factor)."""
-    a = np.asarray(im)
+def _sharpness(im: Image.Image, factor: float, a: Optional[np.ndarray] = None) -> Image.Image:
+    """``ImageEnhance.Sharpness(im).enhance(factor)``: blend(SMOOTH(im), im, factor).
+
+    ``a``: the pixels of ``im`` as an array when the caller has them (saves a copy)."""
+    if a is None:
+        a = np.asarray(im)
     degenerate = Image.fromarray(_smooth(a))
     return Image.blend(degenerate, im, factor)
 
@@ -359,49 +362,98 @@ def _wrap(a: np.ndarray) -> Image.Image:
     return Image.frombuffer("L", (a.shape[1], a.shape[0]), a, "raw", "L", 0, 1)
 
 
-def fast_apply(padded: np.ndarray, prm: ViewParams, pad: int, out: np.ndarray) -> None:
-    """Render one view from its reflect-padded source into ``out`` ``(H, W) uint8`` (fast path)."""
+class _Padded:
+    """A reflect-padded source image in a flat buffer with one row of slack, so that any
+    ``(h, w)`` crop of it can be handed to Pillow *without a copy* (a strided mapped image:
+    Pillow checks ``offset + stride * h <= len(buffer)``)."""
+
+    __slots__ = ("flat", "array", "stride")
+
+    def __init__(self, hp: int, wp: int):
+        self.flat = np.empty(hp * wp + wp, np.uint8)
+        self.array = self.flat[: hp * wp].reshape(hp, wp)
+        self.stride = wp
+
+    def pil(self, y: int, x: int, h: int, w: int) -> Image.Image:
+        """Pillow image over ``array[y:y+h, x:x+w]`` (zero-copy, read-only)."""
+        off = y * self.stride + x
+        return Image.frombuffer("L", (w, h), self.flat[off:], "raw", "L", self.stride, 1)
+
+
+def _histogram(im: Image.Image) -> np.ndarray:
+    return np.asarray(im.histogram(), dtype=np.int64)
+
+
+def fast_apply(padded, prm: ViewParams, pad: int, out: np.ndarray) -> None:
+    """Render one view from its reflect-padded source into ``out`` ``(H, W) uint8`` (fast path).
+
+    ``padded``: a :class:`_Padded` (zero-copy Pillow crops) or a plain ``uint8`` array.
+    The un-flipped crop is never copied before the first op: Pillow reads it in place (a
+    strided image) and numpy's ``take`` reads it as a view; a flipped crop is copied once
+    (reversed) into ``out``. The histogram of a flipped crop is that of the un-flipped one.
+    """
+    if not isinstance(padded, _Padded):
+        arr = np.asarray(padded, dtype=np.uint8)
+        padded = _Padded(*arr.shape)
+        padded.array[...] = arr
     h, w = out.shape
-    out[...] = _crop_view(padded, prm, (h, w), pad)  # flip + crop: one copy, no resampling
+    crop = _crop_view(padded.array, prm, (h, w), pad)
     stages = _plan(prm.ops)
+    x_src = 2 * pad - prm.dx if prm.flip else prm.dx  # the un-flipped crop's column offset
     if not stages:
-        pass
+        out[...] = crop  # flip + crop: one copy, no resampling
     elif len(stages) == 1 and stages[0][0] == "lut":
         ops = stages[0][1]
-        hist = (np.asarray(_wrap(out).histogram(), dtype=np.int64)
+        hist = (_histogram(padded.pil(prm.dy, x_src, h, w))
                 if any(n in _HIST_OPS for n, _ in ops) else None)
         lut = compose_lut(ops, hist)
-        if lut is not None:
-            np.take(lut.astype(np.uint8), out, out=out)
+        if lut is None:
+            out[...] = crop
+        else:
+            np.take(lut.astype(np.uint8), crop, out=out)  # LUT straight from the view
     else:
-        im = _wrap(out)
+        cur = None  # numpy pixels of `im` when known to be current (a view or `out`)
+        if prm.flip:
+            out[...] = crop
+            im, cur = _wrap(out), out
+        else:
+            im, cur = padded.pil(prm.dy, prm.dx, h, w), crop
         for kind, payload in stages:
             if kind == "lut":
-                hist = (np.asarray(im.histogram(), dtype=np.int64)
-                        if any(n in _HIST_OPS for n, _ in payload) else None)
+                hist = (_histogram(im) if any(n in _HIST_OPS for n, _ in payload) else None)
                 lut = compose_lut(payload, hist)
                 if lut is not None:
-                    im = im.point(lut.astype(np.uint8).tobytes())
+                    im, cur = im.point(lut.astype(np.uint8).tobytes()), None
             elif kind == "warp":
                 coeffs = compose_affine(payload, w, h)
                 im = im.transform((w, h), Image.Transform.AFFINE, coeffs,
                                   Image.Resampling.NEAREST, fillcolor=FILL)
+                cur = None
             else:
-                im = _sharpness(im, payload)
-        out[...] = np.asarray(im)
+                im, cur = _sharpness(im, payload, cur), None
+        if cur is None:
+            out[...] = np.asarray(im)
+        elif cur is not out:
+            out[...] = cur
     if prm.cutout is not None:
         x0, y0, x1, y1 = prm.cutout
         out[y0:y1 + 1, x0:x1 + 1] = CUTOUT_FILL
 
 
-def reflect_pad(images: np.ndarray, p: int) -> np.ndarray:
-    """``np.pad(images, ((0,0),(p,p),(p,p)), mode="reflect")`` with plain slice copies (faster)."""
+def reflect_pad(images: np.ndarray, p: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """``np.pad(images, ((0,0),(p,p),(p,p)), mode="reflect")`` with plain slice copies (faster).
+
+    ``out``: a ``uint8 (N, H+2p, W+2p)`` array to write into (returned)."""
     n, h, w = images.shape
+    if p >= h or p >= w or (p == 0 and out is not None):
+        r = np.pad(images, ((0, 0), (p, p), (p, p)), mode="reflect")
+        if out is None:
+            return r
+        out[...] = r
+        return out
     if p == 0:
         return images
-    if p >= h or p >= w:
-        return np.pad(images, ((0, 0), (p, p), (p, p)), mode="reflect")
-    o = np.empty((n, h + 2 * p, w + 2 * p), np.uint8)
+    o = np.empty((n, h + 2 * p, w + 2 * p), np.uint8) if out is None else out
     o[:, p:p + h, p:p + w] = images
     o[:, p:p + h, :p] = images[:, :, p:0:-1]
     o[:, p:p + h, p + w:] = images[:, :, w - 2:w - 2 - p:-1]
@@ -492,8 +544,10 @@ class Augmenter:
         """
         images = _as_batch(images)
         outs = [np.empty_like(images) for _ in param_lists]
-        for i in range(images.shape[0]):
-            padded = reflect_pad(images[i:i + 1], self.pad)[0]
+        n, h, w = images.shape
+        padded = _Padded(h + 2 * self.pad, w + 2 * self.pad)  # reused for every image
+        for i in range(n):
+            reflect_pad(images[i:i + 1], self.pad, out=padded.array[None])
             for out, params in zip(outs, param_lists):
                 fast_apply(padded, params[i], self.pad, out[i])
         return outs

@@ -174,8 +174,24 @@ def _pil_decode(data: bytes) -> np.ndarray:
         return np.array(im)
 
 
+@pytest.fixture(params=["isal", "zlib"])
+def inflate_backend(request, monkeypatch):
+    """The fast PNG path with each inflate implementation: ISA-L (the dependency) and the
+    standard library's zlib (the fallback when isal cannot be imported)."""
+    import zlib
+
+    from multimix.data import images
+
+    if request.param == "zlib":
+        monkeypatch.setattr(images, "_inflate", zlib)
+        monkeypatch.setattr(images, "_INFLATE_ERRORS", (zlib.error,))
+    else:
+        assert images._inflate.__name__ == "isal.isal_zlib"
+    return request.param
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 1), (20, 30), (64, 64), (33, 257)])
-def test_encode_png_is_standard_filter0_grey_and_fast_path_is_bit_exact(shape):
+def test_encode_png_is_standard_filter0_grey_and_fast_path_is_bit_exact(shape, inflate_backend):
     import struct
     import zlib
 
@@ -252,7 +268,7 @@ def _old_error(data: bytes, name=None) -> str:
     return str(exc.value)
 
 
-def test_truncated_and_corrupt_filter0_png_raise_the_same_data_error(grad):
+def test_truncated_and_corrupt_filter0_png_raise_the_same_data_error(grad, inflate_backend):
     import zlib
 
     from multimix.data.images import _decode_png_fast
