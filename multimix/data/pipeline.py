@@ -344,6 +344,9 @@ def _read_map_fn(items, *, fs, groups, per_task, columns, batch_size, state, str
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from multimix.data.allocator import keep_freed_memory
+
+    keep_freed_memory()  # once per worker process: reuse freed block memory (see allocator.py)
     pass_no = _current_pass(state, stream, epoch)  # once per task: a task belongs to one pass
     for slot in np.asarray(items["slot"]).tolist():
         tables = []

@@ -12,12 +12,12 @@ def test_bench_data_json_no_e2e(capsys):
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
     args = p.parse_args(["--size", "64", "--n", "8", "--reps", "1", "--no-e2e", "--json",
-                         "--synthetic"])
+                         "--synthetic", "--no-malloc-tuning"])
     assert bench.run(args) == 0
     out = json.loads(capsys.readouterr().out)
     for key in ("img_per_s_per_core", "baseline_img_per_s_per_core", "ratio"):
         assert out[key] > 0
-    assert out["source"] == "synthetic"
+    assert out["source"] == "synthetic" and out["malloc_tuned"] is False
 
 
 def test_bench_data_e2e_local(ray_local, capsys):
@@ -29,7 +29,7 @@ def test_bench_data_e2e_local(ray_local, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["e2e_img_per_s_per_core"] > 0 and out["e2e_s3"].startswith("skipped")
     for key in ("decode_augment_img_per_s_per_core", "e2e_vs_bare", "e2e_vs_decode_augment",
-                "e2e_img_per_cpu_s"):
+                "e2e_img_per_cpu_s", "object_store_put_ms_per_img"):
         assert out[key] > 0
 
 
