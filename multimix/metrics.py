@@ -50,6 +50,7 @@ __all__ = [
     "SegAccumulator",
     "all_gather_state",
     "val_score",
+    "as_bhw",
 ]
 
 #: Kermany's class order (index = label); index 1 is the positive class for ROC AUC.
@@ -219,7 +220,13 @@ def classification_metrics(
 # segmentation
 
 
-def _as_bhw(x: Any, name: str) -> np.ndarray:
+def as_bhw(x: Any, name: str) -> np.ndarray:
+    """A stack of 2-D maps as ``(B, H, W)``: ``(B, 1, H, W)`` → ``(B, H, W)``, ``(H, W)`` →
+    ``(1, H, W)`` (numpy or torch input; no copy).
+
+    Raises:
+        ValueError: any other shape, naming ``name``.
+    """
     a = _np(x)
     if a.ndim == 4:
         if a.shape[1] != 1:
@@ -318,15 +325,15 @@ def segmentation_metrics(
           two pixels can have (the worst case).
         - otherwise a ratio with a zero denominator cannot occur, except as above.
     """
-    p = _as_bhw(prob, "prob").astype(np.float64)
-    r = _as_bhw(ref, "ref")
+    p = as_bhw(prob, "prob").astype(np.float64)
+    r = as_bhw(ref, "ref")
     if r.shape != p.shape:
         raise ValueError(f"ref {r.shape} must match prob {p.shape}")
     r = r.astype(np.float64) > 0.5
     if ignore is None:
         valid = np.ones(p.shape, dtype=bool)
     else:
-        ig = _as_bhw(ignore, "ignore")
+        ig = as_bhw(ignore, "ignore")
         if ig.shape != p.shape:
             raise ValueError(f"ignore {ig.shape} must match prob {p.shape}")
         valid = ig == 0

@@ -20,6 +20,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from skimage.segmentation import find_boundaries
 
+from multimix.metrics import as_bhw
+
 __all__ = [
     "DPI",
     "REF_COLOUR",
@@ -48,17 +50,6 @@ def _np(x: Any) -> np.ndarray:
     if hasattr(x, "detach") and hasattr(x, "cpu"):
         x = x.detach().cpu().float().numpy()
     return np.asarray(x)
-
-
-def _squeeze_hw(a: np.ndarray, name: str) -> np.ndarray:
-    """(N, 1, H, W) → (N, H, W); (H, W) → (1, H, W)."""
-    if a.ndim == 4 and a.shape[1] == 1:
-        a = a[:, 0]
-    elif a.ndim == 2:
-        a = a[None]
-    if a.ndim != 3:
-        raise ValueError(f"{name} must be (N, H, W) or (N, 1, H, W), got {a.shape}")
-    return a
 
 
 def _save(fig: Figure, path: Any) -> Path:
@@ -218,9 +209,9 @@ def plot_boundaries(images: Any, refs: Any, preds: Any, path: Any,
     The grid has ``grid_shape(N)`` = (rows, cols), at most 4 columns; the PNG is
     ``cols·300 × rows·300`` pixels.
     """
-    imgs = _squeeze_hw(_np(images), "images")
-    refs = _squeeze_hw(_np(refs), "refs")
-    preds = _squeeze_hw(_np(preds), "preds")
+    imgs = as_bhw(_np(images), "images")
+    refs = as_bhw(_np(refs), "refs")
+    preds = as_bhw(_np(preds), "preds")
     if not (imgs.shape == refs.shape == preds.shape):
         raise ValueError(f"images {imgs.shape}, refs {refs.shape}, preds {preds.shape} differ")
     panels = [boundary_overlay(imgs[i], refs[i], preds[i]) for i in range(imgs.shape[0])]
@@ -244,8 +235,8 @@ def plot_saliency(images: Any, saliency: Any, path: Any, probs: Any = None,
 
     Layout and size as :func:`plot_boundaries`.
     """
-    imgs = _squeeze_hw(_np(images), "images")
-    sal = _squeeze_hw(_np(saliency), "saliency")
+    imgs = as_bhw(_np(images), "images")
+    sal = as_bhw(_np(saliency), "saliency")
     if imgs.shape != sal.shape:
         raise ValueError(f"images {imgs.shape} and saliency {sal.shape} differ")
     n = imgs.shape[0]
