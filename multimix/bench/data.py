@@ -232,7 +232,7 @@ def _e2e(uri: str, ids: list[str], cfg, passes: int, cpus: int) -> tuple[float, 
     return rows / wall / cpus, (rows / cpu_s if cpu_s > 0 else float("nan"))
 
 
-def _put_ms_per_row(size: int, batch: int) -> float:
+def _put_ms_per_row(size: int) -> float:
     """Milliseconds per row to put one pipeline output block (weak + strong ``uint8`` views of
     ``_yield_rows(size)`` rows) into Ray's object store: the transfer every streamed row pays
     on top of decode + augment (best of 5)."""
@@ -253,10 +253,9 @@ def _put_ms_per_row(size: int, batch: int) -> float:
 
 def run(args) -> int:
     from multimix.config import load_config
+    from multimix.data.allocator import keep_freed_memory
     from multimix.data.augment import Augmenter, paper_pair, row_keys
     from multimix.data.images import decode_png, encode_png
-
-    from multimix.data.allocator import keep_freed_memory
 
     tuned = False if args.no_malloc_tuning else keep_freed_memory()
     imgs, rows, source = _images(args)
@@ -322,7 +321,7 @@ def run(args) -> int:
                 cfg = load_config(None, over)
                 wall, per_cpu_s = _e2e(uri, ids, cfg, args.e2e_passes, cpus)
                 out["e2e_img_per_s_per_core"] = round(wall, 1)
-                out["object_store_put_ms_per_img"] = round(_put_ms_per_row(size, b), 3)
+                out["object_store_put_ms_per_img"] = round(_put_ms_per_row(size), 3)
                 out["e2e_img_per_cpu_s"] = round(per_cpu_s, 1)
                 out["e2e_cpus"] = cpus
                 if args.s3_endpoint:

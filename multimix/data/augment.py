@@ -399,16 +399,17 @@ def fast_apply(padded, prm: ViewParams, pad: int, out: np.ndarray) -> None:
     h, w = out.shape
     crop = _crop_view(padded.array, prm, (h, w), pad)
     stages = _plan(prm.ops)
-    x_src = 2 * pad - prm.dx if prm.flip else prm.dx  # the un-flipped crop's column offset
-    if not stages:
-        out[...] = crop  # flip + crop: one copy, no resampling
-    elif len(stages) == 1 and stages[0][0] == "lut":
+    lut = None
+    if len(stages) == 1 and stages[0][0] == "lut":
         ops = stages[0][1]
+        x_src = 2 * pad - prm.dx if prm.flip else prm.dx  # the un-flipped crop's columns
         hist = (_histogram(padded.pil(prm.dy, x_src, h, w))
                 if any(n in _HIST_OPS for n, _ in ops) else None)
         lut = compose_lut(ops, hist)
+        stages = []
+    if not stages:
         if lut is None:
-            out[...] = crop
+            out[...] = crop  # flip + crop: one copy, no resampling
         else:
             np.take(lut.astype(np.uint8), crop, out=out)  # LUT straight from the view
     else:
@@ -445,14 +446,14 @@ def reflect_pad(images: np.ndarray, p: int, out: Optional[np.ndarray] = None) ->
 
     ``out``: a ``uint8 (N, H+2p, W+2p)`` array to write into (returned)."""
     n, h, w = images.shape
-    if p >= h or p >= w or (p == 0 and out is not None):
+    if p == 0 and out is None:
+        return images
+    if p == 0 or p >= h or p >= w:  # nothing to reflect, or np.pad's repeated reflection
         r = np.pad(images, ((0, 0), (p, p), (p, p)), mode="reflect")
         if out is None:
             return r
         out[...] = r
         return out
-    if p == 0:
-        return images
     o = np.empty((n, h + 2 * p, w + 2 * p), np.uint8) if out is None else out
     o[:, p:p + h, p:p + w] = images
     o[:, p:p + h, :p] = images[:, :, p:0:-1]
