@@ -448,7 +448,8 @@ def reflect_pad(images: np.ndarray, p: int, out: Optional[np.ndarray] = None) ->
     n, h, w = images.shape
     if p == 0 and out is None:
         return images
-    if p == 0 or p >= h or p >= w:  # nothing to reflect, or np.pad's repeated reflection
+    if p == 0 or p >= h - 1 or p >= w - 1:  # nothing to reflect, or the slices below would
+        # need a stop index of -1 (p = side - 1) or a repeated reflection (p >= side): np.pad
         r = np.pad(images, ((0, 0), (p, p), (p, p)), mode="reflect")
         if out is None:
             return r

@@ -66,6 +66,12 @@ def test_smooth_equals_pillow():
 def test_reflect_pad_and_cutout():
     imgs = _images(2, 64)
     assert np.array_equal(A.reflect_pad(imgs, 8), np.pad(imgs, ((0, 0), (8, 8), (8, 8)), "reflect"))
+    small = imgs[:, :16, :16].copy()
+    for p in (0, 1, 14, 15, 16, 20):  # up to and beyond side - 1, with and without out=
+        want = np.pad(small, ((0, 0), (p, p), (p, p)), "reflect")
+        assert np.array_equal(A.reflect_pad(small, p), want)
+        out = np.empty_like(want)
+        assert A.reflect_pad(small, p, out=out) is out and np.array_equal(out, want)
     prm = A.ViewParams(True, 3, 11, (), A._cutout_box(10.0, 50.0, 64))
     assert np.array_equal(A.Augmenter(64, cutout=True).apply(imgs[:1], [prm])[0],
                           A.paper_apply(imgs[0], prm, 8))
