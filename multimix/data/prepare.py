@@ -4,10 +4,13 @@ Output (DESIGN.md §1), in a local folder or under ``s3://bucket/prefix``::
 
     manifest.json            what the dataset is (written last: its presence marks a complete set)
     report.json              every file that did not become a row, with the reason; duplicates
-    data/part-00000.parquet  rows sorted by id, ~``shard_rows`` rows per shard
+    data/part-00000.parquet  rows in row order (below), ~``shard_rows`` rows per shard
 
-Decoding and resizing run in a process pool (one process per core by default); rows come back
-in id order, so the output is the same for any number of workers. Unreadable or truncated images
+Row order is a fixed hash of the id (:func:`row_order_key`): reproducible, the same on every
+machine, and pseudo-random, so every shard and row group mixes the classes (source folders are
+class-sorted) and a streaming reader that shuffles only whole files or row groups still gets
+mixed batches. Decoding and resizing run in a process pool (one process per core by default);
+rows come back in that order, so the output is the same for any number of workers. Unreadable or truncated images
 and masks whose size differs from their image are skipped and listed in ``report.json``
 (``strict=True`` turns the first one into a :class:`DataError`); byte-identical files (same
 sha256) are all kept and listed as duplicate groups. Nothing is dropped silently.
@@ -126,15 +129,24 @@ def read_table(uri: str, columns: Optional[list[str]] = None,
 
 
 #: rows per Parquet row group: the streaming pipeline's read unit. Modest, so one pipeline task
-#: can read several row groups from all over the (id-sorted, hence class-sorted) dataset and
-#: shuffle them together (see multimix.data.pipeline).
+#: reads several row groups from all over the dataset and shuffles them together, and
+#: ``ray.data.read_parquet`` can split a shard into many read tasks (see multimix.data.pipeline).
 ROW_GROUP_ROWS = 256
+
+#: the ``row_order`` the manifest records (see :func:`row_order_key`)
+ROW_ORDER = "blake2b-64(id)"
+
+
+def row_order_key(row_id: str) -> bytes:
+    """Sort key of the stored row order: the 8-byte BLAKE2b digest of the id (a fixed,
+    pseudo-random order: classes mixed in every shard and row group, same on every machine)."""
+    return hashlib.blake2b(row_id.encode("utf-8"), digest_size=8).digest()
 
 
 class DatasetWriter:
     """Write rows (dicts with the :data:`SCHEMA` columns) as Parquet shards under ``out_uri``.
 
-    Rows must be added in the final order (sorted by id). A shard is flushed every
+    Rows must be added in the final order (:func:`row_order_key`). A shard is flushed every
     ``shard_rows`` rows or when its buffered bytes pass ``shard_bytes``. :meth:`finish` writes
     ``report.json`` and then ``manifest.json``.
     """
@@ -260,6 +272,7 @@ class DatasetWriter:
             **({"classes": list(classes)} if task == "cls" else {}),
             "counts": counts,
             "shards": list(self.shards),
+            "row_order": ROW_ORDER,
             "duplicate_groups": [[self.ids[i] for i in g] for g in groups],
             "skipped": len(skipped),
             "report": "report.json",
@@ -435,7 +448,8 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
     skipped = list(src.problems)
     prog = _Progress(len(src.records), progress, f"prepare {src.name}")
     done = 0
-    for kind, item in _results(src.records, image_size, src.name, src.task, src.fs, workers):
+    records = sorted(src.records, key=lambda r: row_order_key(r.id))
+    for kind, item in _results(records, image_size, src.name, src.task, src.fs, workers):
         done += 1
         if kind == "skip":
             if strict:
@@ -472,7 +486,7 @@ def prepare_demo(out_uri: str, *, n_cls: int = 400, n_seg: int = 100, image_size
     for task, recs in (("cls", cls_recs), ("seg", seg_recs)):
         writer = DatasetWriter(storage.join(out_uri, task), storage_cfg, shard_rows=shard_rows,
                                overwrite=overwrite)
-        for r in recs:
+        for r in sorted(recs, key=lambda r: row_order_key(r["id"])):
             png = encode_png(r["image"])
             writer.add({
                 "id": r["id"], "source": synthetic.SOURCE_NAME, "task": task, "image": png,

@@ -92,7 +92,9 @@ def test_class_folders_end_to_end(cls_folder, tmp_path):
     table = pq.read_table(out / m["shards"][0])
     assert table.schema.equals(prep.SCHEMA, check_metadata=False)
     rows = {r["id"]: r for r in _rows(out)}
-    assert list(rows) == sorted(rows)
+    # stored in the hashed row order (classes mixed, reproducible), recorded in the manifest
+    assert list(rows) == sorted(rows, key=prep.row_order_key) != sorted(rows)
+    assert m["row_order"] == prep.ROW_ORDER
     for rid, r in rows.items():
         src_file = cls_folder / r["path"]
         assert r["hash"] == hashlib.sha256(src_file.read_bytes()).hexdigest()
@@ -253,8 +255,14 @@ def test_kermany_train(kermany_prepared, shared_data):
                          t.column("label").to_pylist()))
     assert labels == {("NORMAL", 0): 1341, ("PNEUMONIA", 1): 3875}
     assert set(t.column("orig_height").to_pylist()) == {224}
-    first = prep.read_table(str(kermany_prepared)).slice(0, 1).to_pylist()[0]
-    assert first["id"] == "NORMAL/IM-0115-0001"
+    all_rows = prep.read_table(str(kermany_prepared))
+    first = all_rows.slice(t.column("id").to_pylist().index("NORMAL/IM-0115-0001"), 1
+                           ).to_pylist()[0]
+    # hashed row order: every row group mixes the classes (class folders are sorted)
+    for shard in m["shards"]:
+        f = pq.ParquetFile(kermany_prepared / shard)
+        for g in range(f.num_row_groups):
+            assert set(f.read_row_group(g, columns=["label"]).column("label").to_pylist()) == {0, 1}
     assert first["path"] == "train/NORMAL/IM-0115-0001.jpeg"
     assert decode_png(first["image"]).shape == (64, 64)
 

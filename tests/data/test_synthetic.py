@@ -59,6 +59,7 @@ def test_prepare_demo_stores_what_was_generated(tmp_path):
     assert ms["cls"]["synthetic"] is True and ms["seg"]["source"] == "synthetic-demo"
     _, seg = synthetic.make_demo(0, 6, 32, seed=3)
     rows = prep.read_table(str(tmp_path / "seg")).to_pylist()
+    seg = sorted(seg, key=lambda r: prep.row_order_key(r["id"]))  # prepare's stored order
     assert [r["id"] for r in rows] == [r["id"] for r in seg]
     for row, rec in zip(rows, seg):
         np.testing.assert_array_equal(decode_png(row["image"]), rec["image"])
