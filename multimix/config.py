@@ -83,6 +83,10 @@ class DataConfig:
     #: pool the unlabeled segmentation stream is drawn from: the unlabeled classification
     #: images ("cls", the paper's cross-dataset setting) or the seg images beyond the budget ("seg")
     unlabeled_seg_from: Literal["cls", "seg"] = "cls"
+    #: how the unlabeled pools are streamed: "read_parquet" (``ray.data.read_parquet`` fused
+    #: with the decode/augment map; scales to many shards) or "row_groups" (multimix's own
+    #: row-group reader: no per-pass file listing, faster on small pools and few CPUs)
+    reader: Literal["read_parquet", "row_groups"] = "read_parquet"
     #: per-worker batch size of each of the five streams
     cls_batch: int = 10
     unlabeled_batch: int = 10

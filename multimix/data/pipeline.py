@@ -20,21 +20,31 @@ Worker side (inside the train loop)::
 
 What runs where:
 
-- unlabeled pools *stream*: a few large tasks (~:data:`TASK_ROWS` rows each), one generator
-  ``map_batches`` on CPU tasks; each task reads several Parquet row groups (local or ``s3://``
-  through :func:`multimix.data.storage.resolve`) picked by a seeded permutation that changes
-  every pass, shuffles their rows together (prepared data is id-sorted, i.e. class-sorted:
-  this is what makes batches mix classes), decodes the PNGs and renders the weak AND the strong
-  view of the same image (classification stream), or the plain image (unlabeled-segmentation
-  stream), yielding blocks of ~16 MB of pixels per view. Train's ``DataConfig`` splits them
-  across workers with ``streaming_split(n, equal=True)``.
-- why not ``ray.data.read_parquet``: its unit of work is a *file*, and prepared shards are
-  id-sorted (class-sorted), so file-level shuffling gives batches of one class; row groups are
-  the unit here. Measured on this 2-core VM with Ray 2.60 (4,096 rows, 256², weak+strong,
-  consumed through ``streaming_split``): this reader ~950–1,150 rows/s; ``read_parquet`` +
-  ``map_batches`` 432 rows/s with the default DataSource V2 (``ListFiles → ReadFiles`` reads
-  all files in ONE task: ray-project/ray#63817 describes the one-task-per-file limits) and 676
-  rows/s with V1 (read and map not fused).
+- unlabeled pools *stream*, through one of two readers (``data.reader``), each fused with
+  one generator ``map_batches`` on CPU tasks that decodes the PNGs and renders the weak AND
+  the strong view of the same image (classification stream) or the plain image
+  (unlabeled-segmentation stream), yielding blocks of ~16 MB of pixels per view:
+
+  * ``read_parquet`` (default): ``ray.data.read_parquet`` on the shards (local or ``s3://``
+    through :func:`multimix.data.storage.resolve`), shard order shuffled per pass, read units
+    of ~:data:`TASK_ROWS` rows (Ray 2.60 bin-packs row groups), each unit's rows shuffled in
+    the map. Mixing relies on ``multimix prepare``'s hashed row order (every row group mixes
+    classes). Ray lists the files again on every pass (its footer reader starts actors):
+    measured ~2 s per pass on this 2-core VM, nothing next to a pass over a large pool.
+  * ``row_groups``: multimix's own reader: ``from_items`` slots, each task reading several
+    row groups that a seeded permutation (new every pass) scatters over the dataset and
+    shuffling their rows together; footers are read once, on the driver. No per-pass listing,
+    so it is the faster one on small pools and few CPUs (the ``cpu-small`` preset), and it
+    mixes classes even on a class-sorted dataset.
+
+  Measured on this 2-core VM with Ray 2.60 (2,048 rows per pass at 256², weak+strong,
+  consumed through ``streaming_split``; ``multimix bench data`` prints these): row_groups
+  ~550 img/s/core, first batch of a pass after ~1.6 s; read_parquet ~230 img/s/core, first
+  batch after ~3.8 s. Train's ``DataConfig`` splits either across workers with
+  ``streaming_split(n, equal=True)``.
+- :func:`configure_data_context` lowers Ray Data's target block size below one yielded block:
+  at the default (128 MiB) Ray merged a task's yields and released them only when the task
+  ended, so a pass's first batch waited for whole tasks.
 - labeled pools are small: loaded once per worker, decoded to ``uint8`` arrays
   (:class:`LabeledPool`), sampled with replacement (seeded by seed/rank/epoch/step); their weak
   view (a flip + crop slice) is rendered on the worker (a few µs per image).
@@ -51,6 +61,7 @@ What runs where:
 from __future__ import annotations
 
 import logging
+import os
 import zlib
 from dataclasses import dataclass
 from functools import partial
@@ -60,6 +71,7 @@ import numpy as np
 
 from multimix.data import storage
 from multimix.data.augment import Augmenter, mix_keys, row_keys
+from multimix.data.prepare import ROW_ORDER as _ROW_ORDER
 from multimix.data.prepare import read_manifest
 from multimix.errors import DataError
 
@@ -154,8 +166,16 @@ def skipped_rows(state) -> dict:
     return ray.get(state.skipped.remote())
 
 
-def configure_data_context(progress_bars: bool = False):
-    """Ray Data settings for this pipeline (call on the driver before building datasets)."""
+def configure_data_context(progress_bars: bool = False, image_size: Optional[int] = None):
+    """Ray Data settings for this pipeline (call on the driver before building datasets; a
+    Dataset keeps a copy of the context it was built under).
+
+    With ``image_size``, the target block size is lowered to 3/4 of one yielded block
+    (:func:`block_bytes`): Ray Data's output buffer merges a task's yields until they pass
+    the target (128 MiB by default), which held back every augmented block until its task
+    ended (measured: the first batch of a pass arrived only when the pass's tasks finished).
+    Below one yield, each block leaves the task as soon as it is rendered.
+    """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -165,7 +185,17 @@ def configure_data_context(progress_bars: bool = False):
         ctx.print_on_execution_start = False
     except Exception:  # pragma: no cover - attribute missing in other versions
         pass
+    if image_size is not None:
+        target = max(1 << 20, block_bytes(image_size) * 3 // 4)
+        if ctx.target_max_block_size is None or ctx.target_max_block_size > target:
+            ctx.target_max_block_size = target
     return ctx
+
+
+def block_bytes(size: int) -> int:
+    """Pixel bytes of one view of one block a pipeline task yields (``_yield_rows(size)``
+    rows of ``size``² ``uint8``)."""
+    return _yield_rows(size) * size * size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +298,8 @@ def shard_paths(uri: str, storage_cfg=None):
 
 def stream_dataset(uri: str, ids: Optional[Sequence[str]], cfg, *, mode: str,
                    stream: Optional[str] = None, augment: bool = True, state=None,
-                   epoch: int = 0, debug: bool = False, batch_size: Optional[int] = None):
+                   epoch: int = 0, debug: bool = False, batch_size: Optional[int] = None,
+                   reader: Optional[str] = None):
     """A Ray Dataset of decoded (and augmented) rows of ``uri`` restricted to ``ids``.
 
     Args:
@@ -279,16 +310,121 @@ def stream_dataset(uri: str, ids: Optional[Sequence[str]], cfg, *, mode: str,
         state: :func:`create_state` handle (augmentation pass, skipped counts) or None (pass =
             ``epoch``; skipped rows only logged).
         debug: add an ``id`` column (to check views against their source).
+        batch_size: rows per yielded block (default :func:`_yield_rows`).
+        reader: ``"read_parquet"`` or ``"row_groups"`` (default ``cfg.data.reader``).
     """
+    stream = stream or mode
+    reader = reader or cfg.data.reader
+    size = cfg.data.image_size
+    fs, paths, manifest = shard_paths(uri, cfg.storage)
+    columns = ["id", "image"] + (["mask", "ignore"] if mode == "seg" else [])
+    if batch_size is None:
+        batch_size = _yield_rows(size)
+    common = dict(columns=columns, batch_size=batch_size, mode=mode, stream=stream, size=size,
+                  aug=Augmenter.from_config(cfg.augment, size), augment=augment,
+                  seed=int(cfg.optim.seed), keep=frozenset(ids) if ids is not None else None,
+                  state=state, epoch=epoch, debug=debug)
+    if reader == "row_groups":
+        return _row_group_dataset(uri, fs, paths, cfg, common)
+    if reader == "read_parquet":
+        return _read_parquet_dataset(uri, fs, paths, manifest, cfg, common)
+    raise DataError(f"data.reader: unknown reader {reader!r} (read_parquet or row_groups)")
+
+
+def _map_kwargs(cfg) -> dict:
+    import ray.data
+
+    kwargs: dict = {"num_cpus": cfg.scaling.data_cpus_per_task}
+    if cfg.scaling.data_concurrency is not None:
+        kwargs["compute"] = ray.data.TaskPoolStrategy(size=int(cfg.scaling.data_concurrency))
+    return kwargs
+
+
+def _read_parquet_dataset(uri: str, fs, paths: list, manifest: dict, cfg, common: dict):
+    """``ray.data.read_parquet`` → one generator ``map_batches`` (decode, shuffle, augment),
+    fused by Ray Data into a single task per read unit.
+
+    - read units: Ray 2.60's Parquet reader (DataSource V2) bin-packs *row groups*, up to
+      128 MiB per read task by default (a whole small dataset in one task); the bin is set to
+      ~:data:`TASK_ROWS` rows of this dataset (and at most a quarter of it) so the CPUs share
+      the work. Its footer listing starts 32 actors per pass by default; one per 64 shards here.
+      Both through Ray's ``RAY_DATA_PARQUET_*`` variables, set only while the dataset is built
+      and never over a value the user exported (older Rays ignore them).
+    - mixing: shard order is shuffled per pass (seeded ``FileShuffleConfig``, reseeded each
+      execution); ``multimix prepare`` stores rows in a hashed order, so every row group mixes
+      classes; each map call shuffles its rows; the workers' local shuffle buffer mixes blocks.
+    - ``batch_size=None`` and the same CPU/compute settings on read and map are what let Ray
+      fuse them (a map with a fixed ``batch_size`` after a read is not fused).
+    """
+    import ray.data
+
+    if manifest.get("row_order") != _ROW_ORDER:
+        logger.warning(
+            "%s was prepared in id order (class-sorted; an older multimix prepare): "
+            "read_parquet shuffles whole row groups, so batches may hold a single class. "
+            "Re-run multimix prepare, or set data.reader=row_groups.", uri)
+    with storage.storage_errors(uri, cfg.storage):
+        total = sum(max(0, i.size or 0) for i in fs.get_file_info(paths))
+    rows = max(1, int(manifest.get("num_rows") or 1))
+    bin_bytes = int(max(total / rows, min(TASK_ROWS * total / rows, total / 4)))
+    knobs = {"RAY_DATA_PARQUET_BIN_PACKING_BYTES": str(bin_bytes),
+             "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": str(max(1, min(32, -(-len(paths) // 64))))}
+    kwargs = _map_kwargs(cfg)
+    read_kwargs: dict = {"num_cpus": kwargs["num_cpus"]}
+    if cfg.scaling.data_concurrency is not None:
+        read_kwargs["concurrency"] = int(cfg.scaling.data_concurrency)
+    seed = mix_keys(common["seed"], zlib.crc32(common["stream"].encode())) % (2**31)
+    with _env_defaults(knobs), storage.storage_errors(uri, cfg.storage):
+        ds = ray.data.read_parquet(
+            paths, filesystem=fs, shuffle=ray.data.FileShuffleConfig(seed=seed), **read_kwargs)
+    ds = ds.select_columns(common["columns"])
+    return ds.map_batches(partial(_block_map_fn, **common), batch_size=None,
+                          batch_format="numpy", zero_copy_batch=True, **kwargs)
+
+
+class _env_defaults:
+    """Set environment variables for a block of code, leaving alone any the user exported."""
+
+    def __init__(self, values: Mapping[str, str]):
+        self.values = {k: v for k, v in values.items() if k not in os.environ}
+
+    def __enter__(self):
+        os.environ.update(self.values)
+
+    def __exit__(self, *exc):
+        for k in self.values:
+            os.environ.pop(k, None)
+
+
+def _block_map_fn(batch, *, columns, batch_size, state, stream, epoch, seed, keep, **kw):
+    """One block from ``read_parquet`` → shuffled, decoded, augmented blocks of
+    ``batch_size`` rows (generator UDF)."""
+    from multimix.data.allocator import keep_freed_memory
+
+    keep_freed_memory()  # once per worker process: reuse freed block memory (see allocator.py)
+    ids = batch["id"]
+    sel = np.arange(len(ids))
+    if keep is not None:
+        sel = np.flatnonzero([v in keep for v in ids])
+    if not len(sel):
+        return
+    pass_no = _current_pass(state, stream, epoch)
+    first = str(ids[sel[0]])
+    order = sel[np.random.default_rng([seed, pass_no, zlib.crc32(first.encode()), 13]
+                                      ).permutation(len(sel))]
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        yield _map_fn({c: batch[c][idx] for c in columns}, stream=stream, seed=seed, keep=None,
+                      state=state, epoch=epoch, pass_no=pass_no, **kw)
+
+
+def _row_group_dataset(uri: str, fs, paths: list, cfg, common: dict):
+    """multimix's own reader: ``from_items`` slots → a generator ``map_batches`` that reads
+    row groups with pyarrow (footers read once, here), picked by a seeded per-pass permutation
+    (no per-pass listing; see the module docstring)."""
     import pyarrow.parquet as pq
     import ray.data
 
-    stream = stream or mode
-    size = cfg.data.image_size
-    fs, paths, _ = shard_paths(uri, cfg.storage)
-    columns = ["id", "image"] + (["mask", "ignore"] if mode == "seg" else [])
-    # Row groups from the footers (read here, once). Ray Data's read_parquet is not used: its
-    # unit is a file (no per-pass row-group order; see the module docstring for measurements).
     groups = []
     with storage.storage_errors(uri, cfg.storage):
         for path in paths:
@@ -301,22 +437,14 @@ def stream_dataset(uri: str, ids: Optional[Sequence[str]], cfg, *, mode: str,
     total = sum(g[2] for g in groups)
     # Few, large tasks: one per ~TASK_ROWS rows (at least min(row groups, 4) so the CPUs stay
     # busy), each reading several row groups that a seeded per-pass permutation scatters over
-    # the (id-sorted, hence class-sorted) dataset, and shuffling their rows together.
+    # the dataset, and shuffling their rows together.
     n_tasks = min(len(groups), max(min(len(groups), 4), -(-total // TASK_ROWS)))
     per_task = -(-len(groups) // n_tasks)
     n_tasks = -(-len(groups) // per_task)
-    if batch_size is None:
-        batch_size = _yield_rows(size)
-    fn = partial(_read_map_fn, fs=fs, groups=tuple(groups), per_task=per_task, columns=columns,
-                 batch_size=batch_size, mode=mode, stream=stream, size=size,
-                 aug=Augmenter.from_config(cfg.augment, size), augment=augment,
-                 seed=int(cfg.optim.seed), keep=frozenset(ids) if ids is not None else None,
-                 state=state, epoch=epoch, debug=debug)
-    kwargs: dict = {"num_cpus": cfg.scaling.data_cpus_per_task}
-    if cfg.scaling.data_concurrency is not None:
-        kwargs["compute"] = ray.data.TaskPoolStrategy(size=int(cfg.scaling.data_concurrency))
+    fn = partial(_read_map_fn, fs=fs, groups=tuple(groups), per_task=per_task, **common)
     ds = ray.data.from_items([{"slot": k} for k in range(n_tasks)], override_num_blocks=n_tasks)
-    return ds.map_batches(fn, batch_size=1, batch_format="numpy", zero_copy_batch=True, **kwargs)
+    return ds.map_batches(fn, batch_size=1, batch_format="numpy", zero_copy_batch=True,
+                          **_map_kwargs(cfg))
 
 
 #: rows of the worker-side local shuffle buffer (at least 8 batches)
@@ -389,7 +517,7 @@ def build_datasets(cfg, splits: Mapping[str, Any], state=None) -> dict:
     the unlabeled classification images (``data.unlabeled_seg_from="cls"``, the paper) or the
     segmentation images beyond the label budget (``"seg"``).
     """
-    configure_data_context()
+    configure_data_context(image_size=cfg.data.image_size)
     need = streams_for(cfg.model.variant)
     out: dict = {}
     if "unl" in need:

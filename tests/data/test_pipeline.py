@@ -13,8 +13,15 @@ from multimix.config import load_config
 from multimix.data import pipeline as P
 from multimix.data.augment import Augmenter, row_keys
 from multimix.data.images import encode_png
+from multimix.data.prepare import row_order_key
 
 SIZE = 64
+READERS = ("read_parquet", "row_groups")
+
+
+def _hash_order(rows):
+    """Rows in ``multimix prepare``'s stored order."""
+    return sorted(rows, key=lambda r: row_order_key(r["id"]))
 
 
 def _cfg(cls_uri="", seg_uri="", **over):
@@ -29,8 +36,8 @@ def _cfg(cls_uri="", seg_uri="", **over):
 @pytest.fixture(scope="module")
 def real_sets(shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("prepared")
-    cls_rows = kermany_rows(shared_data, 50, SIZE)
-    seg_rows = v7_rows(shared_data, 20, SIZE)
+    cls_rows = _hash_order(kermany_rows(shared_data, 50, SIZE))
+    seg_rows = _hash_order(v7_rows(shared_data, 20, SIZE))
     return {
         "cls": write_dataset(str(root / "cls"), cls_rows, "cls", SIZE),
         "seg": write_dataset(str(root / "seg"), seg_rows, "seg", SIZE),
@@ -59,8 +66,9 @@ def _check_pairs(rows, source, cfg, n_expected, pass_no=0):
         assert np.array_equal(r["unl_weak"], w[0]) and np.array_equal(r["unl_strong"], s[0])
 
 
-def test_local_pairs_and_seg(real_sets, ray_local):
-    cfg = _cfg(real_sets["cls"], real_sets["seg"])
+@pytest.mark.parametrize("reader", READERS)
+def test_local_pairs_and_seg(real_sets, ray_local, reader):
+    cfg = _cfg(real_sets["cls"], real_sets["seg"], data={"reader": reader})
     ids = sorted(real_sets["cls_rows"])[5:]
     ds = P.stream_dataset(cfg.data.cls_data, ids, cfg, mode="pair", stream="unl_cls", debug=True)
     _check_pairs(_take_all(ds), real_sets["cls_rows"], cfg, len(ids))
@@ -83,17 +91,20 @@ def test_local_pairs_and_seg(real_sets, ray_local):
     assert str(batches[0]["seg_mask"].dtype) == "torch.uint8"
 
 
-def test_s3_same_as_local(real_sets, s3_server, ray_local):
+@pytest.mark.parametrize("reader", READERS)
+def test_s3_same_as_local(real_sets, s3_server, ray_local, reader):
     import pyarrow.fs as pafs
 
-    s3_server.make_bucket("mm-pipe")
+    bucket = f"mm-pipe-{reader.replace('_', '-')}"
+    s3_server.make_bucket(bucket)
     st = load_config(None, {"storage": s3_server.storage_overrides()}).storage
     from multimix.data import storage
 
-    fs, _ = storage.resolve("s3://mm-pipe/cls", st)
-    pafs.copy_files(real_sets["cls"], "mm-pipe/cls", source_filesystem=pafs.LocalFileSystem(),
+    fs, _ = storage.resolve(f"s3://{bucket}/cls", st)
+    pafs.copy_files(real_sets["cls"], f"{bucket}/cls", source_filesystem=pafs.LocalFileSystem(),
                     destination_filesystem=fs)
-    cfg = _cfg("s3://mm-pipe/cls", storage=s3_server.storage_overrides())
+    cfg = _cfg(f"s3://{bucket}/cls", storage=s3_server.storage_overrides(),
+               data={"reader": reader})
     ids = sorted(real_sets["cls_rows"])[:20]
     ds = P.stream_dataset(cfg.data.cls_data, ids, cfg, mode="pair", stream="unl_cls", debug=True)
     _check_pairs(_take_all(ds), real_sets["cls_rows"], cfg, len(ids))
@@ -101,13 +112,14 @@ def test_s3_same_as_local(real_sets, s3_server, ray_local):
     assert pool.labels.tolist() == [real_sets["cls_rows"][i]["label"] for i in ids[:5]]
 
 
-def test_corrupt_row_skipped_and_counted(real_sets, tmp_path, ray_local):
+@pytest.mark.parametrize("reader", READERS)
+def test_corrupt_row_skipped_and_counted(real_sets, tmp_path, ray_local, reader):
     rows = list(real_sets["cls_rows"].values())[:6]
     good = encode_png(rows[0]["image"])
     rows = [dict(r) for r in rows] + [{"id": "BAD/truncated", "image_bytes": good[:100],
                                        "label": 0}]
     uri = write_dataset(str(tmp_path / "bad"), rows, "cls", SIZE)
-    cfg = _cfg(uri)
+    cfg = _cfg(uri, data={"reader": reader})
     state = P.create_state()
     ds = P.stream_dataset(uri, None, cfg, mode="pair", stream="unl_cls", state=state, debug=True)
     got = _take_all(ds)
@@ -119,11 +131,12 @@ def test_corrupt_row_skipped_and_counted(real_sets, tmp_path, ray_local):
     assert len(pool) == 6 and pool.skipped == 1
 
 
-def test_two_workers_uneven_streams_same_step_count(real_sets, ray_local):
+@pytest.mark.parametrize("reader", READERS)
+def test_two_workers_uneven_streams_same_step_count(real_sets, ray_local, reader):
     """2 workers; unlabeled-cls pool of 37 rows, unlabeled-seg pool of 7 (shorter than one batch
     per worker), labeled pools of 5 and 3: every worker yields exactly steps_per_epoch batches."""
     cfg = _cfg(real_sets["cls"], real_sets["seg"], model={"variant": "multimix"},
-               data={"unlabeled_seg_from": "seg"})
+               data={"unlabeled_seg_from": "seg", "reader": reader})
     cls_ids = sorted(real_sets["cls_rows"])
     seg_ids = sorted(real_sets["seg_rows"])
 
@@ -183,12 +196,14 @@ def test_steps_per_epoch_rule():
 
 
 def test_class_sorted_dataset_batches_mix_classes(real_sets, tmp_path, ray_local):
-    """prepare writes rows in id order (class folder first: all NORMAL, then all PNEUMONIA);
-    the stream reads several row groups per task from a per-pass permutation and shuffles them,
-    so the unlabeled batches mix classes, and the row-group order changes between passes."""
+    """A dataset stored in id order (class folder first: all NORMAL, then all PNEUMONIA; what
+    multimix prepare wrote before it stored rows in hashed order): the row_groups reader reads
+    several row groups per task from a per-pass permutation and shuffles them, so the unlabeled
+    batches still mix classes, and the row-group order changes between passes."""
     rows = sorted(real_sets["cls_rows"].values(), key=lambda r: r["id"])  # class-sorted
     uri = write_dataset(str(tmp_path / "sorted"), rows, "cls", SIZE, shards=2, row_group_rows=4)
-    cfg = _cfg(uri, data={"unlabeled_batch": 8}, model={"variant": "enc-ssl"})
+    cfg = _cfg(uri, data={"unlabeled_batch": 8, "reader": "row_groups"},
+               model={"variant": "enc-ssl"})
     ids = [r["id"] for r in rows]
     pool = P.load_labeled_pool(uri, ids[:2], cfg)
     assert ids == sorted(ids) and ids[0].startswith("NORMAL/") and ids[-1].startswith("PNEUMONIA/")
@@ -208,3 +223,63 @@ def test_class_sorted_dataset_batches_mix_classes(real_sets, tmp_path, ray_local
     # the row groups a task reads: a seeded permutation, new every pass
     a = P._task_groups(0, 20, 4, 0, 0, "unl_cls")
     assert a == P._task_groups(0, 20, 4, 0, 0, "unl_cls") != P._task_groups(0, 20, 4, 0, 1, "unl_cls")
+
+
+def test_read_parquet_is_fused_mixes_classes_and_reshuffles(real_sets, tmp_path, ray_local,
+                                                             caplog):
+    """The default reader: ``ray.data.read_parquet`` fused with the decode/augment map into one
+    task per read unit, split into several read units (row groups, not one task for the whole
+    set); on prepare's hashed row order its batches mix classes and change between passes;
+    a dataset in the old id order is named in a warning."""
+    rows = _hash_order(real_sets["cls_rows"].values())
+    uri = write_dataset(str(tmp_path / "hashed"), rows, "cls", SIZE, shards=2, row_group_rows=8)
+    cfg = _cfg(uri, data={"unlabeled_batch": 8, "reader": "read_parquet"},
+               model={"variant": "enc-ssl"})
+    ids = [r["id"] for r in rows]
+    pool = P.load_labeled_pool(uri, ids[:2], cfg)
+    state = P.create_state()
+    ds = P.stream_dataset(uri, ids, cfg, mode="pair", stream="unl_cls", state=state, debug=True)
+    shard = ds.streaming_split(1, equal=True)[0]
+    classes = lambda b: {i.split("/")[0] for i in b["unl_id"]}  # noqa: E731
+    epochs = []
+    for epoch in range(2):
+        batches = list(P.TrainBatches(cfg, {"unl_cls": shard}, pool, None, 0, 1, epoch,
+                                      state=state, steps_per_epoch=len(ids) // 8))
+        mixed = [len(classes(b)) == 2 for b in batches]
+        assert sum(mixed) >= len(mixed) - 1, [sorted(b["unl_id"]) for b in batches]
+        epochs.append([i for b in batches for i in b["unl_id"]])
+        assert len(set(epochs[-1])) == len(epochs[-1])  # one pass: no row twice
+    assert epochs[0] != epochs[1]
+    # fused read → map, several tasks (a direct iteration exposes the operator stats)
+    P.stream_dataset(uri, ids, cfg, mode="pair", stream="unl_cls").materialize()
+    plain = P.stream_dataset(uri, ids, cfg, mode="pair", stream="unl_cls")
+    assert sum(len(b["unl_weak"]) for b in plain.iter_batches(batch_size=None)) == len(ids)
+    ops = [ln for ln in plain.stats().splitlines() if ln.startswith("Operator")]
+    fused = [ln for ln in ops if "Read" in ln and "->MapBatches(_block_map_fn)" in ln]
+    assert fused, ops
+    assert int(fused[0].split(":")[1].split("tasks executed")[0]) >= 2, fused
+
+    sorted_rows = sorted(rows, key=lambda r: r["id"])
+    old = write_dataset(str(tmp_path / "id-order"), sorted_rows, "cls", SIZE)
+    with caplog.at_level("WARNING", logger="multimix.data.pipeline"):
+        P.stream_dataset(old, None, cfg, mode="pair")
+    assert "id-order" in caplog.text and "data.reader=row_groups" in caplog.text
+
+
+def test_block_target_below_one_yield():
+    """Ray Data merges a task's yielded blocks up to ``target_max_block_size`` (128 MiB by
+    default), which held each task's output back until it ended; the pipeline lowers it below
+    one yielded block, and never raises a smaller value the user set."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.target_max_block_size
+    try:
+        ctx.target_max_block_size = 128 << 20
+        P.configure_data_context(image_size=256)
+        assert ctx.target_max_block_size < P.block_bytes(256) <= 2 * ctx.target_max_block_size
+        ctx.target_max_block_size = 1 << 20
+        P.configure_data_context(image_size=256)
+        assert ctx.target_max_block_size == 1 << 20
+    finally:
+        ctx.target_max_block_size = saved

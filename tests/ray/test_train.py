@@ -51,8 +51,9 @@ def test_train_evaluate_predict_real_data(ray_local, kermany_prepared, v7_prepar
     from multimix.cli import main
     from multimix.train import train
 
+    # the default reader (ray.data.read_parquet; cpu-small picks row_groups), on 2 DDP workers
     cfg = _cfg(tmp_path, kermany_prepared, v7_prepared, "real",
-               "data.cls_labeled=100", "data.seg_labeled=10")
+               "data.cls_labeled=100", "data.seg_labeled=10", "data.reader=read_parquet")
     result = train(cfg)
 
     # every epoch reported, validated on both tasks, checkpointed
