@@ -13,13 +13,17 @@ at ``../shared/data``, else synthetic phantoms), at ``--size`` (256 by default):
    pipeline can do, since every row must be decoded); ``decode_ms_per_img``: decode alone;
 4. ``object_store_put_ms_per_img``: ``ray.put`` of one output block (both views), per row;
    ``e2e_img_per_s_per_core``: the Ray Data pipeline read Parquet → decode → augment → batches
-   from a temporary local, id-sorted Parquet set, consumed through ``streaming_split`` with the
-   local shuffle buffer as a Train worker does: rows/s divided by the CPUs the pipeline used
-   (wall time: other load on the machine lowers it); ``e2e_img_per_cpu_s``: rows per CPU-second
-   that this process and its Ray processes actually used (robust to other load);
-   ``e2e_s3_*`` the same from an S3 server when ``--s3-endpoint`` is given;
+   with the default reader (``data.reader=read_parquet``) from a temporary local Parquet set
+   in ``multimix prepare``'s row order, consumed through ``streaming_split`` with the local
+   shuffle buffer as a Train worker does: rows/s divided by the CPUs the pipeline used (wall
+   time: other load on the machine lowers it); ``e2e_img_per_cpu_s``: rows per CPU-second that
+   this process and its Ray processes actually used (robust to other load);
+   ``e2e_first_batch_s``: median seconds from the start of a pass to its first batch (the
+   per-pass start-up: for read_parquet, Ray's file listing); ``e2e_row_groups_*``: the same
+   with ``data.reader=row_groups``; ``e2e_s3_*`` the same from an S3 server when
+   ``--s3-endpoint`` is given;
 5. ``e2e_vs_bare`` = e2e / 1, ``e2e_vs_decode_augment`` = e2e / 3 (wall), and
-   ``e2e_cpu_s_vs_decode_augment`` (CPU-time based).
+   ``e2e_cpu_s_vs_decode_augment`` (CPU-time based); ``e2e_row_groups_vs_bare``.
 
 The helpers that write small prepared datasets (DESIGN §1) live here too; tests use them.
 """
@@ -44,8 +48,9 @@ def write_dataset(root: str, rows: list[dict], task: str, size: int, shards: int
                   row_group_rows: int | None = None) -> str:
     """rows: dicts with id, image (uint8 HxW), and label (cls) or mask/ignore (seg) arrays, or
     ``image_bytes`` to store raw bytes (e.g. a corrupt PNG). Rows are written in the given order
-    in ``row_group_rows``-row groups (default: what ``multimix prepare`` writes)."""
-    from multimix.data.prepare import ROW_GROUP_ROWS
+    in ``row_group_rows``-row groups (default: what ``multimix prepare`` writes); the manifest
+    records ``row_order`` when that order is :func:`~multimix.data.prepare.row_order_key`'s."""
+    from multimix.data.prepare import ROW_GROUP_ROWS, ROW_ORDER, row_order_key
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -76,6 +81,8 @@ def write_dataset(root: str, rows: list[dict], task: str, size: int, shards: int
                        os.path.join(root, name), row_group_size=row_group_rows or ROW_GROUP_ROWS)
         names.append(name)
     manifest = {"format": "multimix-prepared/1", "num_rows": len(recs), "image_size": size,
+                **({"row_order": ROW_ORDER} if [r["id"] for r in rows] == sorted(
+                    (r["id"] for r in rows), key=row_order_key) else {}),
                 "source": "test", "task": task, "shards": names, "skipped": 0,
                 "duplicate_groups": [], "report": "report.json", "parameters": {},
                 "created": "2026-01-01T00:00:00"}
@@ -184,7 +191,11 @@ def _cpu_rate(fn, n_items: int, reps: int) -> float:
 
 def _tree_cpu_s() -> float:
     """CPU seconds used so far by this process and all its descendants (the local Ray cluster
-    it started: GCS, raylet, workers), read from /proc (0.0 where there is no /proc)."""
+    it started: GCS, raylet, workers), read from /proc (0.0 where there is no /proc).
+
+    Each live process counts its own time plus that of its children that have exited and been
+    waited for (``cutime``/``cstime``): processes that end during a measurement (Ray kills the
+    Parquet footer-reader actors after every pass) stay counted instead of vanishing."""
     try:
         tick = os.sysconf("SC_CLK_TCK")
         parent: dict = {}
@@ -198,7 +209,7 @@ def _tree_cpu_s() -> float:
             except OSError:
                 continue
             parent[int(d)] = int(st[1])
-            cpu[int(d)] = (int(st[11]) + int(st[12])) / tick  # utime + stime
+            cpu[int(d)] = sum(int(x) for x in st[11:15]) / tick  # u/s time + reaped children
     except (OSError, ValueError, AttributeError):
         return 0.0
     me, total = os.getpid(), 0.0
@@ -211,11 +222,13 @@ def _tree_cpu_s() -> float:
     return total
 
 
-def _e2e(uri: str, ids: list[str], cfg, passes: int, cpus: int) -> tuple[float, float]:
-    """(rows/s/CPU of wall time, rows per CPU-second used by the driver + Ray processes)."""
+def _e2e(uri: str, ids: list[str], cfg, passes: int, cpus: int) -> dict:
+    """``cfg.data.reader``'s stream, consumed as a Train worker does: ``wall`` rows/s/CPU,
+    ``cpu`` rows per CPU-second used by the driver + Ray processes, ``first_batch_s`` (median
+    seconds from the start of a pass to its first batch: the per-pass start-up cost)."""
     from multimix.data import pipeline as P
 
-    P.configure_data_context()
+    P.configure_data_context(image_size=cfg.data.image_size)
     ds = P.stream_dataset(uri, ids, cfg, mode="pair", stream="unl_cls")
     it = ds.streaming_split(1, equal=True)[0]  # what a Train worker iterates
     b = cfg.data.unlabeled_batch
@@ -224,12 +237,34 @@ def _e2e(uri: str, ids: list[str], cfg, passes: int, cpus: int) -> tuple[float, 
     for _ in it.iter_batches(**kw):  # warm-up pass (worker processes, imports)
         pass
     c0, t0 = _tree_cpu_s(), time.perf_counter()
-    rows = 0
+    rows, firsts = 0, []
     for _ in range(passes):
+        p0, first = time.perf_counter(), True
         for batch in it.iter_batches(**kw):
+            if first:
+                firsts.append(time.perf_counter() - p0)
+                first = False
             rows += len(batch["unl_weak"])
     wall, cpu_s = time.perf_counter() - t0, _tree_cpu_s() - c0
-    return rows / wall / cpus, (rows / cpu_s if cpu_s > 0 else float("nan"))
+    return {"wall": rows / wall / cpus, "cpu": rows / cpu_s if cpu_s > 0 else float("nan"),
+            "first_batch_s": float(np.median(firsts)) if firsts else float("nan")}
+
+
+def _reader_cfg(cfg, reader: str):
+    import dataclasses
+
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, reader=reader))
+
+
+#: the readers ``bench data`` measures end to end; the first is the default (data.reader)
+_READERS = ("read_parquet", "row_groups")
+
+
+def _e2e_fields(out: dict, res: dict, reader: str, where: str) -> None:
+    tag = "" if reader == _READERS[0] else f"_{reader}"
+    out[f"e2e{where}{tag}_img_per_s_per_core"] = round(res["wall"], 1)
+    out[f"e2e{where}{tag}_img_per_cpu_s"] = round(res["cpu"], 1)
+    out[f"e2e{where}{tag}_first_batch_s"] = round(res["first_batch_s"], 2)
 
 
 def _put_ms_per_row(size: int) -> float:
@@ -256,6 +291,7 @@ def run(args) -> int:
     from multimix.data.allocator import keep_freed_memory
     from multimix.data.augment import Augmenter, paper_pair, row_keys
     from multimix.data.images import decode_png, encode_png
+    from multimix.data.prepare import row_order_key
 
     tuned = False if args.no_malloc_tuning else keep_freed_memory()
     imgs, rows, source = _images(args)
@@ -313,21 +349,21 @@ def run(args) -> int:
                     "scaling": {"data_cpus_per_task": 1.0, "data_concurrency": cpus}}
             e2e_rows = [dict(r, id=f"{r['id']}#{k}") for k in range(max(1, -(-args.e2e_rows // n)))
                         for r in rows][: max(args.e2e_rows, 1)]
-            e2e_rows.sort(key=lambda r: r["id"])  # id order, as multimix prepare writes
+            e2e_rows.sort(key=lambda r: row_order_key(r["id"]))  # as multimix prepare writes
             ids = [r["id"] for r in e2e_rows]
             with tempfile.TemporaryDirectory(prefix="mm-bench-") as tmp:
                 uri = write_dataset(os.path.join(tmp, "cls"), e2e_rows, "cls", size,
                                     shards=max(2, cpus))
                 cfg = load_config(None, over)
-                wall, per_cpu_s = _e2e(uri, ids, cfg, args.e2e_passes, cpus)
-                out["e2e_img_per_s_per_core"] = round(wall, 1)
+                for reader in _READERS:
+                    _e2e_fields(out, _e2e(uri, ids, _reader_cfg(cfg, reader), args.e2e_passes,
+                                          cpus), reader, "")
                 out["object_store_put_ms_per_img"] = round(_put_ms_per_row(size), 3)
-                out["e2e_img_per_cpu_s"] = round(per_cpu_s, 1)
                 out["e2e_cpus"] = cpus
                 if args.s3_endpoint:
-                    s3_wall, s3_cpu = _s3_e2e(args, uri, ids, over, cpus)
-                    out["e2e_s3_img_per_s_per_core"] = round(s3_wall, 1)
-                    out["e2e_s3_img_per_cpu_s"] = round(s3_cpu, 1)
+                    for reader in _READERS:
+                        _e2e_fields(out, _s3_e2e(args, uri, ids, over, cpus, reader), reader,
+                                    "_s3")
                 else:
                     out["e2e_s3"] = "skipped: no --s3-endpoint given"
         finally:
@@ -337,6 +373,7 @@ def run(args) -> int:
         out["e2e_vs_bare"] = round(e2e / ours, 3)
         out["e2e_vs_decode_augment"] = round(e2e / dec, 3)
         out["e2e_cpu_s_vs_decode_augment"] = round(out["e2e_img_per_cpu_s"] / dec, 3)
+        out["e2e_row_groups_vs_bare"] = round(out["e2e_row_groups_img_per_s_per_core"] / ours, 3)
     if args.json:
         print(json.dumps(out))
     else:
@@ -351,15 +388,17 @@ _LABELS = {
     "decode_augment_img_per_s_per_core": "PNG decode + fast pair, in-process",
     "decode_ms_per_img": "PNG decode alone (ms/img)",
     "png_kb_per_img": "stored PNG size (KB/img)",
-    "e2e_img_per_s_per_core": "e2e Ray Data, local (img/s / CPUs, wall)",
-    "e2e_img_per_cpu_s": "e2e Ray Data, local (img per CPU-s used)",
     "object_store_put_ms_per_img": "object-store put of an output block (ms/img)",
-    "e2e_s3_img_per_s_per_core": "e2e Ray Data, S3 (img/s / CPUs, wall)",
-    "e2e_s3_img_per_cpu_s": "e2e Ray Data, S3 (img per CPU-s used)",
-    "e2e_vs_bare": "e2e (wall) / bare augmentation",
-    "e2e_vs_decode_augment": "e2e (wall) / decode + augment",
-    "e2e_cpu_s_vs_decode_augment": "e2e (CPU-s) / decode + augment",
+    "e2e_vs_bare": "e2e read_parquet (wall) / bare augmentation",
+    "e2e_vs_decode_augment": "e2e read_parquet (wall) / decode + augment",
+    "e2e_cpu_s_vs_decode_augment": "e2e read_parquet (CPU-s) / decode + augment",
+    "e2e_row_groups_vs_bare": "e2e row_groups (wall) / bare augmentation",
 }
+for _where, _w in (("", "local"), ("_s3", "S3")):
+    for _tag, _r in (("", "read_parquet"), ("_row_groups", "row_groups")):
+        _LABELS[f"e2e{_where}{_tag}_img_per_s_per_core"] = f"e2e {_r}, {_w} (img/s / CPUs, wall)"
+        _LABELS[f"e2e{_where}{_tag}_img_per_cpu_s"] = f"e2e {_r}, {_w} (img per CPU-s used)"
+        _LABELS[f"e2e{_where}{_tag}_first_batch_s"] = f"e2e {_r}, {_w}: pass start → 1st batch (s)"
 
 
 def _table(out: dict) -> None:
@@ -371,7 +410,7 @@ def _table(out: dict) -> None:
         print(f"  {_LABELS.get(k, k):44s} {v}")
 
 
-def _s3_e2e(args, local_uri: str, ids, over: dict, cpus: int) -> tuple[float, float]:
+def _s3_e2e(args, local_uri: str, ids, over: dict, cpus: int, reader: str) -> dict:
     import pyarrow.fs as pafs
 
     from multimix.config import load_config
@@ -388,9 +427,8 @@ def _s3_e2e(args, local_uri: str, ids, over: dict, cpus: int) -> tuple[float, fl
         pafs.copy_files(local_uri, path, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=fs)
     try:
-        return _e2e(uri, ids, load_config(None, {**over, "storage": st,
-                                                 "data": {**over["data"], "cls_data": uri}}),
-                    args.e2e_passes, cpus)
+        return _e2e(uri, ids, load_config(None, {**over, "storage": st, "data": {
+            **over["data"], "cls_data": uri, "reader": reader}}), args.e2e_passes, cpus)
     finally:
         storage.delete_dir(uri, cfg.storage)
 
