@@ -649,7 +649,7 @@ class _Cycler:
 
             ray.get(self.state.set_pass.remote(self.stream,
                                                self.epoch * _PASS_STRIDE + self.restart))
-        # The tasks already shuffle rows across several row groups; this buffer (a few hundred
+        # The tasks already shuffle the rows of their read unit; this buffer (a few hundred
         # rows: ~32 MB of pairs at 256²) also mixes the blocks of concurrent tasks.
         self.it = iter(self.shard.iter_batches(
             batch_size=self.b, batch_format="numpy", prefetch_batches=4,
