@@ -10,7 +10,8 @@ at ``../shared/data``, else synthetic phantoms), at ``--size`` (256 by default):
    ``ratio``: the median over the reps of 1 / 2, each rep timing both back to back (this
    VM's speed drifts by up to 2x between runs; the back-to-back ratio is far steadier);
 3. ``decode_augment_img_per_s_per_core``: PNG decode + fast pair in-process (the best a data
-   pipeline can do, since every row must be decoded); ``decode_ms_per_img``: decode alone;
+   pipeline can do, since every row must be decoded); ``decode_ms_per_img``: decode alone, of
+   PNGs stored at ``--png-level`` (default: ``multimix prepare``'s, 0 = uncompressed);
 4. ``object_store_put_ms_per_img``: ``ray.put`` of one output block (both views), per row;
    ``e2e_img_per_s_per_core``: the Ray Data pipeline read Parquet → decode → augment → batches
    with the default reader (``data.reader=read_parquet``) from a temporary local Parquet set
@@ -45,28 +46,32 @@ import numpy as np
 
 
 def write_dataset(root: str, rows: list[dict], task: str, size: int, shards: int = 2,
-                  row_group_rows: int | None = None) -> str:
+                  row_group_rows: int | None = None, png_level: int | None = None) -> str:
     """rows: dicts with id, image (uint8 HxW), and label (cls) or mask/ignore (seg) arrays, or
     ``image_bytes`` to store raw bytes (e.g. a corrupt PNG). Rows are written in the given order
-    in ``row_group_rows``-row groups (default: what ``multimix prepare`` writes); the manifest
-    records ``row_order`` when that order is :func:`~multimix.data.prepare.row_order_key`'s."""
-    from multimix.data.prepare import ROW_GROUP_ROWS, ROW_ORDER, row_order_key
+    in ``row_group_rows``-row groups, images at zlib level ``png_level`` (defaults: what
+    ``multimix prepare`` writes); the manifest records ``row_order`` when that order is
+    :func:`~multimix.data.prepare.row_order_key`'s."""
+    from multimix.data.prepare import COMPRESSION, ROW_GROUP_ROWS, ROW_ORDER, row_order_key
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from multimix.data.images import encode_png
+    from multimix.data.images import IMAGE_PNG_LEVEL, MASK_PNG_LEVEL, encode_png
 
+    level = IMAGE_PNG_LEVEL if png_level is None else png_level
     os.makedirs(os.path.join(root, "data"), exist_ok=True)
     recs = []
     for r in rows:
         img = r.get("image_bytes")
         if img is None:
-            img = encode_png(r["image"])
+            img = encode_png(r["image"], level)
         recs.append({
             "id": r["id"], "source": "test", "task": task, "image": img,
-            "mask": encode_png(r["mask"] * 255) if r.get("mask") is not None else None,
-            "ignore": encode_png(r["ignore"] * 255) if r.get("ignore") is not None else None,
+            "mask": (encode_png(r["mask"] * 255, MASK_PNG_LEVEL)
+                     if r.get("mask") is not None else None),
+            "ignore": (encode_png(r["ignore"] * 255, MASK_PNG_LEVEL)
+                       if r.get("ignore") is not None else None),
             "label": r.get("label"), "hash": r["id"], "path": r["id"],
             "orig_height": size, "orig_width": size,
         })
@@ -78,7 +83,8 @@ def write_dataset(root: str, rows: list[dict], task: str, size: int, shards: int
     for k, part in enumerate(np.array_split(np.arange(len(recs)), shards)):
         name = f"data/part-{k:05d}.parquet"
         pq.write_table(pa.Table.from_pylist([recs[i] for i in part], schema=schema),
-                       os.path.join(root, name), row_group_size=row_group_rows or ROW_GROUP_ROWS)
+                       os.path.join(root, name), row_group_size=row_group_rows or ROW_GROUP_ROWS,
+                       compression={n: COMPRESSION.get(n, "SNAPPY") for n in schema.names})
         names.append(name)
     manifest = {"format": "multimix-prepared/1", "num_rows": len(recs), "image_size": size,
                 **({"row_order": ROW_ORDER} if [r["id"] for r in rows] == sorted(
@@ -152,6 +158,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--e2e-passes", type=int, default=2, help="timed passes over the e2e set")
     p.add_argument("--e2e-rows", type=int, default=2048,
                    help="rows of the e2e Parquet set (the images repeated under new ids)")
+    p.add_argument("--png-level", type=int, default=None, choices=range(10), metavar="0-9",
+                   help="zlib level of the stored images (default: multimix prepare's, 0)")
     p.add_argument("--no-e2e", action="store_true", help="skip the Ray Data measurements")
     p.add_argument("--cpus", type=int, default=None,
                    help="CPUs for the Ray Data pipeline (default: all of this machine)")
@@ -189,13 +197,13 @@ def _cpu_rate(fn, n_items: int, reps: int) -> float:
     return n_items / max(best, 1e-9)
 
 
-def _tree_cpu_s() -> float:
-    """CPU seconds used so far by this process and all its descendants (the local Ray cluster
-    it started: GCS, raylet, workers), read from /proc (0.0 where there is no /proc).
+def _tree_cpu() -> dict:
+    """``{pid: CPU seconds}`` of this process and all its descendants (the local Ray cluster
+    it started: GCS, raylet, workers), read from /proc (empty where there is no /proc).
 
-    Each live process counts its own time plus that of its children that have exited and been
-    waited for (``cutime``/``cstime``): processes that end during a measurement (Ray kills the
-    Parquet footer-reader actors after every pass) stay counted instead of vanishing."""
+    Each process counts its own time plus that of its children that have exited and been
+    waited for (``cutime``/``cstime``), so processes that end during a measurement (Ray kills
+    the Parquet footer-reader actors after every pass) stay counted in their parent."""
     try:
         tick = os.sysconf("SC_CLK_TCK")
         parent: dict = {}
@@ -211,15 +219,22 @@ def _tree_cpu_s() -> float:
             parent[int(d)] = int(st[1])
             cpu[int(d)] = sum(int(x) for x in st[11:15]) / tick  # u/s time + reaped children
     except (OSError, ValueError, AttributeError):
-        return 0.0
-    me, total = os.getpid(), 0.0
+        return {}
+    me, out = os.getpid(), {}
     for pid in cpu:
         p, seen = pid, 0
         while p and p != me and seen < 64:
             p, seen = parent.get(p, 0), seen + 1
         if p == me:
-            total += cpu[pid]
-    return total
+            out[pid] = cpu[pid]
+    return out
+
+
+def _cpu_used(before: dict, after: dict) -> float:
+    """CPU seconds the process tree used between two :func:`_tree_cpu` snapshots: the growth
+    of every process alive at the end (new ones from zero). A process that ended and was not
+    reaped inside the tree drops out (an undercount, never a negative total)."""
+    return sum(max(0.0, c - before.get(pid, 0.0)) for pid, c in after.items())
 
 
 def _e2e(uri: str, ids: list[str], cfg, passes: int, cpus: int) -> dict:
@@ -236,7 +251,7 @@ def _e2e(uri: str, ids: list[str], cfg, passes: int, cpus: int) -> dict:
               local_shuffle_buffer_size=max(8 * b, P.SHUFFLE_ROWS), local_shuffle_seed=0)
     for _ in it.iter_batches(**kw):  # warm-up pass (worker processes, imports)
         pass
-    c0, t0 = _tree_cpu_s(), time.perf_counter()
+    c0, t0 = _tree_cpu(), time.perf_counter()
     rows, firsts = 0, []
     for _ in range(passes):
         p0, first = time.perf_counter(), True
@@ -245,7 +260,7 @@ def _e2e(uri: str, ids: list[str], cfg, passes: int, cpus: int) -> dict:
                 firsts.append(time.perf_counter() - p0)
                 first = False
             rows += len(batch["unl_weak"])
-    wall, cpu_s = time.perf_counter() - t0, _tree_cpu_s() - c0
+    wall, cpu_s = time.perf_counter() - t0, _cpu_used(c0, _tree_cpu())
     return {"wall": rows / wall / cpus, "cpu": rows / cpu_s if cpu_s > 0 else float("nan"),
             "first_batch_s": float(np.median(firsts)) if firsts else float("nan")}
 
@@ -290,9 +305,11 @@ def run(args) -> int:
     from multimix.config import load_config
     from multimix.data.allocator import keep_freed_memory
     from multimix.data.augment import Augmenter, paper_pair, row_keys
-    from multimix.data.images import decode_png, encode_png
+    from multimix.data.images import IMAGE_PNG_LEVEL, decode_png, encode_png
     from multimix.data.prepare import row_order_key
 
+    if args.png_level is None:
+        args.png_level = IMAGE_PNG_LEVEL
     tuned = False if args.no_malloc_tuning else keep_freed_memory()
     imgs, rows, source = _images(args)
     n, size = len(imgs), args.size
@@ -310,7 +327,7 @@ def run(args) -> int:
         for i in range(n):
             paper_pair(imgs[i], rng)
 
-    pngs = [encode_png(im) for im in imgs]
+    pngs = [encode_png(im, args.png_level) for im in imgs]
 
     def decode_fast():
         for j in range(0, n, b):
@@ -332,6 +349,7 @@ def run(args) -> int:
         "ratio": round(float(np.median(ratios)), 2),
         "decode_augment_img_per_s_per_core": round(dec, 1),
         "decode_ms_per_img": round(1e3 / dec_only, 3),
+        "png_level": args.png_level,
         "png_kb_per_img": round(sum(len(x) for x in pngs) / n / 1024, 1),
     }
     if not args.no_e2e:
@@ -353,7 +371,7 @@ def run(args) -> int:
             ids = [r["id"] for r in e2e_rows]
             with tempfile.TemporaryDirectory(prefix="mm-bench-") as tmp:
                 uri = write_dataset(os.path.join(tmp, "cls"), e2e_rows, "cls", size,
-                                    shards=max(2, cpus))
+                                    shards=max(2, cpus), png_level=args.png_level)
                 cfg = load_config(None, over)
                 for reader in _READERS:
                     _e2e_fields(out, _e2e(uri, ids, _reader_cfg(cfg, reader), args.e2e_passes,
@@ -387,6 +405,7 @@ _LABELS = {
     "ratio": "fast / paper",
     "decode_augment_img_per_s_per_core": "PNG decode + fast pair, in-process",
     "decode_ms_per_img": "PNG decode alone (ms/img)",
+    "png_level": "zlib level of the stored images",
     "png_kb_per_img": "stored PNG size (KB/img)",
     "object_store_put_ms_per_img": "object-store put of an output block (ms/img)",
     "e2e_vs_bare": "e2e read_parquet (wall) / bare augmentation",

@@ -202,6 +202,39 @@ def block_bytes(size: int) -> int:
 # the map function (runs in Ray Data tasks)
 
 
+def binary_cells(col) -> list:
+    """An Arrow binary column (``Array`` or ``ChunkedArray``) → one value per row: a zero-copy
+    ``memoryview`` into the column's data buffer, or ``None`` for a null.
+
+    Stands in for ``col.to_pylist()`` / ``take`` + ``to_pylist`` (both copy every image into a
+    new ``bytes``; a chunked ``take`` first concatenates all chunks): the decoder reads the
+    stored PNG where Arrow put it. The views keep the Arrow buffers alive. Columns of another
+    type (e.g. all-null, binary views) fall back to ``to_pylist()``.
+    """
+    import pyarrow as pa
+
+    out: list = []
+    for arr in (col.chunks if isinstance(col, pa.ChunkedArray) else [col]):
+        t = arr.type
+        if not (pa.types.is_binary(t) or pa.types.is_large_binary(t)):
+            out.extend(arr.to_pylist())
+            continue
+        n = len(arr)
+        if not n:
+            continue
+        _, offs, data = arr.buffers()[:3]
+        width = 8 if pa.types.is_large_binary(t) else 4
+        offsets = np.frombuffer(offs, np.int64 if width == 8 else np.int32, count=n + 1,
+                                offset=arr.offset * width).tolist()
+        mv = memoryview(data if data is not None else b"").cast("B")  # Arrow exports "b"
+        cells = [mv[offsets[i]:offsets[i + 1]] for i in range(n)]
+        if arr.null_count:
+            for i in np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False)).tolist():
+                cells[i] = None
+        out.extend(cells)
+    return out
+
+
 def _decode_rows(batch: Mapping[str, Any], size: int, columns: Sequence[str],
                  keep: Optional[frozenset]) -> tuple[list, dict, list]:
     """Decode the PNG columns of the rows to keep; returns (ids, arrays, skipped [(id, why)]).
@@ -379,7 +412,7 @@ def _read_parquet_dataset(uri: str, fs, paths: list, manifest: dict, cfg, common
             paths, filesystem=fs, shuffle=ray.data.FileShuffleConfig(seed=seed), **read_kwargs)
     ds = ds.select_columns(common["columns"])
     return ds.map_batches(partial(_block_map_fn, **common), batch_size=None,
-                          batch_format="numpy", zero_copy_batch=True, **kwargs)
+                          batch_format="pyarrow", zero_copy_batch=True, **kwargs)
 
 
 class _env_defaults:
@@ -397,25 +430,29 @@ class _env_defaults:
 
 
 def _block_map_fn(batch, *, columns, batch_size, state, stream, epoch, seed, keep, **kw):
-    """One block from ``read_parquet`` → shuffled, decoded, augmented blocks of
-    ``batch_size`` rows (generator UDF)."""
+    """One ``pyarrow.Table`` block from ``read_parquet`` → shuffled, decoded, augmented
+    blocks of ``batch_size`` rows (generator UDF). The PNGs are read in place
+    (:func:`binary_cells`), not copied into Python ``bytes``."""
     from multimix.data.allocator import keep_freed_memory
 
     keep_freed_memory()  # once per worker process: reuse freed block memory (see allocator.py)
-    ids = batch["id"]
+    ids = [v if isinstance(v, str) else str(v) for v in batch.column("id").to_pylist()]
     sel = np.arange(len(ids))
     if keep is not None:
         sel = np.flatnonzero([v in keep for v in ids])
     if not len(sel):
         return
+    cells = {c: binary_cells(batch.column(c)) for c in columns
+             if c != "id" and c in batch.column_names}
     pass_no = _current_pass(state, stream, epoch)
-    first = str(ids[sel[0]])
-    order = sel[np.random.default_rng([seed, pass_no, zlib.crc32(first.encode()), 13]
-                                      ).permutation(len(sel))]
+    order = sel[np.random.default_rng([seed, pass_no, zlib.crc32(ids[sel[0]].encode()), 13]
+                                      ).permutation(len(sel))].tolist()
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        yield _map_fn({c: batch[c][idx] for c in columns}, stream=stream, seed=seed, keep=None,
-                      state=state, epoch=epoch, pass_no=pass_no, **kw)
+        sub = {c: [v[i] for i in idx] for c, v in cells.items()}
+        sub["id"] = [ids[i] for i in idx]
+        yield _map_fn(sub, stream=stream, seed=seed, keep=None, state=state, epoch=epoch,
+                      pass_no=pass_no, **kw)
 
 
 def _row_group_dataset(uri: str, fs, paths: list, cfg, common: dict):
@@ -496,11 +533,13 @@ def _read_map_fn(items, *, fs, groups, per_task, columns, batch_size, state, str
         if not tables:
             continue
         table = pa.concat_tables(tables)
-        order = np.random.default_rng([seed, pass_no, int(slot), 11]).permutation(table.num_rows)
-        cols = {c: table.column(c) for c in columns}
+        order = np.random.default_rng([seed, pass_no, int(slot), 11]
+                                      ).permutation(table.num_rows).tolist()
+        cells = {c: (table.column(c).to_pylist() if c == "id" else
+                     binary_cells(table.column(c))) for c in columns}
         for s in range(0, table.num_rows, batch_size):
-            idx = pa.array(order[s:s + batch_size])
-            batch = {c: col.take(idx).to_pylist() for c, col in cols.items()}
+            idx = order[s:s + batch_size]
+            batch = {c: [v[i] for i in idx] for c, v in cells.items()}
             yield _map_fn(batch, stream=stream, seed=seed, keep=None, state=state,
                           epoch=epoch, pass_no=pass_no, **kw)
 

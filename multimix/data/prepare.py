@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 from multimix import __version__
 from multimix.config import StorageConfig
 from multimix.data import storage
-from multimix.data.images import encode_png, load_grey, resize_image, resize_mask
+from multimix.data.images import (IMAGE_PNG_LEVEL, MASK_PNG_LEVEL, encode_png, load_grey,
+                                   resize_image, resize_mask)
 from multimix.data.sources import LAYOUTS, Record, Source, discover
 from multimix.errors import DataError, UserError
 
@@ -71,6 +72,11 @@ SCHEMA = pa.schema([
     pa.field("orig_height", pa.int32(), nullable=False),
     pa.field("orig_width", pa.int32(), nullable=False),
 ])
+
+#: Parquet compression per column. The PNG columns are stored as they are: compressed PNGs do
+#: not shrink further, and on uncompressed ones (``png_level`` 0) Snappy saves 11 % but costs
+#: 3x the read time (0.11 against 0.036 ms per 256² image, measured here).
+COMPRESSION = {n: ("NONE" if n in ("image", "mask", "ignore") else "SNAPPY") for n in SCHEMA.names}
 
 _CHUNK = 32  # records per pool task
 
@@ -213,11 +219,8 @@ class DatasetWriter:
             if isinstance(self.fs, pafs.LocalFileSystem):
                 self.fs.create_dir(f"{self.root}/data", recursive=True)
             with self.fs.open_output_stream(f"{self.root}/{rel}") as f:
-                # PNG bytes do not compress further: store them as is
                 pq.write_table(table, f, row_group_size=ROW_GROUP_ROWS,
-                               compression={n: ("NONE" if n in ("image", "mask", "ignore")
-                                                else "SNAPPY") for n in SCHEMA.names},
-                               use_dictionary=["source", "task"])
+                               compression=COMPRESSION, use_dictionary=["source", "task"])
         self.shards.append(rel)
         self._buf, self._buf_bytes = [], 0
 
@@ -325,8 +328,9 @@ def _load(fs, path: str, rel: str, what: str) -> tuple[Optional[bytes], Optional
 
 
 def process_record(rec: Record, image_size: int, source: str, task: str,
-                   fs: pafs.FileSystem) -> tuple[str, dict]:
-    """Decode, check, resize and encode one record.
+                   fs: pafs.FileSystem, png_level: int = IMAGE_PNG_LEVEL) -> tuple[str, dict]:
+    """Decode, check, resize and encode one record (the image at zlib level ``png_level``,
+    masks at :data:`~multimix.data.images.MASK_PNG_LEVEL`).
 
     Returns ``("row", row_dict)`` or ``("skip", {"path", "reason"})``.
     """
@@ -336,7 +340,7 @@ def process_record(rec: Record, image_size: int, source: str, task: str,
     h, w = img.shape
     row = {
         "id": rec.id, "source": source, "task": task,
-        "image": encode_png(resize_image(img, image_size)), "mask": None, "ignore": None,
+        "image": encode_png(resize_image(img, image_size), png_level), "mask": None, "ignore": None,
         "label": rec.label, "hash": hashlib.sha256(data).hexdigest(), "path": rec.path,
         "orig_height": h, "orig_width": w,
     }
@@ -351,13 +355,13 @@ def process_record(rec: Record, image_size: int, source: str, task: str,
             return "skip", {"path": rec.path,
                             "reason": f"{kind} {rel} is {m.shape[1]}x{m.shape[0]} but the image "
                                       f"is {w}x{h} (width x height)"}
-        row[kind] = encode_png(resize_mask(m, image_size) * np.uint8(255))
+        row[kind] = encode_png(resize_mask(m, image_size) * np.uint8(255), MASK_PNG_LEVEL)
     return "row", row
 
 
 def _process_chunk(recs: list[Record], image_size: int, source: str,
-                   task: str) -> list[tuple[str, dict]]:
-    return [process_record(r, image_size, source, task, _WORKER_FS) for r in recs]
+                   task: str, png_level: int) -> list[tuple[str, dict]]:
+    return [process_record(r, image_size, source, task, _WORKER_FS, png_level) for r in recs]
 
 
 def default_workers() -> int:
@@ -369,13 +373,14 @@ def default_workers() -> int:
 
 
 def _results(records: list[Record], image_size: int, source: str, task: str,
-             fs: pafs.FileSystem, workers: int) -> Iterator[tuple[str, dict]]:
+             fs: pafs.FileSystem, workers: int,
+             png_level: int = IMAGE_PNG_LEVEL) -> Iterator[tuple[str, dict]]:
     """Process all records; yield results in record order. At most ``4 × workers`` chunks are in
     flight, so memory stays bounded on large sets."""
     chunks = [records[i:i + _CHUNK] for i in range(0, len(records), _CHUNK)]
     if workers <= 1 or len(chunks) <= 1:
         for rec in records:
-            yield process_record(rec, image_size, source, task, fs)
+            yield process_record(rec, image_size, source, task, fs, png_level)
         return
     ctx = multiprocessing.get_context("spawn")  # no fork: the parent may run Ray/S3 threads
     with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx,
@@ -384,7 +389,8 @@ def _results(records: list[Record], image_size: int, source: str, task: str,
         it = iter(chunks)
         try:
             for chunk in it:
-                pending.append(ex.submit(_process_chunk, chunk, image_size, source, task))
+                pending.append(ex.submit(_process_chunk, chunk, image_size, source, task,
+                                         png_level))
                 if len(pending) >= 4 * workers:
                     yield from pending.pop(0).result()
             while pending:
@@ -415,11 +421,16 @@ class _Progress:
 # the entry points
 
 
+def _check_png_level(level) -> None:
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
+        raise UserError(f"--png-level must be an integer from 0 to 9, got {level!r}")
+
+
 def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: int = 256,
             source_name: Optional[str] = None, storage_cfg: Optional[StorageConfig] = None,
             strict: bool = False, split: Optional[str] = None, shard_rows: int = 1000,
             workers: Optional[int] = None, progress: bool = True,
-            overwrite: bool = False) -> dict:
+            overwrite: bool = False, png_level: int = IMAGE_PNG_LEVEL) -> dict:
     """Prepare the dataset at ``source_uri`` (folder or CSV, local or ``s3://``) into ``out_uri``.
 
     Args:
@@ -432,12 +443,16 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
         workers: decoding processes (default: one per available CPU; 1 = in this process).
         progress: print a progress line to stderr every few seconds.
         overwrite: replace an existing prepared dataset at ``out_uri``.
+        png_level: zlib level of the stored images, 0 (default: uncompressed deflate blocks,
+            ~1.4x the bytes of level 1, decoded ~2.6x faster every epoch) to 9. Masks are
+            always stored at level 1 (they compress ~30x).
 
     Returns:
         The manifest (also written to ``out_uri/manifest.json``).
     """
     if image_size < 8:
         raise UserError(f"--size must be >= 8, got {image_size}")
+    _check_png_level(png_level)
     src = discover(source_uri, layout, split=split, name=source_name, storage_cfg=storage_cfg)
     if strict and src.problems:
         p = src.problems[0]
@@ -449,7 +464,8 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
     prog = _Progress(len(src.records), progress, f"prepare {src.name}")
     done = 0
     records = sorted(src.records, key=lambda r: row_order_key(r.id))
-    for kind, item in _results(records, image_size, src.name, src.task, src.fs, workers):
+    for kind, item in _results(records, image_size, src.name, src.task, src.fs, workers,
+                               png_level):
         done += 1
         if kind == "skip":
             if strict:
@@ -462,7 +478,8 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
         prog.update(done, len(skipped))
     prog.update(done, len(skipped), final=True)
     parameters = {"source_uri": source_uri, "layout": src.layout, "split": src.split,
-                  "image_size": image_size, "strict": strict, "shard_rows": shard_rows}
+                  "image_size": image_size, "strict": strict, "shard_rows": shard_rows,
+                  "png_level": png_level}
     return writer.finish(source=src.name, task=src.task, image_size=image_size,
                          classes=src.classes, skipped=skipped, parameters=parameters,
                          ignored_files=src.other_files)
@@ -470,7 +487,8 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
 
 def prepare_demo(out_uri: str, *, n_cls: int = 400, n_seg: int = 100, image_size: int = 64,
                  seed: int = 0, storage_cfg: Optional[StorageConfig] = None,
-                 shard_rows: int = 1000, overwrite: bool = False) -> dict:
+                 shard_rows: int = 1000, overwrite: bool = False,
+                 png_level: int = IMAGE_PNG_LEVEL) -> dict:
     """Write the synthetic demo set: ``<out>/cls`` (NORMAL/PNEUMONIA phantoms) and ``<out>/seg``
     (phantoms with lung masks). Marked ``"synthetic": true``, source ``synthetic-demo``.
 
@@ -479,18 +497,20 @@ def prepare_demo(out_uri: str, *, n_cls: int = 400, n_seg: int = 100, image_size
     """
     from multimix.data import synthetic
 
+    _check_png_level(png_level)
     cls_recs, seg_recs = synthetic.make_demo(n_cls, n_seg, image_size, seed)
     params = {"n_cls": n_cls, "n_seg": n_seg, "image_size": image_size, "seed": seed,
-              "generator": "multimix.data.synthetic.make_demo"}
+              "generator": "multimix.data.synthetic.make_demo", "png_level": png_level}
     out = {}
     for task, recs in (("cls", cls_recs), ("seg", seg_recs)):
         writer = DatasetWriter(storage.join(out_uri, task), storage_cfg, shard_rows=shard_rows,
                                overwrite=overwrite)
         for r in sorted(recs, key=lambda r: row_order_key(r["id"])):
-            png = encode_png(r["image"])
+            png = encode_png(r["image"], png_level)
             writer.add({
                 "id": r["id"], "source": synthetic.SOURCE_NAME, "task": task, "image": png,
-                "mask": encode_png(r["mask"] * np.uint8(255)) if task == "seg" else None,
+                "mask": (encode_png(r["mask"] * np.uint8(255), MASK_PNG_LEVEL)
+                         if task == "seg" else None),
                 "ignore": None, "label": r.get("label"), "hash": hashlib.sha256(png).hexdigest(),
                 "path": r["id"] + ".png", "orig_height": image_size, "orig_width": image_size,
             })
@@ -521,6 +541,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="decoding processes (default: one per CPU)")
     p.add_argument("--shard-rows", type=int, default=1000, help="rows per Parquet shard")
+    p.add_argument("--png-level", type=int, default=IMAGE_PNG_LEVEL, metavar="0-9",
+                   help="zlib level of the stored images (default 0: uncompressed, ~1.4x the "
+                        "bytes of 1, decoded ~2.6x faster on every epoch; 1-9: smaller shards)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.add_argument("--demo", action="store_true",
                    help="write the built-in synthetic demo set (<out>/cls and <out>/seg) instead")
@@ -557,7 +580,7 @@ def run(args: argparse.Namespace) -> int:
         ms = prepare_demo(args.out, n_cls=args.demo_count, n_seg=max(16, args.demo_count // 4),
                           image_size=size if args.size is not None else 64, seed=args.seed,
                           storage_cfg=cfg.storage, shard_rows=args.shard_rows,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, png_level=args.png_level)
         for task, m in ms.items():
             print("synthetic " + _summary(m, storage.join(args.out, task)))
         return 0
@@ -566,6 +589,6 @@ def run(args: argparse.Namespace) -> int:
     m = prepare(args.source, args.out, layout=args.layout, image_size=size,
                 source_name=args.name, storage_cfg=cfg.storage, strict=args.strict,
                 split=args.split, shard_rows=args.shard_rows, workers=args.workers,
-                progress=not args.quiet, overwrite=args.overwrite)
+                progress=not args.quiet, overwrite=args.overwrite, png_level=args.png_level)
     print(_summary(m, args.out))
     return 0

@@ -283,3 +283,24 @@ def test_block_target_below_one_yield():
         assert ctx.target_max_block_size == 1 << 20
     finally:
         ctx.target_max_block_size = saved
+
+
+def test_binary_cells_are_zero_copy_views_with_nulls_slices_and_chunks():
+    import pyarrow as pa
+
+    vals = [b"\x89PNG-a", None, b"", b"\xff\x00c" * 5, b"d"]
+    for typ in (pa.binary(), pa.large_binary()):
+        arr = pa.array(vals, typ)
+        chunked = pa.chunked_array([arr.slice(0, 2), arr.slice(2)], typ)
+        for col, want in ((arr, vals), (chunked, vals), (arr.slice(1, 3), vals[1:4]),
+                          (pa.chunked_array([], typ), [])):
+            cells = P.binary_cells(col)
+            assert [None if c is None else bytes(c) for c in cells] == want
+            # views into the Arrow buffer (no copies), as unsigned bytes
+            assert all(isinstance(c, memoryview) and c.format == "B" for c in cells
+                       if c is not None)
+    big = pa.array([bytes(range(256)) * 4], pa.binary())
+    (cell,) = P.binary_cells(big)
+    assert np.frombuffer(cell, np.uint8).ctypes.data == big.buffers()[2].address
+    assert P.binary_cells(pa.array([None, None])) == [None, None]  # all-null column
+    assert P.binary_cells(pa.array(["x"], pa.string())) == ["x"]  # other types: as Python values

@@ -110,6 +110,34 @@ def test_class_folders_end_to_end(cls_folder, tmp_path):
                                   resize_image(_noise(2), SIZE))
 
 
+def test_png_level_is_applied_recorded_and_checked(cls_folder, tmp_path):
+    from multimix.data.images import IMAGE_PNG_LEVEL
+
+    a = prep.prepare(str(cls_folder), str(tmp_path / "a"), image_size=SIZE, workers=1,
+                     progress=False)
+    b = prep.prepare(str(cls_folder), str(tmp_path / "b"), image_size=SIZE, workers=1,
+                     progress=False, png_level=9)
+    assert a["parameters"]["png_level"] == IMAGE_PNG_LEVEL == 0
+    assert b["parameters"]["png_level"] == 9
+    ra, rb = _rows(tmp_path / "a"), _rows(tmp_path / "b")
+    assert [r["id"] for r in ra] == [r["id"] for r in rb]
+    for x, y in zip(ra, rb):  # same pixels, stored uncompressed (0) or deflated (9)
+        np.testing.assert_array_equal(decode_png(x["image"]), decode_png(y["image"]))
+        assert len(x["image"]) >= SIZE * (SIZE + 1)  # stored: at least the raw scanlines
+        # the zlib header of the IDAT (after signature, IHDR, length, "IDAT") names the level
+        assert x["image"][37:41] == y["image"][37:41] == b"IDAT"
+        assert (x["image"][42] >> 6, y["image"][42] >> 6) == (0, 3)  # FLEVEL: fastest, max
+    # images are not compressed again by Parquet (PNG bytes are stored as they are)
+    meta = pq.ParquetFile(tmp_path / "a" / a["shards"][0]).metadata
+    names = meta.schema.names
+    assert meta.row_group(0).column(names.index("image")).compression == "UNCOMPRESSED"
+    for bad in (-1, 10, 1.5, True):
+        with pytest.raises(UserError, match="--png-level must be an integer from 0 to 9"):
+            prep.prepare(str(cls_folder), str(tmp_path / "c"), image_size=SIZE, workers=1,
+                         progress=False, png_level=bad)
+    assert not (tmp_path / "c").exists()
+
+
 def test_strict_fails_at_the_first_bad_file_and_leaves_no_dataset(cls_folder, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(DataError, match=r"(bad\.png|cut\.jpeg).*--strict"):
@@ -206,6 +234,13 @@ def test_cli_prepare_prints_a_summary_and_progress(cls_folder, tmp_path, capsys)
     assert "5 rows (NORMAL 3, PNEUMONIA 2)" in io.out and "1 duplicate group(s)" in io.out
     assert "2 skipped" in io.out and str(out / "report.json") in io.out
     assert "prepare src: 7/7 images" in io.err  # the final progress line
+    assert prep.read_manifest(str(out))["parameters"]["png_level"] == 0
+    rc = run_cli(prep, [str(cls_folder), "--out", str(tmp_path / "l6"), "--size", "16",
+                        "--workers", "1", "--png-level", "6", "--quiet"])
+    assert rc == 0 and prep.read_manifest(str(tmp_path / "l6"))["parameters"]["png_level"] == 6
+    capsys.readouterr()
+    assert run_cli(prep, [str(cls_folder), "--out", str(tmp_path / "l12"), "--png-level", "12"]) == 2
+    assert "--png-level must be an integer from 0 to 9, got 12" in capsys.readouterr().out
     assert run_cli(prep, ["--out", str(out)]) == 2
     assert "missing SOURCE" in capsys.readouterr().out
     assert run_cli(prep, [str(cls_folder), "--out", str(tmp_path / "x"), "--layout", "pairs"]) == 2
