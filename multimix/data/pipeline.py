@@ -37,11 +37,14 @@ What runs where:
     so it is the faster one on small pools and few CPUs (the ``cpu-small`` preset), and it
     mixes classes even on a class-sorted dataset.
 
-  Measured on this 2-core VM with Ray 2.60 (2,048 rows per pass at 256², weak+strong,
+  Measured on this 2-core VM with Ray 2.60 (4,096 rows per pass at 256², weak+strong,
   consumed through ``streaming_split``; ``multimix bench data`` prints these): row_groups
-  ~550 img/s/core, first batch of a pass after ~1.6 s; read_parquet ~230 img/s/core, first
-  batch after ~3.8 s. Train's ``DataConfig`` splits either across workers with
-  ``streaming_split(n, equal=True)``.
+  ~790 img/s/core, first batch of a pass after ~1.2 s, ~1,440 after it; read_parquet ~460
+  img/s/core, first batch after ~2.8 s, ~1,180 after it. Each pass is a new Ray Data
+  execution whose resource budget is zero for its first 1-2 s (Ray's autoscaling coordinator
+  answers asynchronously; one task runs meanwhile). Train's ``DataConfig`` splits either
+  across workers with ``streaming_split(n, equal=True)``.
+- the map reads the PNG bytes in place (:func:`binary_cells`: views of the Arrow buffers).
 - :func:`configure_data_context` lowers Ray Data's target block size below one yielded block:
   at the default (128 MiB) Ray merged a task's yields and released them only when the task
   ended, so a pass's first batch waited for whole tasks.

@@ -444,7 +444,7 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
         progress: print a progress line to stderr every few seconds.
         overwrite: replace an existing prepared dataset at ``out_uri``.
         png_level: zlib level of the stored images, 0 (default: uncompressed deflate blocks,
-            ~1.4x the bytes of level 1, decoded ~2.6x faster every epoch) to 9. Masks are
+            ~1.4x the bytes of level 1, decoded 3-7x faster every epoch) to 9. Masks are
             always stored at level 1 (they compress ~30x).
 
     Returns:
@@ -543,7 +543,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-rows", type=int, default=1000, help="rows per Parquet shard")
     p.add_argument("--png-level", type=int, default=IMAGE_PNG_LEVEL, metavar="0-9",
                    help="zlib level of the stored images (default 0: uncompressed, ~1.4x the "
-                        "bytes of 1, decoded ~2.6x faster on every epoch; 1-9: smaller shards)")
+                        "bytes of 1, decoded 3-7x faster on every epoch; 1-9: smaller shards)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
     p.add_argument("--demo", action="store_true",
                    help="write the built-in synthetic demo set (<out>/cls and <out>/seg) instead")

@@ -29,8 +29,11 @@ def test_bench_data_e2e_local(ray_local, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["e2e_img_per_s_per_core"] > 0 and out["e2e_s3"].startswith("skipped")
     for key in ("decode_augment_img_per_s_per_core", "e2e_vs_bare", "e2e_vs_decode_augment",
-                "e2e_img_per_cpu_s", "object_store_put_ms_per_img"):
-        assert out[key] > 0
+                "e2e_img_per_cpu_s", "object_store_put_ms_per_img",
+                "e2e_steady_img_per_s_per_core", "e2e_row_groups_steady_img_per_s_per_core",
+                "e2e_row_groups_img_per_cpu_s"):
+        assert out[key] > 0, key
+    assert out["png_level"] == 0 and out["png_kb_per_img"] > 64 * 65 / 1024  # stored, as prepare
 
 
 def test_bench_data_table(capsys):
