@@ -445,17 +445,25 @@ def _block_map_fn(batch, *, columns, batch_size, state, stream, epoch, seed, kee
         sel = np.flatnonzero([v in keep for v in ids])
     if not len(sel):
         return
-    cells = {c: binary_cells(batch.column(c)) for c in columns
-             if c != "id" and c in batch.column_names}
     pass_no = _current_pass(state, stream, epoch)
     order = sel[np.random.default_rng([seed, pass_no, zlib.crc32(ids[sel[0]].encode()), 13]
                                       ).permutation(len(sel))].tolist()
+    yield from _render_rows(batch, ids, order, columns=columns, batch_size=batch_size,
+                            stream=stream, seed=seed, state=state, epoch=epoch,
+                            pass_no=pass_no, **kw)
+
+
+def _render_rows(table, ids: list, order: list, *, columns, batch_size, **kw):
+    """Rows ``order`` (indices into the ``pyarrow.Table`` ``table``, whose ids are ``ids``) →
+    decoded, augmented blocks of ``batch_size`` rows through :func:`_map_fn`; the PNG columns
+    are read in place (:func:`binary_cells`). Shared by both readers' map functions."""
+    cells = {c: binary_cells(table.column(c)) for c in columns
+             if c != "id" and c in table.column_names}
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        sub = {c: [v[i] for i in idx] for c, v in cells.items()}
-        sub["id"] = [ids[i] for i in idx]
-        yield _map_fn(sub, stream=stream, seed=seed, keep=None, state=state, epoch=epoch,
-                      pass_no=pass_no, **kw)
+        batch = {c: [v[i] for i in idx] for c, v in cells.items()}
+        batch["id"] = [ids[i] for i in idx]
+        yield _map_fn(batch, keep=None, **kw)
 
 
 def _row_group_dataset(uri: str, fs, paths: list, cfg, common: dict):
@@ -538,13 +546,9 @@ def _read_map_fn(items, *, fs, groups, per_task, columns, batch_size, state, str
         table = pa.concat_tables(tables)
         order = np.random.default_rng([seed, pass_no, int(slot), 11]
                                       ).permutation(table.num_rows).tolist()
-        cells = {c: (table.column(c).to_pylist() if c == "id" else
-                     binary_cells(table.column(c))) for c in columns}
-        for s in range(0, table.num_rows, batch_size):
-            idx = order[s:s + batch_size]
-            batch = {c: [v[i] for i in idx] for c, v in cells.items()}
-            yield _map_fn(batch, stream=stream, seed=seed, keep=None, state=state,
-                          epoch=epoch, pass_no=pass_no, **kw)
+        yield from _render_rows(table, table.column("id").to_pylist(), order, columns=columns,
+                                batch_size=batch_size, stream=stream, seed=seed, state=state,
+                                epoch=epoch, pass_no=pass_no, **kw)
 
 
 def build_datasets(cfg, splits: Mapping[str, Any], state=None) -> dict:
