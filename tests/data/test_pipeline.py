@@ -195,6 +195,22 @@ def test_steps_per_epoch_rule():
     assert P.streams_for("enc") == {"cls"}
 
 
+def _classes(batch) -> set:
+    """The classes (id prefixes) of an unlabeled debug batch."""
+    return {i.split("/")[0] for i in batch["unl_id"]}
+
+
+def _two_epochs_of_unlabeled_batches(uri, ids, cfg) -> list:
+    """Two epochs of ``TrainBatches`` (batches of 8, one worker, ``len(ids) // 8`` steps)
+    streaming ``ids`` of ``uri`` with their ids attached (``debug``), as training does."""
+    pool = P.load_labeled_pool(uri, ids[:2], cfg)
+    state = P.create_state()
+    ds = P.stream_dataset(uri, ids, cfg, mode="pair", stream="unl_cls", state=state, debug=True)
+    shard = ds.streaming_split(1, equal=True)[0]
+    return [list(P.TrainBatches(cfg, {"unl_cls": shard}, pool, None, 0, 1, epoch, state=state,
+                                steps_per_epoch=len(ids) // 8)) for epoch in range(2)]
+
+
 def test_class_sorted_dataset_batches_mix_classes(real_sets, tmp_path, ray_local):
     """A dataset stored in id order (class folder first: all NORMAL, then all PNEUMONIA; what
     multimix prepare wrote before it stored rows in hashed order): the row_groups reader reads
@@ -205,18 +221,11 @@ def test_class_sorted_dataset_batches_mix_classes(real_sets, tmp_path, ray_local
     cfg = _cfg(uri, data={"unlabeled_batch": 8, "reader": "row_groups"},
                model={"variant": "enc-ssl"})
     ids = [r["id"] for r in rows]
-    pool = P.load_labeled_pool(uri, ids[:2], cfg)
     assert ids == sorted(ids) and ids[0].startswith("NORMAL/") and ids[-1].startswith("PNEUMONIA/")
-    state = P.create_state()
-    ds = P.stream_dataset(uri, ids, cfg, mode="pair", stream="unl_cls", state=state, debug=True)
-    shard = ds.streaming_split(1, equal=True)[0]
-    classes = lambda b: {i.split("/")[0] for i in b["unl_id"]}  # noqa: E731
     epochs = []
-    for epoch in range(2):
-        batches = list(P.TrainBatches(cfg, {"unl_cls": shard}, pool, None, 0, 1, epoch,
-                                      state=state, steps_per_epoch=len(ids) // 8))
+    for batches in _two_epochs_of_unlabeled_batches(uri, ids, cfg):
         assert all(len(b["unl_id"]) == 8 for b in batches)
-        mixed = [len(classes(b)) == 2 for b in batches]
+        mixed = [len(_classes(b)) == 2 for b in batches]
         assert mixed[0] and sum(mixed) >= len(mixed) - 1, [sorted(b["unl_id"]) for b in batches]
         epochs.append([i for b in batches for i in b["unl_id"]])
     assert epochs[0] != epochs[1]  # a new order (and augmentation pass) every epoch
@@ -236,16 +245,9 @@ def test_read_parquet_is_fused_mixes_classes_and_reshuffles(real_sets, tmp_path,
     cfg = _cfg(uri, data={"unlabeled_batch": 8, "reader": "read_parquet"},
                model={"variant": "enc-ssl"})
     ids = [r["id"] for r in rows]
-    pool = P.load_labeled_pool(uri, ids[:2], cfg)
-    state = P.create_state()
-    ds = P.stream_dataset(uri, ids, cfg, mode="pair", stream="unl_cls", state=state, debug=True)
-    shard = ds.streaming_split(1, equal=True)[0]
-    classes = lambda b: {i.split("/")[0] for i in b["unl_id"]}  # noqa: E731
     epochs = []
-    for epoch in range(2):
-        batches = list(P.TrainBatches(cfg, {"unl_cls": shard}, pool, None, 0, 1, epoch,
-                                      state=state, steps_per_epoch=len(ids) // 8))
-        mixed = [len(classes(b)) == 2 for b in batches]
+    for batches in _two_epochs_of_unlabeled_batches(uri, ids, cfg):
+        mixed = [len(_classes(b)) == 2 for b in batches]
         assert sum(mixed) >= len(mixed) - 1, [sorted(b["unl_id"]) for b in batches]
         epochs.append([i for b in batches for i in b["unl_id"]])
         assert len(set(epochs[-1])) == len(epochs[-1])  # one pass: no row twice
