@@ -87,6 +87,11 @@ class DataConfig:
     #: with the decode/augment map; scales to many shards) or "row_groups" (multimix's own
     #: row-group reader: no per-pass file listing, faster on small pools and few CPUs)
     reader: Literal["read_parquet", "row_groups"] = "read_parquet"
+    #: how the unlabeled streams reach the Train workers: "per_worker" (each worker iterates
+    #: its own dataset over its part of the pool: no split coordinator, no barrier when a
+    #: stream restarts) or "streaming_split" (one dataset for all workers, split by Ray
+    #: Train's DataConfig)
+    sharding: Literal["per_worker", "streaming_split"] = "per_worker"
     #: per-worker batch size of each of the five streams
     cls_batch: int = 10
     unlabeled_batch: int = 10

@@ -127,7 +127,10 @@ def prepare_inputs(cfg: Config) -> dict:
             cfg.storage, budget_key="data.seg_labeled")
     state = pipeline.create_state()
     out["data_state"] = state
-    out["datasets"] = pipeline.build_datasets(cfg, out["splits"], state=state)
+    per_worker = cfg.data.sharding == "per_worker"
+    out["datasets"] = pipeline.build_datasets(
+        cfg, out["splits"], state=state,
+        world_size=cfg.scaling.num_workers if per_worker else None)
     out["pools"] = load_pools(cfg, out["splits"])
     need = pipeline.streams_for(cfg.model.variant)
     n_unl = len(out["splits"]["cls"].unlabeled) if "unl" in need else 0
@@ -203,14 +206,19 @@ def build_trainer(cfg: Config, inputs: dict, callbacks: list | None = None):
         "steps": inputs["steps"],
     }
     datasets = inputs["datasets"]
+    if cfg.data.sharding == "per_worker":
+        # each worker iterates its own datasets (multimix.data.pipeline.build_datasets)
+        loop_config["worker_datasets"] = ray.put(datasets)
+        trainer_data: dict = {}
+    else:
+        trainer_data = dict(datasets=datasets, dataset_config=pipeline.dataset_config(datasets))
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=scaling,
         run_config=run_config,
-        datasets=datasets,
-        dataset_config=pipeline.dataset_config(datasets),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        **trainer_data,
     )
 
 
@@ -378,7 +386,14 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         _log(rank, f"[multimix] resumed from epoch {state['epoch']} ({source})")
 
     pools = ray.get(loop_cfg["pools"])
-    shards = {name: ray.train.get_dataset_shard(name) for name in loop_cfg["datasets"]}
+    if "worker_datasets" in loop_cfg:  # data.sharding=per_worker: this rank's own datasets
+        shards = {name: per_rank[rank]
+                  for name, per_rank in ray.get(loop_cfg["worker_datasets"]).items()}
+    else:  # streaming_split: this worker's share of datasets all workers read together
+        shards = {name: ray.train.get_dataset_shard(name) for name in loop_cfg["datasets"]}
+    # one cursor per stream for the whole run: a Ray Data execution spans epochs
+    streams = pipeline.open_streams(cfg, shards, rank, start_epoch, state=loop_cfg["data_state"],
+                                    world_size=world, shared="worker_datasets" not in loop_cfg)
     steps = loop_cfg["steps"]
     n_img = (cfg.data.cls_batch + 2 * cfg.data.unlabeled_batch + cfg.data.seg_batch
              + cfg.data.unlabeled_seg_batch)
@@ -386,7 +401,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         model.train()
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
-        batches = pipeline.TrainBatches(cfg, shards, pools.get("cls_labeled"),
+        batches = pipeline.TrainBatches(cfg, streams, pools.get("cls_labeled"),
                                         pools.get("seg_labeled"), rank, world, epoch,
                                         state=loop_cfg["data_state"], steps_per_epoch=steps)
         for step, batch in enumerate(batches):

@@ -15,15 +15,17 @@ at ``../shared/data``, else synthetic phantoms), at ``--size`` (256 by default):
 4. ``object_store_put_ms_per_img``: ``ray.put`` of one output block (both views), per row;
    ``e2e_img_per_s_per_core``: the Ray Data pipeline read Parquet → decode → augment → batches
    with the default reader (``data.reader=read_parquet``) from a temporary local Parquet set
-   in ``multimix prepare``'s row order, consumed through ``streaming_split`` with the local
-   shuffle buffer as a Train worker does: rows/s divided by the CPUs the pipeline used (wall
-   time: other load on the machine lowers it); ``e2e_img_per_cpu_s``: rows per CPU-second that
-   this process and its Ray processes actually used (robust to other load);
-   ``e2e_first_batch_s``: median seconds from the start of a pass to its first batch (the
-   per-pass start-up: Ray's execution start, for read_parquet also its file listing);
-   ``e2e_steady_img_per_s_per_core``: the rate after each pass's first batch (the streaming
-   rate a large pool sees); a pass is ``--e2e-rows`` rows (default 4,096: about one epoch
-   over Kermany's unlabeled pool); ``e2e_row_groups_*``: the same
+   in ``multimix prepare``'s row order, ``--e2e-passes`` passes (default 3) consumed as a Train
+   worker does (``--e2e-sharding``, default per_worker: the consumer runs the execution
+   itself; ``streaming_split``: through a split coordinator; the pipeline's batch cursor with
+   its local shuffle buffer; row_groups runs all passes in one execution, read_parquet one
+   per pass): rows/s divided by the CPUs the pipeline used (wall time: other load on the
+   machine lowers it); ``e2e_img_per_cpu_s``: rows per CPU-second that this process and its
+   Ray processes actually used (robust to other load); ``e2e_first_batch_s``: seconds from
+   the start to the first batch (an execution's start-up: Ray's execution start, for
+   read_parquet also its file listing); ``e2e_steady_img_per_s_per_core``: the rate after the
+   first batch; a pass is ``--e2e-rows`` rows (default 4,096: about one epoch over Kermany's
+   unlabeled pool); ``e2e_row_groups_*``: the same
    with ``data.reader=row_groups``; ``e2e_s3_*`` the same from an S3 server when
    ``--s3-endpoint`` is given;
 5. ``e2e_vs_bare`` = e2e / 1, ``e2e_vs_decode_augment`` = e2e / 3 (wall), and
@@ -159,7 +161,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=256, help="distinct images (default 256)")
     p.add_argument("--batch", type=int, default=64, help="augmentation batch (default 64)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (best is kept)")
-    p.add_argument("--e2e-passes", type=int, default=2, help="timed passes over the e2e set")
+    p.add_argument("--e2e-passes", type=int, default=3, help="timed passes over the e2e set")
+    p.add_argument("--e2e-sharding", default="per_worker",
+                   choices=("per_worker", "streaming_split"),
+                   help="how the e2e stream reaches its consumer (data.sharding; default "
+                        "per_worker, as training does)")
     p.add_argument("--e2e-rows", type=int, default=4096,
                    help="rows of the e2e Parquet set, one pass (default 4096; the images repeated "
                         "under new ids)")
@@ -243,38 +249,43 @@ def _cpu_used(before: dict, after: dict) -> float:
 
 
 def _e2e(uri: str, ids: list[str], cfg, passes: int, cpus: int) -> dict:
-    """``cfg.data.reader``'s stream, consumed as a Train worker does: ``wall`` rows/s/CPU,
-    ``cpu`` rows per CPU-second used by the driver + Ray processes, ``first_batch_s`` (median
-    seconds from the start of a pass to its first batch: the per-pass start-up cost) and
-    ``steady`` (rows/s/CPU after each pass's first batch: the streaming rate without it)."""
+    """``cfg.data.reader``'s stream over ``passes`` passes, consumed as a Train worker does
+    (``data.sharding``: per_worker iterates the dataset itself, streaming_split through a
+    split of one; batches, local shuffle buffer and restarts from the pipeline's cursor;
+    ``passes_per_execution`` passes per execution): ``wall`` rows/s/CPU, ``cpu`` rows per
+    CPU-second used by the driver + Ray processes, ``first_batch_s`` (seconds from the start
+    to the first batch: one execution's start-up) and ``steady`` (rows/s/CPU after it)."""
+    import dataclasses
+
     from multimix.data import pipeline as P
 
-    P.configure_data_context(image_size=cfg.data.image_size)
-    ds = P.stream_dataset(uri, ids, cfg, mode="pair", stream="unl_cls")
-    it = ds.streaming_split(1, equal=True)[0]  # what a Train worker iterates
+    P.configure_data_context()
+    per_exec = P.passes_per_execution(dataclasses.replace(
+        cfg, optim=dataclasses.replace(cfg.optim, epochs=passes)))
+
+    def source(n_passes: int):
+        ds = P.stream_dataset(uri, ids, cfg, mode="pair", stream="unl_cls", passes=n_passes)
+        return ds if cfg.data.sharding == "per_worker" else ds.streaming_split(1, equal=True)[0]
+
     b = cfg.data.unlabeled_batch
-    kw = dict(batch_size=b, batch_format="numpy", prefetch_batches=4,
-              local_shuffle_buffer_size=max(8 * b, P.SHUFFLE_ROWS), local_shuffle_seed=0)
-    for _ in it.iter_batches(**kw):  # warm-up pass (worker processes, imports)
-        pass
+    warm = P._Cycler(source(1), b, "unl_cls", None, 0, 0, 0)
+    for _ in range(max(1, len(ids) // b)):  # warm-up pass (worker processes, imports)
+        warm.next()
+    warm.close()
+    cursor = P._Cycler(source(per_exec), b, "unl_cls", None, 0, 0, 0, passes=per_exec)
+    steps = max(2, passes * len(ids) // b)
     c0, t0 = _tree_cpu(), time.perf_counter()
-    rows, firsts, after_rows, after_s = 0, [], 0, 0.0
-    for _ in range(passes):
-        p0, t_first = time.perf_counter(), None
-        for batch in it.iter_batches(**kw):
-            n = len(batch["unl_weak"])
-            if t_first is None:
-                t_first = time.perf_counter()
-                firsts.append(t_first - p0)
-            else:
-                after_rows += n
-            rows += n
-        if t_first is not None:
-            after_s += time.perf_counter() - t_first
-    wall, cpu_s = time.perf_counter() - t0, _cpu_used(c0, _tree_cpu())
+    cursor.next()
+    t_first = time.perf_counter()
+    for _ in range(steps - 1):
+        cursor.next()
+    end = time.perf_counter()
+    cursor.close()
+    wall, cpu_s = end - t0, _cpu_used(c0, _tree_cpu())
+    rows = steps * b
     return {"wall": rows / wall / cpus, "cpu": rows / cpu_s if cpu_s > 0 else float("nan"),
-            "first_batch_s": float(np.median(firsts)) if firsts else float("nan"),
-            "steady": after_rows / after_s / cpus if after_s > 0 else float("nan")}
+            "first_batch_s": t_first - t0,
+            "steady": (rows - b) / (end - t_first) / cpus if end > t_first else float("nan")}
 
 
 def _reader_cfg(cfg, reader: str):
@@ -366,7 +377,14 @@ def run(args) -> int:
         "png_kb_per_img": round(sum(len(x) for x in pngs) / n / 1024, 1),
     }
     if not args.no_e2e:
+        import logging
+
         import ray
+        import ray.data  # configures Ray Data's logging on import
+
+        # the consumer runs the executions itself (data.sharding=per_worker): keep Ray Data's
+        # per-execution INFO lines out of the report
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
         cpus = args.cpus or os.cpu_count() or 1
         started = False
@@ -376,7 +394,8 @@ def run(args) -> int:
             started = True
         try:
             cpus = int(ray.cluster_resources().get("CPU", cpus))
-            over = {"data": {"image_size": size, "unlabeled_batch": b},
+            over = {"data": {"image_size": size, "unlabeled_batch": b,
+                             "sharding": args.e2e_sharding},
                     "scaling": {"data_cpus_per_task": 1.0, "data_concurrency": cpus}}
             e2e_rows = [dict(r, id=f"{r['id']}#{k}") for k in range(max(1, -(-args.e2e_rows // n)))
                         for r in rows][: max(args.e2e_rows, 1)]
@@ -391,6 +410,7 @@ def run(args) -> int:
                                           cpus), reader, "")
                 out["object_store_put_ms_per_img"] = round(_put_ms_per_row(size), 3)
                 out["e2e_cpus"] = cpus
+                out["e2e_sharding"] = args.e2e_sharding
                 if args.s3_endpoint:
                     for reader in _READERS:
                         _e2e_fields(out, _s3_e2e(args, uri, ids, over, cpus, reader), reader,

@@ -1,20 +1,25 @@
 """The Ray Data input pipeline: prepared Parquet shards → decoded, augmented uint8 batches.
 
-Driver side (before ``TorchTrainer``)::
+Driver side (before ``TorchTrainer``), with ``data.sharding=per_worker`` (the default)::
 
     state = create_state()                                   # pass counter + skipped-row counter
-    datasets = build_datasets(cfg, splits, state=state)      # {"unl_cls": ..., "unl_seg": ...}
-    trainer = TorchTrainer(train_fn, train_loop_config={..., "data_state": state},
-                           datasets=datasets, dataset_config=dataset_config(datasets), ...)
+    datasets = build_datasets(cfg, splits, state=state, world_size=n_workers)
+    #   {"unl_cls": [dataset of rank 0, ...], "unl_seg": [...]}: handed to the workers
+    trainer = TorchTrainer(train_fn, train_loop_config={..., "data_state": state,
+                                                        "worker_datasets": ray.put(datasets)})
+
+(``data.sharding=streaming_split``: ``build_datasets(cfg, splits, state=state)`` → one dataset
+per stream, given as ``TorchTrainer(datasets=..., dataset_config=dataset_config(datasets))``
+and read through ``ray.train.get_dataset_shard``.)
 
 Worker side (inside the train loop)::
 
-    shards = {name: ray.train.get_dataset_shard(name) for name in STREAM_DATASETS
-              if name in datasets_needed}
+    shards = {name: per_rank[rank] for name, per_rank in worker_datasets.items()}
+    streams = open_streams(cfg, shards, rank, start_epoch, state=state, world_size=world)
     cls_pool = load_labeled_pool(cfg.data.cls_data, splits["cls"].labeled, cfg)   # once
     seg_pool = load_labeled_pool(cfg.data.seg_data, splits["seg"].labeled, cfg)   # once
-    for epoch in range(start, cfg.optim.epochs):
-        for batch in TrainBatches(cfg, shards, cls_pool, seg_pool, rank, world, epoch,
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        for batch in TrainBatches(cfg, streams, cls_pool, seg_pool, rank, world, epoch,
                                   state=state, steps_per_epoch=steps):
             engine.train_step(model, batch, ...)
 
@@ -25,38 +30,46 @@ What runs where:
   the strong view of the same image (classification stream) or the plain image
   (unlabeled-segmentation stream), yielding blocks of ~16 MB of pixels per view:
 
-  * ``read_parquet`` (default): ``ray.data.read_parquet`` on the shards (local or ``s3://``
-    through :func:`multimix.data.storage.resolve`), shard order shuffled per pass, read units
-    of ~:data:`TASK_ROWS` rows (Ray 2.60 bin-packs row groups), each unit's rows shuffled in
-    the map. Mixing relies on ``multimix prepare``'s hashed row order (every row group mixes
-    classes). Ray lists the files again on every pass (its footer reader starts actors):
-    measured ~2 s per pass on this 2-core VM, nothing next to a pass over a large pool.
-  * ``row_groups``: multimix's own reader: ``from_items`` slots, each task reading several
-    row groups that a seeded permutation (new every pass) scatters over the dataset and
-    shuffling their rows together; footers are read once, on the driver. No per-pass listing,
-    so it is the faster one on small pools and few CPUs (the ``cpu-small`` preset), and it
+  * ``row_groups`` (default): multimix's own reader: ``from_items`` items ``(pass, slot)``,
+    each task reading several row groups that a seeded permutation (new every pass)
+    scatters over the dataset and shuffling their rows together; footers are read once, on
+    the driver (:func:`row_group_index`). One execution spans :func:`passes_per_execution`
+    passes (the run's epochs), so Ray's per-execution start-up is paid once per run; it
     mixes classes even on a class-sorted dataset.
+  * ``read_parquet``: ``ray.data.read_parquet`` on the shards (local or ``s3://`` through
+    :func:`multimix.data.storage.resolve`), shard order shuffled per pass, read units of
+    ~:data:`TASK_ROWS` rows (Ray 2.60 bin-packs row groups), each unit's rows shuffled in the
+    map. Mixing relies on ``multimix prepare``'s hashed row order (every row group mixes
+    classes). One execution per pass: Ray lists the files again each time (its footer reader
+    starts actors).
 
-  Measured on this 2-core VM with Ray 2.60 (4,096 rows per pass at 256², weak+strong,
-  consumed through ``streaming_split``; ``multimix bench data`` prints these): row_groups
-  ~790 img/s/core, first batch of a pass after ~1.2 s, ~1,440 after it; read_parquet ~460
-  img/s/core, first batch after ~2.8 s, ~1,180 after it. Each pass is a new Ray Data
-  execution whose resource budget is zero for its first 1-2 s (Ray's autoscaling coordinator
-  answers asynchronously; one task runs meanwhile). Train's ``DataConfig`` splits either
-  across workers with ``streaming_split(n, equal=True)``.
+- ``data.sharding=per_worker``: each Train worker iterates its own dataset, holding its part of
+  the pool (``row_groups``: every ``world_size``-th row group of each pass's permutation;
+  ``read_parquet``: every ``world_size``-th shard; rows by id hash when there are fewer row
+  groups / shards than workers), so the Ray Data executor runs in the worker and there is no
+  split coordinator: with ``streaming_split`` that actor's scheduling loop took 25-40 % of a
+  core on the 2-core VM, as much as a third of the end-to-end CPU.
+- every Ray Data execution starts with a resource budget of zero for its first 1-2 s (Ray
+  2.60's autoscaling coordinator answers asynchronously; one task runs meanwhile), which is
+  why a ``row_groups`` execution spans epochs.
+  Measured on this 2-core VM (3 passes of 4,096 rows at 256², weak+strong; ``multimix bench
+  data`` prints these): row_groups ~1,460 img/s/core, ~1,750 after the first batch;
+  read_parquet ~590, ~770 after each pass's first batch.
 - the map reads the PNG bytes in place (:func:`binary_cells`: views of the Arrow buffers).
-- :func:`configure_data_context` lowers Ray Data's target block size below one yielded block:
-  at the default (128 MiB) Ray merged a task's yields and released them only when the task
-  ended, so a pass's first batch waited for whole tasks.
+- each dataset is built with Ray Data's target block size at 3/4 of one yielded block
+  (:func:`block_target`): at the default (128 MiB) Ray merged a task's yields and released
+  them only when the task ended; under 2/3 of a yield it sliced them and copied the rest.
 - labeled pools are small: loaded once per worker, decoded to ``uint8`` arrays
   (:class:`LabeledPool`), sampled with replacement (seeded by seed/rank/epoch/step); their weak
   view (a flip + crop slice) is rendered on the worker (a few µs per image).
-- every worker yields exactly ``steps_per_epoch`` batches: a stream that runs short restarts
-  its shard (all workers restart at the same step, since ``equal=True`` shards have the same
-  size), so DDP never waits on a missing batch.
+- every worker yields exactly ``steps_per_epoch`` batches: a stream that runs short starts a
+  new execution (per_worker: on its own; streaming_split: all workers at the same step, since
+  ``equal=True`` shards have the same size), so DDP never waits on a missing batch.
 - augmentation parameters are a pure function of ``(seed, pass, stream, row id)``
-  (:func:`multimix.data.augment.row_keys`); the *pass* (``epoch * 1000 + restart``) is set by
-  the workers on a tiny state actor before each pass and read by the map tasks.
+  (:func:`multimix.data.augment.row_keys`); the *pass* of an execution's ``k``-th pass is
+  ``start_epoch * 1000 + passes rendered before it`` (:class:`_Cycler`): the workers set the
+  base on a tiny state actor (key :func:`pass_key`) before each execution, the map tasks read
+  it once and add ``k``.
 - undecodable rows are dropped in the map task and counted on the state actor
   (:func:`skipped_rows`) and in the task's log; they never fail the run.
 """
@@ -93,6 +106,9 @@ __all__ = [
     "steps_per_epoch",
     "LabeledPool",
     "load_labeled_pool",
+    "open_streams",
+    "passes_per_execution",
+    "pass_key",
     "TrainBatches",
     "eval_batches",
 ]
@@ -111,7 +127,11 @@ _VARIANT_STREAMS = {
     "multimix": {"cls", "unl", "seg", "useg"},
 }
 
-_PASS_STRIDE = 1000  # pass = epoch * 1000 + restart index within the epoch
+_PASS_STRIDE = 1000  # pass = start epoch * 1000 + passes rendered since (see _Cycler)
+
+#: most passes over a pool in one execution (``data.reader=row_groups``), and most task items
+_MAX_PASSES = 500
+_MAX_ITEMS = 4096
 
 
 def streams_for(variant: str) -> set:
@@ -169,16 +189,10 @@ def skipped_rows(state) -> dict:
     return ray.get(state.skipped.remote())
 
 
-def configure_data_context(progress_bars: bool = False, image_size: Optional[int] = None):
+def configure_data_context(progress_bars: bool = False):
     """Ray Data settings for this pipeline (call on the driver before building datasets; a
-    Dataset keeps a copy of the context it was built under).
-
-    With ``image_size``, the target block size is lowered to 3/4 of one yielded block
-    (:func:`block_bytes`): Ray Data's output buffer merges a task's yields until they pass
-    the target (128 MiB by default), which held back every augmented block until its task
-    ended (measured: the first batch of a pass arrived only when the pass's tasks finished).
-    Below one yield, each block leaves the task as soon as it is rendered.
-    """
+    Dataset keeps a copy of the context it was built under). Each dataset's block size is set
+    by :func:`stream_dataset` (see :func:`block_target`)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -188,10 +202,6 @@ def configure_data_context(progress_bars: bool = False, image_size: Optional[int
         ctx.print_on_execution_start = False
     except Exception:  # pragma: no cover - attribute missing in other versions
         pass
-    if image_size is not None:
-        target = max(1 << 20, block_bytes(image_size) * 3 // 4)
-        if ctx.target_max_block_size is None or ctx.target_max_block_size > target:
-            ctx.target_max_block_size = target
     return ctx
 
 
@@ -199,6 +209,40 @@ def block_bytes(size: int) -> int:
     """Pixel bytes of one view of one block a pipeline task yields (``_yield_rows(size)``
     rows of ``size``² ``uint8``)."""
     return _yield_rows(size) * size * size
+
+
+#: uint8 arrays per yielded row of each mode (pair: weak + strong; seg: image, mask, ignore)
+_VIEWS = {"pair": 2, "useg": 1, "seg": 3}
+
+
+def block_target(size: int, mode: str) -> int:
+    """Ray Data's ``target_max_block_size`` for a ``mode`` stream: 3/4 of one yielded block.
+
+    Ray Data's output buffer merges a task's yields until they pass the target (128 MiB by
+    default), which held every augmented block back until its task ended; blocks of 1.5
+    targets or more it slices, and the slices left over are copied into the next block
+    (measured: 15-20 % of the end-to-end rate with pairs at 256² under a one-view target).
+    At 3/4 each yield leaves the task whole as soon as it is rendered."""
+    return max(1 << 20, block_bytes(size) * _VIEWS[mode] * 3 // 4)
+
+
+class _block_size:
+    """Build a dataset under ``target_max_block_size = target`` (a Dataset copies the current
+    DataContext when it is created), never raising a smaller value the user set."""
+
+    def __init__(self, target: int):
+        self.target = target
+
+    def __enter__(self):
+        import ray.data
+
+        self.ctx = ray.data.DataContext.get_current()
+        self.saved = self.ctx.target_max_block_size
+        if self.saved is None or self.saved > self.target:
+            self.ctx.target_max_block_size = self.target
+
+    def __exit__(self, *exc):
+        self.ctx.target_max_block_size = self.saved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,14 +352,21 @@ def _map_fn(batch: Mapping[str, Any], *, mode: str, stream: str, size: int, aug:
     return out
 
 
-def _current_pass(state, stream: str, epoch: int) -> int:
-    """The augmentation pass (set by the Train workers before each pass; ``epoch`` without a
-    state actor)."""
+def _current_pass(state, key: str, epoch: int) -> int:
+    """The augmentation pass of the execution under way for ``key`` (:func:`pass_key`; set by
+    the Train workers before each execution; ``epoch`` without a state actor)."""
     if state is None:
         return epoch
     import ray
 
-    return int(ray.get(state.get_pass.remote(stream)))
+    return int(ray.get(state.get_pass.remote(key)))
+
+
+def pass_key(stream: str, rank: int = 0, world_size: int = 1) -> str:
+    """The state actor's key for the pass of ``stream``: the stream's name for a dataset
+    shared by all workers (``streaming_split``) or a single worker, ``stream/rank`` for one
+    of several per-worker datasets (each worker runs its own executions)."""
+    return stream if world_size <= 1 else f"{stream}/{rank}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,7 +386,8 @@ def shard_paths(uri: str, storage_cfg=None):
 def stream_dataset(uri: str, ids: Optional[Sequence[str]], cfg, *, mode: str,
                    stream: Optional[str] = None, augment: bool = True, state=None,
                    epoch: int = 0, debug: bool = False, batch_size: Optional[int] = None,
-                   reader: Optional[str] = None):
+                   reader: Optional[str] = None, passes: int = 1, rank: int = 0,
+                   world_size: int = 1, footers: Optional[dict] = None):
     """A Ray Dataset of decoded (and augmented) rows of ``uri`` restricted to ``ids``.
 
     Args:
@@ -348,7 +400,23 @@ def stream_dataset(uri: str, ids: Optional[Sequence[str]], cfg, *, mode: str,
         debug: add an ``id`` column (to check views against their source).
         batch_size: rows per yielded block (default :func:`_yield_rows`).
         reader: ``"read_parquet"`` or ``"row_groups"`` (default ``cfg.data.reader``).
+        passes: passes over the pool in one execution (``row_groups`` only; ``read_parquet``
+            always runs one): pass ``k`` of an execution renders augmentation pass
+            ``base + k``, ``base`` being the state actor's value (or ``epoch``) when its
+            tasks start. See :func:`passes_per_execution`.
+        rank, world_size: this dataset holds rank ``rank``'s part of the pool, for one Train
+            worker of ``world_size`` that iterates it itself (``data.sharding=per_worker``):
+            ``row_groups`` deals each pass's permuted row groups to the ranks in turn (rows in
+            turn when there are fewer row groups than ranks); ``read_parquet`` reads every
+            ``world_size``-th shard (rows by id hash when there are fewer shards than ranks).
+            Its task concurrency is ``scaling.data_concurrency / world_size``.
+        footers: a dict shared by calls over the same shards, so ``row_groups`` reads their
+            footers once (:func:`build_datasets` passes one for all ranks).
     """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    if mode not in _VIEWS:
+        raise ValueError(f"unknown pipeline mode {mode!r}")
     stream = stream or mode
     reader = reader or cfg.data.reader
     size = cfg.data.image_size
@@ -359,24 +427,46 @@ def stream_dataset(uri: str, ids: Optional[Sequence[str]], cfg, *, mode: str,
     common = dict(columns=columns, batch_size=batch_size, mode=mode, stream=stream, size=size,
                   aug=Augmenter.from_config(cfg.augment, size), augment=augment,
                   seed=int(cfg.optim.seed), keep=frozenset(ids) if ids is not None else None,
-                  state=state, epoch=epoch, debug=debug)
+                  state=state, epoch=epoch, debug=debug,
+                  key=pass_key(stream, rank, world_size))
     if reader == "row_groups":
-        return _row_group_dataset(uri, fs, paths, cfg, common)
+        with _block_size(block_target(size, mode)):
+            return _row_group_dataset(uri, fs, paths, cfg, common, passes=passes, rank=rank,
+                                      world_size=world_size, footers=footers)
     if reader == "read_parquet":
-        return _read_parquet_dataset(uri, fs, paths, manifest, cfg, common)
+        part, frac = None, 1.0
+        if world_size > 1:
+            if len(paths) >= world_size:
+                frac = len(paths[rank::world_size]) / len(paths)
+                paths = paths[rank::world_size]
+            else:
+                part = (rank, world_size)
+        with _block_size(block_target(size, mode)):
+            return _read_parquet_dataset(uri, fs, paths, manifest, cfg, common, part=part,
+                                         world_size=world_size, row_fraction=frac)
     raise DataError(f"data.reader: unknown reader {reader!r} (read_parquet or row_groups)")
 
 
-def _map_kwargs(cfg) -> dict:
+def _concurrency(cfg, world_size: int = 1) -> Optional[int]:
+    """Concurrent tasks of one dataset: ``scaling.data_concurrency`` shared by the
+    ``world_size`` per-worker datasets (at least one each), or None (as many as CPUs allow)."""
+    c = cfg.scaling.data_concurrency
+    return None if c is None else max(1, -(-int(c) // max(1, world_size)))
+
+
+def _map_kwargs(cfg, world_size: int = 1) -> dict:
     import ray.data
 
     kwargs: dict = {"num_cpus": cfg.scaling.data_cpus_per_task}
-    if cfg.scaling.data_concurrency is not None:
-        kwargs["compute"] = ray.data.TaskPoolStrategy(size=int(cfg.scaling.data_concurrency))
+    conc = _concurrency(cfg, world_size)
+    if conc is not None:
+        kwargs["compute"] = ray.data.TaskPoolStrategy(size=conc)
     return kwargs
 
 
-def _read_parquet_dataset(uri: str, fs, paths: list, manifest: dict, cfg, common: dict):
+def _read_parquet_dataset(uri: str, fs, paths: list, manifest: dict, cfg, common: dict,
+                          part: Optional[tuple] = None, world_size: int = 1,
+                          row_fraction: float = 1.0):
     """``ray.data.read_parquet`` → one generator ``map_batches`` (decode, shuffle, augment),
     fused by Ray Data into a single task per read unit.
 
@@ -391,6 +481,8 @@ def _read_parquet_dataset(uri: str, fs, paths: list, manifest: dict, cfg, common
       classes; each map call shuffles its rows; the workers' local shuffle buffer mixes blocks.
     - ``batch_size=None`` and the same CPU/compute settings on read and map are what let Ray
       fuse them (a map with a fixed ``batch_size`` after a read is not fused).
+    - ``part=(rank, world)``: keep only the rows whose id hashes to ``rank`` (a per-worker
+      dataset when there are fewer shards than workers).
     """
     import ray.data
 
@@ -401,21 +493,26 @@ def _read_parquet_dataset(uri: str, fs, paths: list, manifest: dict, cfg, common
             "Re-run multimix prepare, or set data.reader=row_groups.", uri)
     with storage.storage_errors(uri, cfg.storage):
         total = sum(max(0, i.size or 0) for i in fs.get_file_info(paths))
-    rows = max(1, int(manifest.get("num_rows") or 1))
+    rows = max(1, int((manifest.get("num_rows") or 1) * row_fraction))
     bin_bytes = int(max(total / rows, min(TASK_ROWS * total / rows, total / 4)))
     knobs = {"RAY_DATA_PARQUET_BIN_PACKING_BYTES": str(bin_bytes),
              "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": str(max(1, min(32, -(-len(paths) // 64))))}
-    kwargs = _map_kwargs(cfg)
+    kwargs = _map_kwargs(cfg, world_size)
     read_kwargs: dict = {"num_cpus": kwargs["num_cpus"]}
-    if cfg.scaling.data_concurrency is not None:
-        read_kwargs["concurrency"] = int(cfg.scaling.data_concurrency)
+    if _concurrency(cfg, world_size) is not None:
+        read_kwargs["concurrency"] = _concurrency(cfg, world_size)
     seed = mix_keys(common["seed"], zlib.crc32(common["stream"].encode())) % (2**31)
     with _env_defaults(knobs), storage.storage_errors(uri, cfg.storage):
         ds = ray.data.read_parquet(
             paths, filesystem=fs, shuffle=ray.data.FileShuffleConfig(seed=seed), **read_kwargs)
     ds = ds.select_columns(common["columns"])
-    return ds.map_batches(partial(_block_map_fn, **common), batch_size=None,
+    return ds.map_batches(partial(_block_map_fn, part=part, **common), batch_size=None,
                           batch_format="pyarrow", zero_copy_batch=True, **kwargs)
+
+
+def _id_part(row_id: str, parts: int) -> int:
+    """Which of ``parts`` per-worker parts a row belongs to (a stable hash of its id)."""
+    return zlib.crc32(row_id.encode()) % parts
 
 
 class _env_defaults:
@@ -432,7 +529,8 @@ class _env_defaults:
             os.environ.pop(k, None)
 
 
-def _block_map_fn(batch, *, columns, batch_size, state, stream, epoch, seed, keep, **kw):
+def _block_map_fn(batch, *, columns, batch_size, state, stream, epoch, seed, keep, key,
+                  part=None, **kw):
     """One ``pyarrow.Table`` block from ``read_parquet`` → shuffled, decoded, augmented
     blocks of ``batch_size`` rows (generator UDF). The PNGs are read in place
     (:func:`binary_cells`), not copied into Python ``bytes``."""
@@ -441,11 +539,13 @@ def _block_map_fn(batch, *, columns, batch_size, state, stream, epoch, seed, kee
     keep_freed_memory()  # once per worker process: reuse freed block memory (see allocator.py)
     ids = [v if isinstance(v, str) else str(v) for v in batch.column("id").to_pylist()]
     sel = np.arange(len(ids))
-    if keep is not None:
-        sel = np.flatnonzero([v in keep for v in ids])
+    if keep is not None or part is not None:
+        sel = np.flatnonzero([(keep is None or v in keep)
+                              and (part is None or _id_part(v, part[1]) == part[0])
+                              for v in ids])
     if not len(sel):
         return
-    pass_no = _current_pass(state, stream, epoch)
+    pass_no = _current_pass(state, key, epoch)
     order = sel[np.random.default_rng([seed, pass_no, zlib.crc32(ids[sel[0]].encode()), 13]
                                       ).permutation(len(sel))].tolist()
     yield from _render_rows(batch, ids, order, columns=columns, batch_size=batch_size,
@@ -466,33 +566,61 @@ def _render_rows(table, ids: list, order: list, *, columns, batch_size, **kw):
         yield _map_fn(batch, keep=None, **kw)
 
 
-def _row_group_dataset(uri: str, fs, paths: list, cfg, common: dict):
+def row_group_index(uri: str, fs, paths: Sequence[str], storage_cfg=None) -> list:
+    """``[(path, row group, rows), ...]`` of the non-empty row groups of ``paths``: their
+    footers read on up to 16 threads (one small read per shard; S3 latency overlaps)."""
+    import pyarrow.parquet as pq
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(path):
+        with fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+        return [(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)
+                if meta.row_group(g).num_rows]
+
+    with storage.storage_errors(uri, storage_cfg):
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(paths)))) as pool:
+            return [g for per_file in pool.map(one, paths) for g in per_file]
+
+
+def _row_group_dataset(uri: str, fs, paths: list, cfg, common: dict, passes: int = 1,
+                       rank: int = 0, world_size: int = 1, footers: Optional[dict] = None):
     """multimix's own reader: ``from_items`` slots → a generator ``map_batches`` that reads
     row groups with pyarrow (footers read once, here), picked by a seeded per-pass permutation
-    (no per-pass listing; see the module docstring)."""
-    import pyarrow.parquet as pq
+    (no per-pass listing; see the module docstring).
+
+    ``passes`` consecutive passes over the pool make one execution: the items are
+    ``(pass k, slot)`` in pass order, and a task renders pass ``base + k`` (``base``: the
+    state actor's value when the task starts, set by the workers before each execution).
+    With ``world_size > 1`` the dataset holds rank ``rank``'s part (:func:`_task_groups`)."""
     import ray.data
 
-    groups = []
-    with storage.storage_errors(uri, cfg.storage):
-        for path in paths:
-            with fs.open_input_file(path) as f:
-                meta = pq.ParquetFile(f).metadata
-            groups.extend((path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)
-                          if meta.row_group(g).num_rows)
+    if footers is None:
+        footers = {}
+    key = (uri, tuple(paths))
+    if key not in footers:
+        footers[key] = row_group_index(uri, fs, paths, cfg.storage)
+    groups = footers[key]
     if not groups:
         raise DataError(f"{uri}: the Parquet shards hold no rows")
-    total = sum(g[2] for g in groups)
+    # Ranks get every world_size-th row group of each pass's permutation; with fewer row
+    # groups than ranks, every rank reads them all and keeps the rows whose id hashes to it.
+    by_rows = len(groups) < world_size
+    mine = len(groups) if by_rows else -(-(len(groups) - rank) // world_size)
+    rows = sum(g[2] for g in groups) / (world_size if by_rows else 1) * mine / len(groups)
     # Few, large tasks: one per ~TASK_ROWS rows (at least min(row groups, 4) so the CPUs stay
     # busy), each reading several row groups that a seeded per-pass permutation scatters over
     # the dataset, and shuffling their rows together.
-    n_tasks = min(len(groups), max(min(len(groups), 4), -(-total // TASK_ROWS)))
-    per_task = -(-len(groups) // n_tasks)
-    n_tasks = -(-len(groups) // per_task)
-    fn = partial(_read_map_fn, fs=fs, groups=tuple(groups), per_task=per_task, **common)
-    ds = ray.data.from_items([{"slot": k} for k in range(n_tasks)], override_num_blocks=n_tasks)
+    n_tasks = min(mine, _MAX_ITEMS, max(min(mine, 4), -(-int(rows) // TASK_ROWS)))
+    per_task = -(-mine // n_tasks)
+    n_tasks = -(-mine // per_task)
+    fn = partial(_read_map_fn, fs=fs, groups=tuple(groups), per_task=per_task,
+                 part=(rank, world_size, by_rows), **common)
+    passes = max(1, min(int(passes), _MAX_PASSES, _MAX_ITEMS // n_tasks))
+    items = [{"pass": p, "slot": k} for p in range(passes) for k in range(n_tasks)]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     return ds.map_batches(fn, batch_size=1, batch_format="numpy", zero_copy_batch=True,
-                          **_map_kwargs(cfg))
+                          **_map_kwargs(cfg, world_size))
 
 
 #: rows of the worker-side local shuffle buffer (at least 8 batches)
@@ -509,28 +637,36 @@ def _yield_rows(size: int) -> int:
 
 
 def _task_groups(slot: int, n_groups: int, per_task: int, seed: int, pass_no: int,
-                 stream: str) -> list:
+                 stream: str, rank: int = 0, world_size: int = 1) -> list:
     """Row groups of task ``slot`` in pass ``pass_no``: a seeded permutation of all row groups,
-    new every pass, cut into consecutive runs of ``per_task``."""
+    new every pass, dealt to the ``world_size`` ranks in turn (rank ``rank`` gets positions
+    ``rank, rank + world_size, ...``; all of them when ``world_size`` is 1), and the rank's
+    share cut into consecutive runs of ``per_task``."""
     perm = np.random.default_rng([seed, pass_no, zlib.crc32(stream.encode()), 7]
-                                 ).permutation(n_groups)
+                                 ).permutation(n_groups)[rank::world_size]
     return sorted(int(g) for g in perm[slot * per_task:(slot + 1) * per_task])
 
 
 def _read_map_fn(items, *, fs, groups, per_task, columns, batch_size, state, stream, epoch,
-                 seed, keep, **kw):
+                 seed, keep, key, part=(0, 1, False), **kw):
     """Read a task's row groups, shuffle their rows together and yield decoded/augmented
-    blocks of ``batch_size`` rows (generator UDF)."""
+    blocks of ``batch_size`` rows (generator UDF). ``part = (rank, world_size, by_rows)``:
+    the rank's row groups (:func:`_task_groups`), or with ``by_rows`` all of them and the rows
+    whose id hashes to the rank (:func:`_id_part`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from multimix.data.allocator import keep_freed_memory
 
     keep_freed_memory()  # once per worker process: reuse freed block memory (see allocator.py)
-    pass_no = _current_pass(state, stream, epoch)  # once per task: a task belongs to one pass
-    for slot in np.asarray(items["slot"]).tolist():
+    # once per task: a task belongs to one execution
+    base = _current_pass(state, key, epoch)
+    for k, slot in zip(np.asarray(items["pass"]).tolist(), np.asarray(items["slot"]).tolist()):
+        pass_no = base + int(k)
         tables = []
-        for g in _task_groups(int(slot), len(groups), per_task, seed, pass_no, stream):
+        rank, world, by_rows = part
+        for g in _task_groups(int(slot), len(groups), per_task, seed, pass_no, stream,
+                              *((0, 1) if by_rows else (rank, world))):
             path, group, _ = groups[g]
             with fs.open_input_file(path) as f:
                 t = pq.ParquetFile(f).read_row_group(group, columns=columns)
@@ -546,35 +682,56 @@ def _read_map_fn(items, *, fs, groups, per_task, columns, batch_size, state, str
         table = pa.concat_tables(tables)
         order = np.random.default_rng([seed, pass_no, int(slot), 11]
                                       ).permutation(table.num_rows).tolist()
+        if by_rows:
+            ids_t = table.column("id").to_pylist()
+            order = [i for i in order if _id_part(ids_t[i], world) == rank]
         yield from _render_rows(table, table.column("id").to_pylist(), order, columns=columns,
                                 batch_size=batch_size, stream=stream, seed=seed, state=state,
                                 epoch=epoch, pass_no=pass_no, **kw)
 
 
-def build_datasets(cfg, splits: Mapping[str, Any], state=None) -> dict:
-    """The streaming datasets a variant needs: ``{"unl_cls": ..., "unl_seg": ...}``.
+def build_datasets(cfg, splits: Mapping[str, Any], state=None,
+                   world_size: Optional[int] = None) -> dict:
+    """The streaming datasets a variant needs.
 
     Args:
         splits: ``{"cls": Split, "seg": Split}`` (objects with ``labeled``, ``val`` and
             ``unlabeled`` id lists; a task the variant does not use may be missing).
         state: :func:`create_state` handle (strongly recommended for training).
+        world_size: None → ``{"unl_cls": Dataset, "unl_seg": Dataset}``, one dataset per
+            stream for all workers (``TorchTrainer(datasets=...)`` with :func:`dataset_config`
+            splits it: ``data.sharding=streaming_split``); a number → ``{"unl_cls": [Dataset
+            of rank 0, ..., rank world_size - 1], ...}``, one dataset per Train worker, which
+            that worker iterates itself (``data.sharding=per_worker``: no split coordinator).
 
     ``unl_cls`` yields ``unl_weak``/``unl_strong``; ``unl_seg`` yields ``useg_img`` drawn from
     the unlabeled classification images (``data.unlabeled_seg_from="cls"``, the paper) or the
-    segmentation images beyond the label budget (``"seg"``).
+    segmentation images beyond the label budget (``"seg"``). With ``data.reader=row_groups``
+    one execution spans :func:`passes_per_execution` passes.
     """
-    configure_data_context(image_size=cfg.data.image_size)
+    configure_data_context()
     need = streams_for(cfg.model.variant)
-    out: dict = {}
+    passes = passes_per_execution(cfg)
+    want = []
     if "unl" in need:
-        out["unl_cls"] = stream_dataset(cfg.data.cls_data, _split(splits, "cls").unlabeled, cfg,
-                                        mode="pair", stream="unl_cls", state=state)
+        want.append(("unl_cls", cfg.data.cls_data, _split(splits, "cls").unlabeled,
+                     dict(mode="pair")))
     if "useg" in need:
         src = cfg.data.unlabeled_seg_from
         uri = cfg.data.cls_data if src == "cls" else cfg.data.seg_data
-        out["unl_seg"] = stream_dataset(uri, _split(splits, src).unlabeled, cfg, mode="useg",
-                                        stream="unl_seg", augment=cfg.augment.seg_augment,
-                                        state=state)
+        want.append(("unl_seg", uri, _split(splits, src).unlabeled,
+                     dict(mode="useg", augment=cfg.augment.seg_augment)))
+    out: dict = {}
+    footers: dict = {}  # each dataset's row-group index, read once for all ranks
+    for name, uri, ids, kw in want:
+        if world_size is None:
+            out[name] = stream_dataset(uri, ids, cfg, stream=name, state=state, passes=passes,
+                                       footers=footers, **kw)
+        else:
+            out[name] = [stream_dataset(uri, ids, cfg, stream=name, state=state,
+                                        passes=passes, rank=r, world_size=world_size,
+                                        footers=footers, **kw)
+                         for r in range(world_size)]
     return out
 
 
@@ -679,12 +836,21 @@ def _to_tensor(a: np.ndarray):
 
 
 class _Cycler:
-    """Fixed-size batches from a Ray Data shard, restarting the shard when it runs out."""
+    """Fixed-size batches from one unlabeled stream (a Ray Data shard or a per-worker
+    dataset: anything with ``iter_batches``), starting a new execution when one runs out.
+
+    Execution ``e`` (counted from 0 on this object) renders augmentation passes
+    ``epoch * 1000 + e * passes + k`` for its ``k < passes`` passes: the base is set on the
+    state actor under ``key`` (:func:`pass_key`) before the execution starts. Made per epoch
+    by :class:`TrainBatches` from a shard, or once per run by :func:`open_streams` (one long
+    execution then serves many epochs).
+    """
 
     def __init__(self, shard, batch_size: int, stream: str, state, epoch: int, seed: int,
-                 rank: int):
+                 rank: int, passes: int = 1, key: Optional[str] = None):
         self.shard, self.b, self.stream = shard, batch_size, stream
         self.state, self.epoch, self.seed, self.rank = state, epoch, seed, rank
+        self.passes, self.key = max(1, int(passes)), key or stream
         self.restart = 0
         self.buf: dict = {}
         self.it = None
@@ -693,8 +859,8 @@ class _Cycler:
         if self.state is not None:
             import ray
 
-            ray.get(self.state.set_pass.remote(self.stream,
-                                               self.epoch * _PASS_STRIDE + self.restart))
+            ray.get(self.state.set_pass.remote(
+                self.key, self.epoch * _PASS_STRIDE + self.restart * self.passes))
         # The tasks already shuffle the rows of their read unit; this buffer (a few hundred
         # rows: ~32 MB of pairs at 256²) also mixes the blocks of concurrent tasks.
         self.it = iter(self.shard.iter_batches(
@@ -735,13 +901,47 @@ class _Cycler:
         self.it = None
 
 
+def open_streams(cfg, shards: Mapping[str, Any], rank: int, start_epoch: int, state=None,
+                 world_size: int = 1, shared: bool = False) -> dict:
+    """One cursor per unlabeled stream for one Train worker, made once per run (or resume)
+    and handed to every epoch's :class:`TrainBatches`, so a stream's execution spans epochs
+    (Ray Data starts each execution with one task at a time for 1-2 s; see the module
+    docstring).
+
+    Args:
+        shards: ``{"unl_cls": ..., "unl_seg": ...}``: this worker's per-worker datasets
+            (:func:`build_datasets` with ``world_size``) or ``streaming_split`` shards
+            (``shared=True``: every worker reads one execution, so all use one pass key).
+        start_epoch: the first epoch of this run (a resume starts a fresh numbering of
+            passes at ``start_epoch * 1000``).
+    """
+    batch = {"unl_cls": cfg.data.unlabeled_batch, "unl_seg": cfg.data.unlabeled_seg_batch}
+    passes = passes_per_execution(cfg)
+    return {name: _Cycler(sh, batch[name], name, state, start_epoch, cfg.optim.seed, rank,
+                          passes=passes,
+                          key=name if shared else pass_key(name, rank, world_size))
+            for name, sh in shards.items() if name in batch}
+
+
+def passes_per_execution(cfg) -> int:
+    """Passes over an unlabeled pool in one Ray Data execution: ``optim.epochs`` with
+    ``data.reader=row_groups`` (each epoch is about one pass: one execution serves the run),
+    at most 500 (and at most 4,096 task items: see :func:`_row_group_dataset`); 1 with
+    ``read_parquet`` (Ray's reader runs one pass per execution)."""
+    if cfg.data.reader != "row_groups":
+        return 1
+    return max(1, min(int(cfg.optim.epochs), _MAX_PASSES))
+
+
 class TrainBatches:
     """One epoch of training batches on one Train worker (DESIGN §3 format, torch uint8).
 
     Args:
         cfg: the run's :class:`~multimix.config.Config`.
-        shards: ``{"unl_cls": DataIterator, "unl_seg": DataIterator}`` from
-            ``ray.train.get_dataset_shard`` (only those the variant uses).
+        shards: ``{"unl_cls": ..., "unl_seg": ...}`` (only those the variant uses): the
+            cursors of :func:`open_streams` (kept across epochs: a long execution serves
+            many), or anything with ``iter_batches`` (a ``ray.train.get_dataset_shard``
+            iterator, a Dataset), read from a new execution every epoch.
         labeled_cls_pool, labeled_seg_pool: :class:`LabeledPool` (or None when unused).
         rank, world_size, epoch: this worker's rank, the number of workers, the epoch.
         state: the :func:`create_state` handle given to :func:`build_datasets` (or None).
@@ -789,12 +989,15 @@ class TrainBatches:
         d = self.cfg.data
         seed = self.cfg.optim.seed
         cyclers = {}
-        if "unl" in self.need:
-            cyclers["unl"] = _Cycler(self.shards["unl_cls"], d.unlabeled_batch, "unl_cls",
-                                     self.state, self.epoch, seed, self.rank)
-        if "useg" in self.need:
-            cyclers["useg"] = _Cycler(self.shards["unl_seg"], d.unlabeled_seg_batch, "unl_seg",
-                                      self.state, self.epoch, seed, self.rank)
+        owned = []  # cursors made for this epoch only (closed at its end)
+        for s, name, b in (("unl", "unl_cls", d.unlabeled_batch),
+                           ("useg", "unl_seg", d.unlabeled_seg_batch)):
+            if s in self.need:
+                c = self.shards[name]
+                if not isinstance(c, _Cycler):
+                    c = _Cycler(c, b, name, self.state, self.epoch, seed, self.rank)
+                    owned.append(c)
+                cyclers[s] = c
         try:
             for step in range(self.steps):
                 batch: dict = {}
@@ -820,7 +1023,7 @@ class TrainBatches:
                     batch["useg_img"] = _to_tensor(cyclers["useg"].next()["useg_img"])
                 yield batch
         finally:
-            for c in cyclers.values():
+            for c in owned:
                 c.close()
 
 

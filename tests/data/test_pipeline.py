@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from multimix.bench.data import kermany_rows, v7_rows, write_dataset
+from multimix.bench.data import kermany_rows, synthetic_rows, v7_rows, write_dataset
 from multimix.config import load_config
 from multimix.data import pipeline as P
 from multimix.data.augment import Augmenter, row_keys
@@ -131,10 +131,13 @@ def test_corrupt_row_skipped_and_counted(real_sets, tmp_path, ray_local, reader)
     assert len(pool) == 6 and pool.skipped == 1
 
 
+@pytest.mark.parametrize("sharding", ["per_worker", "streaming_split"])
 @pytest.mark.parametrize("reader", READERS)
-def test_two_workers_uneven_streams_same_step_count(real_sets, ray_local, reader):
+def test_two_workers_uneven_streams_same_step_count(real_sets, ray_local, reader, sharding):
     """2 workers; unlabeled-cls pool of 37 rows, unlabeled-seg pool of 7 (shorter than one batch
-    per worker), labeled pools of 5 and 3: every worker yields exactly steps_per_epoch batches."""
+    per worker), labeled pools of 5 and 3: every worker yields exactly steps_per_epoch batches,
+    from its own datasets (per_worker) or its share of one split dataset (streaming_split),
+    through cursors kept across the two epochs (the short stream restarts)."""
     cfg = _cfg(real_sets["cls"], real_sets["seg"], model={"variant": "multimix"},
                data={"unlabeled_seg_from": "seg", "reader": reader})
     cls_ids = sorted(real_sets["cls_rows"])
@@ -146,24 +149,31 @@ def test_two_workers_uneven_streams_same_step_count(real_sets, ray_local, reader
 
     splits = {"cls": S(cls_ids[:5], cls_ids[5:42]), "seg": S(seg_ids[:3], seg_ids[3:10])}
     state = P.create_state()
-    datasets = P.build_datasets(cfg, splits, state=state)
-    assert set(datasets) == {"unl_cls", "unl_seg"}
-    assert P.dataset_config(datasets)._datasets_to_split == ["unl_cls", "unl_seg"]
-    shards = {name: ds.streaming_split(2, equal=True) for name, ds in datasets.items()}
+    if sharding == "per_worker":
+        shards = P.build_datasets(cfg, splits, state=state, world_size=2)
+        assert {k: len(v) for k, v in shards.items()} == {"unl_cls": 2, "unl_seg": 2}
+    else:
+        datasets = P.build_datasets(cfg, splits, state=state)
+        assert P.dataset_config(datasets)._datasets_to_split == ["unl_cls", "unl_seg"]
+        shards = {name: ds.streaming_split(2, equal=True) for name, ds in datasets.items()}
+    assert set(shards) == {"unl_cls", "unl_seg"}
     cls_pool = P.load_labeled_pool(cfg.data.cls_data, splits["cls"].labeled, cfg)
     seg_pool = P.load_labeled_pool(cfg.data.seg_data, splits["seg"].labeled, cfg)
     steps = 6
-    results, errors = {}, []
+    results, errors, restarts = {}, [], {}
 
     def worker(rank):
         try:
             mine = {name: its[rank] for name, its in shards.items()}
+            streams = P.open_streams(cfg, mine, rank, 0, state=state, world_size=2,
+                                     shared=sharding == "streaming_split")
             out = []
             for epoch in range(2):
-                out.append([b for b in P.TrainBatches(cfg, mine, cls_pool, seg_pool, rank, 2,
+                out.append([b for b in P.TrainBatches(cfg, streams, cls_pool, seg_pool, rank, 2,
                                                        epoch, state=state,
                                                        steps_per_epoch=steps)])
             results[rank] = out
+            restarts[rank] = streams["unl_seg"].restart
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)
 
@@ -184,8 +194,13 @@ def test_two_workers_uneven_streams_same_step_count(real_sets, ray_local, reader
                 assert b["seg_mask"].shape == (4, 1, SIZE, SIZE) and b["seg_mask"].max() <= 1
                 assert b["seg_ignore"].shape == (4, 1, SIZE, SIZE)
                 assert b["useg_img"].shape == (4, 1, SIZE, SIZE)
-    # new augmentation pass each epoch / restart
-    assert ray_local.get(state.get_pass.remote("unl_cls")) >= 1000
+    # the 7-row seg stream (3-4 rows per worker) ran out and restarted: new executions
+    # numbered on passes the earlier ones did not use
+    passes = P.passes_per_execution(cfg)
+    for rank in (0, 1):
+        assert restarts[rank] >= 2
+        key = "unl_seg" if sharding == "streaming_split" else P.pass_key("unl_seg", rank, 2)
+        assert ray_local.get(state.get_pass.remote(key)) == (restarts[rank] - 1) * passes
 
 
 def test_steps_per_epoch_rule():
@@ -236,7 +251,7 @@ def test_class_sorted_dataset_batches_mix_classes(real_sets, tmp_path, ray_local
 
 def test_read_parquet_is_fused_mixes_classes_and_reshuffles(real_sets, tmp_path, ray_local,
                                                              caplog):
-    """The default reader: ``ray.data.read_parquet`` fused with the decode/augment map into one
+    """The ``read_parquet`` reader: ``ray.data.read_parquet`` fused with the decode/augment map into one
     task per read unit, split into several read units (row groups, not one task for the whole
     set); on prepare's hashed row order its batches mix classes and change between passes;
     a dataset in the old id order is named in a warning."""
@@ -268,21 +283,83 @@ def test_read_parquet_is_fused_mixes_classes_and_reshuffles(real_sets, tmp_path,
     assert "id-order" in caplog.text and "data.reader=row_groups" in caplog.text
 
 
-def test_block_target_below_one_yield():
-    """Ray Data merges a task's yielded blocks up to ``target_max_block_size`` (128 MiB by
-    default), which held each task's output back until it ended; the pipeline lowers it below
-    one yielded block, and never raises a smaller value the user set."""
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize("shards,row_group_rows,world", [(2, 4, 3), (1, 100, 2), (3, 4, 2)])
+def test_per_worker_datasets_partition_the_pool(real_sets, tmp_path, ray_local, reader, shards,
+                                                row_group_rows, world):
+    """The per-worker datasets of one pool (data.sharding=per_worker) hold disjoint parts that
+    together are the pool, with more row groups / shards than workers and with fewer (one row
+    group in one shard: rows are dealt by id hash), for both readers."""
+    rows = _hash_order(real_sets["cls_rows"].values())
+    uri = write_dataset(str(tmp_path / "p"), rows, "cls", SIZE, shards=shards,
+                        row_group_rows=row_group_rows)
+    cfg = _cfg(uri, data={"reader": reader})
+    ids = [r["id"] for r in rows][:45]
+    parts = [set(_take_all(P.stream_dataset(uri, ids, cfg, mode="pair", stream="unl_cls",
+                                            debug=True, rank=r, world_size=world)))
+             for r in range(world)]
+    assert set().union(*parts) == set(ids)
+    assert sum(len(p) for p in parts) == len(ids)  # disjoint
+    assert all(len(p) >= len(ids) // (3 * world) for p in parts), [len(p) for p in parts]
+    with pytest.raises(ValueError, match="rank 2"):
+        P.stream_dataset(uri, ids, cfg, mode="pair", rank=2, world_size=2)
+
+
+def test_one_execution_spans_passes(real_sets, ray_local):
+    """row_groups with ``passes=3``: one execution yields every row 3 times, pass after pass
+    (one task at a time here), each pass's views rendered for augmentation pass ``base + k``
+    (``base`` = the state actor's value): re-rendered from the id they match exactly."""
+    cfg = _cfg(real_sets["cls"], data={"reader": "row_groups"})
+    ids = sorted(real_sets["cls_rows"])[:24]
+    state = P.create_state()
+    ray_local.get(state.set_pass.remote("unl_cls", 40))
+    ds = P.stream_dataset(cfg.data.cls_data, ids, cfg, mode="pair", stream="unl_cls",
+                          state=state, debug=True, passes=3)
+    seen = [(str(b["id"][k]), b["unl_weak"][k], b["unl_strong"][k])
+            for b in ds.iter_batches(batch_size=None, batch_format="numpy")
+            for k in range(len(b["id"]))]
+    assert len(seen) == 3 * len(ids)
+    aug = Augmenter.from_config(cfg.augment, SIZE)
+    src = real_sets["cls_rows"]
+    for k in range(3):  # data_concurrency=1: the passes arrive in order
+        chunk = seen[k * len(ids):(k + 1) * len(ids)]
+        assert sorted(i for i, _, _ in chunk) == ids
+        for rid, weak, strong in chunk[:6]:
+            w, s = aug.pair(src[rid]["image"][None], row_keys([rid], cfg.optim.seed, 40 + k,
+                                                               "unl_cls"))
+            assert np.array_equal(weak, w[0]) and np.array_equal(strong, s[0])
+    # passes per execution: the epochs (at most _MAX_PASSES) with row_groups, 1 with read_parquet
+    assert P.passes_per_execution(cfg) == min(cfg.optim.epochs, P._MAX_PASSES)
+    assert P.passes_per_execution(_cfg(data={"reader": "read_parquet"})) == 1
+
+
+def test_block_target_is_three_quarters_of_one_yield(ray_local, tmp_path):
+    """Ray Data merges a task's yields up to ``target_max_block_size`` (128 MiB by default:
+    each task's output held back until it ended) and slices blocks of 1.5 targets or more
+    (copying the rest into the next block). Every stream dataset is built with a target
+    between 2/3 of one yield and one yield, whatever its mode; a smaller value the user set is
+    kept, and the global context is left as it was."""
     import ray.data
 
+    rows = synthetic_rows(16, 64)
+    uri = write_dataset(str(tmp_path / "cls"), rows, "cls", 64, shards=1)
+    cfg = _cfg(uri, data={"image_size": 64})
     ctx = ray.data.DataContext.get_current()
     saved = ctx.target_max_block_size
     try:
         ctx.target_max_block_size = 128 << 20
-        P.configure_data_context(image_size=256)
-        assert ctx.target_max_block_size < P.block_bytes(256) <= 2 * ctx.target_max_block_size
+        for mode, views in (("pair", 2), ("useg", 1)):
+            for reader in ("read_parquet", "row_groups"):
+                ds = P.stream_dataset(uri, None, cfg, mode=mode, reader=reader)
+                one_yield = P.block_bytes(64) * views
+                target = ds.context.target_max_block_size
+                assert one_yield * 2 / 3 < target <= one_yield, (mode, reader, target)
+                assert target == P.block_target(64, mode)
+        assert ctx.target_max_block_size == 128 << 20
+        assert P.block_target(256, "pair") == 2 * P.block_target(256, "useg") > 1 << 20
         ctx.target_max_block_size = 1 << 20
-        P.configure_data_context(image_size=256)
-        assert ctx.target_max_block_size == 1 << 20
+        ds = P.stream_dataset(uri, None, cfg, mode="pair", reader="row_groups")
+        assert ds.context.target_max_block_size == 1 << 20
     finally:
         ctx.target_max_block_size = saved
 
