@@ -83,10 +83,11 @@ class DataConfig:
     #: pool the unlabeled segmentation stream is drawn from: the unlabeled classification
     #: images ("cls", the paper's cross-dataset setting) or the seg images beyond the budget ("seg")
     unlabeled_seg_from: Literal["cls", "seg"] = "cls"
-    #: how the unlabeled pools are streamed: "read_parquet" (``ray.data.read_parquet`` fused
-    #: with the decode/augment map; scales to many shards) or "row_groups" (multimix's own
-    #: row-group reader: no per-pass file listing, faster on small pools and few CPUs)
-    reader: Literal["read_parquet", "row_groups"] = "read_parquet"
+    #: how the unlabeled pools are read: "row_groups" (multimix's row-group reader: footers
+    #: read once, one Ray Data execution spans many epochs) or "read_parquet"
+    #: (``ray.data.read_parquet`` fused with the decode/augment map: Ray lists and bin-packs
+    #: the shards, one execution per pass)
+    reader: Literal["read_parquet", "row_groups"] = "row_groups"
     #: how the unlabeled streams reach the Train workers: "per_worker" (each worker iterates
     #: its own dataset over its part of the pool: no split coordinator, no barrier when a
     #: stream restarts) or "streaming_split" (one dataset for all workers, split by Ray
