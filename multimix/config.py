@@ -88,11 +88,13 @@ class DataConfig:
     #: (``ray.data.read_parquet`` fused with the decode/augment map: Ray lists and bin-packs
     #: the shards, one execution per pass)
     reader: Literal["read_parquet", "row_groups"] = "row_groups"
-    #: how the unlabeled streams reach the Train workers: "per_worker" (each worker iterates
-    #: its own dataset over its part of the pool: no split coordinator, no barrier when a
-    #: stream restarts) or "streaming_split" (one dataset for all workers, split by Ray
-    #: Train's DataConfig)
-    sharding: Literal["per_worker", "streaming_split"] = "per_worker"
+    #: how the unlabeled streams reach the Train workers: "streaming_split" (one dataset per
+    #: stream, split across the workers by Ray Train's DataConfig; its executor runs in a
+    #: split-coordinator actor) or "per_worker" (each worker iterates its own dataset over its
+    #: part of the pool, running the Ray Data executor in the training process: no coordinator,
+    #: but Ray 2.60's scheduling loop spins while the consumer is slower than the data, which
+    #: took the GIL from training (the demo trained ~4x slower); for data-bound consumers)
+    sharding: Literal["per_worker", "streaming_split"] = "streaming_split"
     #: per-worker batch size of each of the five streams
     cls_batch: int = 10
     unlabeled_batch: int = 10

@@ -16,8 +16,8 @@ at ``../shared/data``, else synthetic phantoms), at ``--size`` (256 by default):
    ``e2e_img_per_s_per_core``: the Ray Data pipeline read Parquet → decode → augment → batches
    with the default reader (``data.reader=row_groups``) from a temporary local Parquet set
    in ``multimix prepare``'s row order, ``--e2e-passes`` passes (default 6) consumed as a Train
-   worker does (``--e2e-sharding``, default per_worker: the consumer runs the execution
-   itself; ``streaming_split``: through a split coordinator; the pipeline's batch cursor with
+   worker does (``--e2e-sharding``, default streaming_split: through a split coordinator, as
+   training does; ``per_worker``: the consumer runs the execution itself; the pipeline's batch cursor with
    its local shuffle buffer; row_groups runs all passes in one execution, read_parquet one
    per pass): rows/s divided by the CPUs the pipeline used (wall time: other load on the
    machine lowers it); ``e2e_img_per_cpu_s``: rows per CPU-second that this process and its
@@ -163,10 +163,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (best is kept)")
     p.add_argument("--e2e-passes", type=int, default=6, help="timed passes over the e2e set "
                    "(default 6; row_groups runs them in one execution, as training does)")
-    p.add_argument("--e2e-sharding", default="per_worker",
+    p.add_argument("--e2e-sharding", default="streaming_split",
                    choices=("per_worker", "streaming_split"),
                    help="how the e2e stream reaches its consumer (data.sharding; default "
-                        "per_worker, as training does)")
+                        "streaming_split, as training does)")
     p.add_argument("--e2e-rows", type=int, default=4096,
                    help="rows of the e2e Parquet set, one pass (default 4096; the images repeated "
                         "under new ids)")
@@ -383,7 +383,7 @@ def run(args) -> int:
         import ray
         import ray.data  # configures Ray Data's logging on import
 
-        # the consumer runs the executions itself (data.sharding=per_worker): keep Ray Data's
+        # with --e2e-sharding per_worker this process runs the executions: keep Ray Data's
         # per-execution INFO lines out of the report
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 

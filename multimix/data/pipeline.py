@@ -1,21 +1,20 @@
 """The Ray Data input pipeline: prepared Parquet shards → decoded, augmented uint8 batches.
 
-Driver side (before ``TorchTrainer``), with ``data.sharding=per_worker`` (the default)::
+Driver side (before ``TorchTrainer``), with ``data.sharding=streaming_split`` (the default)::
 
     state = create_state()                                   # pass counter + skipped-row counter
-    datasets = build_datasets(cfg, splits, state=state, world_size=n_workers)
-    #   {"unl_cls": [dataset of rank 0, ...], "unl_seg": [...]}: handed to the workers
-    trainer = TorchTrainer(train_fn, train_loop_config={..., "data_state": state,
-                                                        "worker_datasets": ray.put(datasets)})
+    datasets = build_datasets(cfg, splits, state=state)      # {"unl_cls": ..., "unl_seg": ...}
+    trainer = TorchTrainer(train_fn, train_loop_config={..., "data_state": state},
+                           datasets=datasets, dataset_config=dataset_config(datasets), ...)
 
-(``data.sharding=streaming_split``: ``build_datasets(cfg, splits, state=state)`` → one dataset
-per stream, given as ``TorchTrainer(datasets=..., dataset_config=dataset_config(datasets))``
-and read through ``ray.train.get_dataset_shard``.)
+(``data.sharding=per_worker``: ``build_datasets(cfg, splits, state=state, world_size=n)`` →
+``{"unl_cls": [dataset of rank 0, ...], ...}``, handed to the workers through
+``train_loop_config``; each worker iterates its own.)
 
 Worker side (inside the train loop)::
 
-    shards = {name: per_rank[rank] for name, per_rank in worker_datasets.items()}
-    streams = open_streams(cfg, shards, rank, start_epoch, state=state, world_size=world)
+    shards = {name: ray.train.get_dataset_shard(name) for name in datasets_needed}
+    streams = open_streams(cfg, shards, rank, start_epoch, state=state, shared=True)
     cls_pool = load_labeled_pool(cfg.data.cls_data, splits["cls"].labeled, cfg)   # once
     seg_pool = load_labeled_pool(cfg.data.seg_data, splits["seg"].labeled, cfg)   # once
     for epoch in range(start_epoch, cfg.optim.epochs):
@@ -43,18 +42,21 @@ What runs where:
     classes). One execution per pass: Ray lists the files again each time (its footer reader
     starts actors).
 
-- ``data.sharding=per_worker``: each Train worker iterates its own dataset, holding its part of
-  the pool (``row_groups``: every ``world_size``-th row group of each pass's permutation;
+- ``data.sharding``: ``streaming_split`` (default): Ray Train splits one dataset per stream
+  across the workers (``equal=True``); its executor runs in a split-coordinator actor.
+  ``per_worker``: each Train worker iterates its own dataset holding its part of the pool
+  (``row_groups``: every ``world_size``-th row group of each pass's permutation;
   ``read_parquet``: every ``world_size``-th shard; rows by id hash when there are fewer row
-  groups / shards than workers), so the Ray Data executor runs in the worker and there is no
-  split coordinator: with ``streaming_split`` that actor's scheduling loop took 25-40 % of a
-  core on the 2-core VM, as much as a third of the end-to-end CPU.
+  groups / shards than workers), so the executor runs in the worker: no coordinator (whose
+  loop took 25-40 % of a core on the 2-core VM), but Ray 2.60's scheduling loop does not
+  sleep while the execution is backpressured with no task running, i.e. whenever the
+  consumer is slower than the data: in the training process it took the GIL from training
+  (the demo trained ~4x slower). For data-bound consumers only.
 - every Ray Data execution starts with a resource budget of zero for its first 1-2 s (Ray
   2.60's autoscaling coordinator answers asynchronously; one task runs meanwhile), which is
   why a ``row_groups`` execution spans epochs.
-  Measured on this 2-core VM (3 passes of 4,096 rows at 256², weak+strong; ``multimix bench
-  data`` prints these): row_groups ~1,460 img/s/core, ~1,750 after the first batch;
-  read_parquet ~590, ~770 after each pass's first batch.
+  Measured on this 2-core VM (6 passes of 4,096 rows at 256², weak+strong; ``multimix bench
+  data`` prints these; README has the figures).
 - the map reads the PNG bytes in place (:func:`binary_cells`: views of the Arrow buffers).
 - each dataset is built with Ray Data's target block size at 3/4 of one yielded block
   (:func:`block_target`): at the default (128 MiB) Ray merged a task's yields and released

@@ -28,7 +28,7 @@ def test_bench_data_e2e_local(ray_local, capsys):
     assert bench.run(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["e2e_img_per_s_per_core"] > 0 and out["e2e_s3"].startswith("skipped")
-    assert out["e2e_sharding"] == "per_worker"  # as training reads (data.sharding default)
+    assert out["e2e_sharding"] == "streaming_split"  # as training reads (data.sharding default)
     for key in ("decode_augment_img_per_s_per_core", "e2e_vs_bare", "e2e_vs_decode_augment",
                 "e2e_img_per_cpu_s", "object_store_put_ms_per_img",
                 "e2e_steady_img_per_s_per_core", "e2e_read_parquet_steady_img_per_s_per_core",

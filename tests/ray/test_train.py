@@ -51,11 +51,10 @@ def test_train_evaluate_predict_real_data(ray_local, kermany_prepared, v7_prepar
     from multimix.cli import main
     from multimix.train import train
 
-    # Ray's own path: read_parquet, split across the 2 DDP workers by Ray Train's DataConfig
-    # (the defaults, row_groups and per-worker datasets, run in the other tests)
+    # read_parquet (the default is row_groups, in the other tests), split across the 2 DDP
+    # workers by Ray Train's DataConfig (data.sharding's default)
     cfg = _cfg(tmp_path, kermany_prepared, v7_prepared, "real",
-               "data.cls_labeled=100", "data.seg_labeled=10", "data.reader=read_parquet",
-               "data.sharding=streaming_split")
+               "data.cls_labeled=100", "data.seg_labeled=10", "data.reader=read_parquet")
     result = train(cfg)
 
     # every epoch reported, validated on both tasks, checkpointed
@@ -132,8 +131,9 @@ def test_worker_killed_mid_run_restarts_without_gaps(ray_local, demo_data, tmp_p
 
     marker = tmp_path / "killed.txt"
     monkeypatch.setenv(FAULT_ENV, f"1:1:2:{marker}")  # rank 1 SIGKILLs itself at epoch 1 step 2
+    # per-worker datasets: the restarted worker group opens them again from the checkpoint
     cfg = _cfg(tmp_path, *demo_data, "faulty", "optim.epochs=3", "scaling.max_failures=2",
-               "data.cls_labeled=40", "data.seg_labeled=10")
+               "data.cls_labeled=40", "data.seg_labeled=10", "data.sharding=per_worker")
     result = train(cfg)
     assert marker.exists(), "the fault was never injected"
     assert [h["epoch"] for h in result.history] == [0, 1, 2]
