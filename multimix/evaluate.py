@@ -218,7 +218,7 @@ def _json_default(o):
 
 
 def _markdown(r: dict) -> str:
-    lines = [f"# MultiMix evaluation", "",
+    lines = ["# MultiMix evaluation", "",
              f"Checkpoint `{r['checkpoint']}` (epoch {r['epoch'] + 1}, variant `{r['variant']}`, "
              f"input {r['image_size']}²).", ""]
     if r["cls"]:

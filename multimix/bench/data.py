@@ -125,7 +125,7 @@ def kermany_rows(data_root, n: int, size: int) -> list[dict]:
 def v7_rows(data_root, n: int, size: int) -> list[dict]:
     from pathlib import Path
 
-    from multimix.data.images import binarize_mask, load_grey, resize_image, resize_mask
+    from multimix.data.images import load_grey, resize_image, resize_mask
 
     root = Path(data_root) / "v7-covid-lungs"
     out = []

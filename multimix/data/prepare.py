@@ -28,7 +28,7 @@ import time
 from collections import Counter, defaultdict
 from concurrent.futures import Future, ProcessPoolExecutor
 from datetime import datetime, timezone
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -40,7 +40,7 @@ from multimix.config import StorageConfig
 from multimix.data import storage
 from multimix.data.images import (IMAGE_PNG_LEVEL, MASK_PNG_LEVEL, encode_png, load_grey,
                                    resize_image, resize_mask)
-from multimix.data.sources import LAYOUTS, Record, Source, discover
+from multimix.data.sources import LAYOUTS, Record, discover
 from multimix.errors import DataError, UserError
 
 __all__ = [

@@ -4,7 +4,6 @@ included — equal the single-process gradients of the same global batch."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch

@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-from multimix import checkpoint as ckpt_mod
 from multimix.config import load_config
 
 pytestmark = pytest.mark.slow
