@@ -439,8 +439,7 @@ def stream_dataset(uri: str, ids: Optional[Sequence[str]], cfg, *, mode: str,
         part, frac = None, 1.0
         if world_size > 1:
             if len(paths) >= world_size:
-                frac = len(paths[rank::world_size]) / len(paths)
-                paths = paths[rank::world_size]
+                frac, paths = len(paths[rank::world_size]) / len(paths), paths[rank::world_size]
             else:
                 part = (rank, world_size)
         with _block_size(block_target(size, mode)):
@@ -501,8 +500,9 @@ def _read_parquet_dataset(uri: str, fs, paths: list, manifest: dict, cfg, common
              "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": str(max(1, min(32, -(-len(paths) // 64))))}
     kwargs = _map_kwargs(cfg, world_size)
     read_kwargs: dict = {"num_cpus": kwargs["num_cpus"]}
-    if _concurrency(cfg, world_size) is not None:
-        read_kwargs["concurrency"] = _concurrency(cfg, world_size)
+    conc = _concurrency(cfg, world_size)
+    if conc is not None:
+        read_kwargs["concurrency"] = conc
     seed = mix_keys(common["seed"], zlib.crc32(common["stream"].encode())) % (2**31)
     with _env_defaults(knobs), storage.storage_errors(uri, cfg.storage):
         ds = ray.data.read_parquet(
@@ -663,12 +663,12 @@ def _read_map_fn(items, *, fs, groups, per_task, columns, batch_size, state, str
     keep_freed_memory()  # once per worker process: reuse freed block memory (see allocator.py)
     # once per task: a task belongs to one execution
     base = _current_pass(state, key, epoch)
+    rank, world, by_rows = part
+    deal = (0, 1) if by_rows else (rank, world)  # by rows: every rank reads all row groups
     for k, slot in zip(np.asarray(items["pass"]).tolist(), np.asarray(items["slot"]).tolist()):
         pass_no = base + int(k)
         tables = []
-        rank, world, by_rows = part
-        for g in _task_groups(int(slot), len(groups), per_task, seed, pass_no, stream,
-                              *((0, 1) if by_rows else (rank, world))):
+        for g in _task_groups(int(slot), len(groups), per_task, seed, pass_no, stream, *deal):
             path, group, _ = groups[g]
             with fs.open_input_file(path) as f:
                 t = pq.ParquetFile(f).read_row_group(group, columns=columns)
@@ -684,10 +684,10 @@ def _read_map_fn(items, *, fs, groups, per_task, columns, batch_size, state, str
         table = pa.concat_tables(tables)
         order = np.random.default_rng([seed, pass_no, int(slot), 11]
                                       ).permutation(table.num_rows).tolist()
+        row_ids = table.column("id").to_pylist()
         if by_rows:
-            ids_t = table.column("id").to_pylist()
-            order = [i for i in order if _id_part(ids_t[i], world) == rank]
-        yield from _render_rows(table, table.column("id").to_pylist(), order, columns=columns,
+            order = [i for i in order if _id_part(row_ids[i], world) == rank]
+        yield from _render_rows(table, row_ids, order, columns=columns,
                                 batch_size=batch_size, stream=stream, seed=seed, state=state,
                                 epoch=epoch, pass_no=pass_no, **kw)
 
