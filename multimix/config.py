@@ -95,6 +95,11 @@ class DataConfig:
     #: but Ray 2.60's scheduling loop spins while the consumer is slower than the data, which
     #: took the GIL from training (the demo trained ~4x slower); for data-bound consumers)
     sharding: Literal["per_worker", "streaming_split"] = "streaming_split"
+    #: rows of a local shuffle buffer in each Train worker that also mixes the blocks of
+    #: concurrent data tasks; 0 (default): none, batches are cut from whole blocks, whose rows
+    #: each task already shuffled (row groups a seeded permutation scatters over the pool,
+    #: stored in a hashed order). A buffer costs the Train worker one more copy of every row
+    shuffle_buffer_rows: int = 0
     #: per-worker batch size of each of the five streams
     cls_batch: int = 10
     unlabeled_batch: int = 10
@@ -325,6 +330,8 @@ def _validate(cfg: Config) -> None:
     _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)", d.val_fraction)
     for key in ("cls_batch", "unlabeled_batch", "seg_batch", "unlabeled_seg_batch", "eval_batch"):
         _check(getattr(d, key) >= 1, f"data.{key}", "must be >= 1", getattr(d, key))
+    _check(d.shuffle_buffer_rows >= 0, "data.shuffle_buffer_rows", "must be >= 0 (0: none)",
+           d.shuffle_buffer_rows)
 
     _check(m.variant in VARIANTS, "model.variant", f"must be one of {', '.join(VARIANTS)}", m.variant)
     _check(m.width > 0, "model.width", "must be > 0", m.width)

@@ -107,6 +107,7 @@ def test_wrong_keys_and_types_name_the_key(override, match):
     ("optim.lr=0", "optim.lr: must be > 0"),
     ("augment.magnitude=11", "augment.magnitude"),
     ("scaling.num_workers=0", "scaling.num_workers"),
+    ("data.shuffle_buffer_rows=-1", "data.shuffle_buffer_rows: must be >= 0"),
 ])
 def test_out_of_range_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match) as err:
@@ -116,7 +117,8 @@ def test_out_of_range_values_name_the_key(override, match):
 
 def test_boundary_values_are_accepted():
     cfg = load_config(None, ["objective.threshold=0.01", "objective.lambda_u=0",
-                             "data.image_size=32", "data.val_fraction=0", "optim.lr=1"])
+                             "data.image_size=32", "data.val_fraction=0", "optim.lr=1",
+                             "data.shuffle_buffer_rows=0"])
     assert cfg.data.image_size == 32 and cfg.objective.lambda_u == 0.0
     assert isinstance(cfg.optim.lr, float)  # ints widen to floats
 

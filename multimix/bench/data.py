@@ -26,11 +26,16 @@ at ``../shared/data``, else synthetic phantoms), at ``--size`` (256 by default):
    read_parquet also its file listing); ``e2e_steady_img_per_s_per_core``: the rate after the
    first batch; a pass is ``--e2e-rows`` rows (default 4,096: about one epoch over Kermany's
    unlabeled pool); ``e2e_read_parquet_*``: the same
-   with ``data.reader=read_parquet``; ``e2e_s3_*`` the same from an S3 server when
-   ``--s3-endpoint`` is given;
+   with ``data.reader=read_parquet``; ``e2e_transport_*``: the default pipeline with
+   augmentation replaced by nothing (:class:`Unaugmented`: both views are the decoded image),
+   i.e. the pipeline's own cost, the most any augmentation could reach end to end here;
+   ``e2e_*_consumer_cpu_ms_per_img``: CPU of the consuming process per row (a Train worker's
+   share: the batches cut from blocks, or ``--e2e-shuffle-rows``' local shuffle buffer);
+   ``e2e_s3_*`` the same from an S3 server when ``--s3-endpoint`` is given;
 5. ``e2e_vs_bare`` = e2e / 1, ``e2e_vs_decode_augment`` = e2e / 3 (wall), and
    ``e2e_cpu_s_vs_decode_augment`` (CPU-time based); ``e2e_read_parquet_vs_bare``;
-   ``e2e_steady_vs_bare`` and ``e2e_read_parquet_steady_vs_bare`` (after the first batch).
+   ``e2e_steady_vs_bare`` and ``e2e_read_parquet_steady_vs_bare`` (after the first batch);
+   ``e2e_transport_vs_bare``.
 
 The helpers that write small prepared datasets (DESIGN §1) live here too; tests use them.
 """
@@ -167,6 +172,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=("per_worker", "streaming_split"),
                    help="how the e2e stream reaches its consumer (data.sharding; default "
                         "streaming_split, as training does)")
+    p.add_argument("--e2e-shuffle-rows", type=int, default=0, metavar="N",
+                   help="data.shuffle_buffer_rows of the e2e consumer (default 0: batches cut "
+                        "from whole blocks; N > 0: Ray Data's local shuffle buffer of N rows)")
     p.add_argument("--e2e-rows", type=int, default=4096,
                    help="rows of the e2e Parquet set, one pass (default 4096; the images repeated "
                         "under new ids)")
@@ -249,13 +257,31 @@ def _cpu_used(before: dict, after: dict) -> float:
     return sum(max(0.0, c - before.get(pid, 0.0)) for pid, c in after.items())
 
 
-def _e2e(uri: str, ids: list[str], cfg, passes: int, cpus: int) -> dict:
+class Unaugmented:
+    """Stands in for :class:`~multimix.data.augment.Augmenter` in the map tasks and renders
+    nothing: both views are the decoded image. ``bench data``'s ``e2e_transport_*`` runs
+    the pipeline with it, so what is left is the pipeline's own cost (read, decode, Ray Data's
+    tasks, object store and split, the consumer)."""
+
+    def pair(self, img, keys):
+        return img, img
+
+    def weak(self, img, keys):
+        return img
+
+    def geometric(self, keys, *arrays):
+        return arrays
+
+
+def _e2e(uri: str, ids: list[str], cfg, passes: int, cpus: int, augmenter=None) -> dict:
     """``cfg.data.reader``'s stream over ``passes`` passes, consumed as a Train worker does
     (``data.sharding``: per_worker iterates the dataset itself, streaming_split through a
     split of one; batches, local shuffle buffer and restarts from the pipeline's cursor;
     ``passes_per_execution`` passes per execution): ``wall`` rows/s/CPU, ``cpu`` rows per
     CPU-second used by the driver + Ray processes, ``first_batch_s`` (seconds from the start
-    to the first batch: one execution's start-up) and ``steady`` (rows/s/CPU after it)."""
+    to the first batch: one execution's start-up), ``steady`` (rows/s/CPU after it) and
+    ``consumer_ms`` (CPU milliseconds per row of this process, the consumer: a Train worker's
+    share). ``augmenter``: see :func:`multimix.data.pipeline.stream_dataset`."""
     import dataclasses
 
     from multimix.data import pipeline as P
@@ -265,15 +291,18 @@ def _e2e(uri: str, ids: list[str], cfg, passes: int, cpus: int) -> dict:
         cfg, optim=dataclasses.replace(cfg.optim, epochs=passes)))
 
     def source(n_passes: int):
-        ds = P.stream_dataset(uri, ids, cfg, mode="pair", stream="unl_cls", passes=n_passes)
+        ds = P.stream_dataset(uri, ids, cfg, mode="pair", stream="unl_cls", passes=n_passes,
+                              augmenter=augmenter)
         return ds if cfg.data.sharding == "per_worker" else ds.streaming_split(1, equal=True)[0]
 
     b = cfg.data.unlabeled_batch
-    warm = P._Cycler(source(1), b, "unl_cls", None, 0, 0, 0)
+    shuffle = cfg.data.shuffle_buffer_rows
+    warm = P._Cycler(source(1), b, "unl_cls", None, 0, 0, 0, shuffle_rows=shuffle)
     for _ in range(max(1, len(ids) // b)):  # warm-up pass (worker processes, imports)
         warm.next()
     warm.close()
-    cursor = P._Cycler(source(per_exec), b, "unl_cls", None, 0, 0, 0, passes=per_exec)
+    cursor = P._Cycler(source(per_exec), b, "unl_cls", None, 0, 0, 0, passes=per_exec,
+                       shuffle_rows=shuffle)
     steps = max(2, passes * len(ids) // b)
     c0, t0 = _tree_cpu(), time.perf_counter()
     cursor.next()
@@ -282,9 +311,12 @@ def _e2e(uri: str, ids: list[str], cfg, passes: int, cpus: int) -> dict:
         cursor.next()
     end = time.perf_counter()
     cursor.close()
-    wall, cpu_s = end - t0, _cpu_used(c0, _tree_cpu())
+    c1 = _tree_cpu()
+    wall, cpu_s = end - t0, _cpu_used(c0, c1)
     rows = steps * b
+    me = os.getpid()
     return {"wall": rows / wall / cpus, "cpu": rows / cpu_s if cpu_s > 0 else float("nan"),
+            "consumer_ms": (c1.get(me, 0.0) - c0.get(me, 0.0)) * 1e3 / rows,
             "first_batch_s": t_first - t0,
             "steady": (rows - b) / (end - t_first) / cpus if end > t_first else float("nan")}
 
@@ -310,6 +342,7 @@ def _e2e_fields(out: dict, res: dict, reader: str, where: str) -> None:
     out[f"e2e{where}{tag}_img_per_cpu_s"] = round(res["cpu"], 1)
     out[f"e2e{where}{tag}_first_batch_s"] = round(res["first_batch_s"], 2)
     out[f"e2e{where}{tag}_steady_img_per_s_per_core"] = round(res["steady"], 1)
+    out[f"e2e{where}{tag}_consumer_cpu_ms_per_img"] = round(res["consumer_ms"], 3)
 
 
 def _put_ms_per_row(size: int) -> float:
@@ -401,7 +434,8 @@ def run(args) -> int:
         try:
             cpus = int(ray.cluster_resources().get("CPU", cpus))
             over = {"data": {"image_size": size, "unlabeled_batch": b,
-                             "sharding": args.e2e_sharding},
+                             "sharding": args.e2e_sharding,
+                             "shuffle_buffer_rows": args.e2e_shuffle_rows},
                     "scaling": {"data_cpus_per_task": 1.0, "data_concurrency": cpus}}
             e2e_rows = [dict(r, id=f"{r['id']}#{k}") for k in range(max(1, -(-args.e2e_rows // n)))
                         for r in rows][: max(args.e2e_rows, 1)]
@@ -414,9 +448,12 @@ def run(args) -> int:
                 for reader in _READERS:
                     _e2e_fields(out, _e2e(uri, ids, _reader_cfg(cfg, reader), args.e2e_passes,
                                           cpus), reader, "")
+                _e2e_fields(out, _e2e(uri, ids, _reader_cfg(cfg, _READERS[0]), args.e2e_passes,
+                                      cpus, augmenter=Unaugmented()), "transport", "")
                 out["object_store_put_ms_per_img"] = round(_put_ms_per_row(size), 3)
                 out["e2e_cpus"] = cpus
                 out["e2e_sharding"] = args.e2e_sharding
+                out["e2e_shuffle_buffer_rows"] = args.e2e_shuffle_rows
                 if args.s3_endpoint:
                     for reader in _READERS:
                         _e2e_fields(out, _s3_e2e(args, uri, ids, over, cpus, reader), reader,
@@ -431,6 +468,7 @@ def run(args) -> int:
                 ("e2e_vs_decode_augment", "e2e_img_per_s_per_core", dec),
                 ("e2e_cpu_s_vs_decode_augment", "e2e_img_per_cpu_s", dec),
                 ("e2e_read_parquet_vs_bare", "e2e_read_parquet_img_per_s_per_core", ours),
+                ("e2e_transport_vs_bare", "e2e_transport_img_per_s_per_core", ours),
                 ("e2e_steady_vs_bare", "e2e_steady_img_per_s_per_core", ours),
                 ("e2e_read_parquet_steady_vs_bare", "e2e_read_parquet_steady_img_per_s_per_core",
                  ours)):
@@ -455,16 +493,20 @@ _LABELS = {
     "e2e_vs_decode_augment": "e2e row_groups (wall) / decode + augment",
     "e2e_cpu_s_vs_decode_augment": "e2e row_groups (CPU-s) / decode + augment",
     "e2e_read_parquet_vs_bare": "e2e read_parquet (wall) / bare augmentation",
+    "e2e_transport_vs_bare": "e2e unaugmented (wall) / bare augmentation",
     "e2e_steady_vs_bare": "e2e row_groups after 1st batch / bare",
     "e2e_read_parquet_steady_vs_bare": "e2e read_parquet after 1st batch / bare",
 }
 for _where, _w in (("", "local"), ("_s3", "S3")):
-    for _tag, _r in (("", "row_groups"), ("_read_parquet", "read_parquet")):
+    for _tag, _r in (("", "row_groups"), ("_read_parquet", "read_parquet"),
+                     ("_transport", "unaugmented")):
         _LABELS[f"e2e{_where}{_tag}_img_per_s_per_core"] = f"e2e {_r}, {_w} (img/s / CPUs, wall)"
         _LABELS[f"e2e{_where}{_tag}_img_per_cpu_s"] = f"e2e {_r}, {_w} (img per CPU-s used)"
         _LABELS[f"e2e{_where}{_tag}_first_batch_s"] = f"e2e {_r}, {_w}: start → 1st batch (s)"
         _LABELS[f"e2e{_where}{_tag}_steady_img_per_s_per_core"] = (
             f"e2e {_r}, {_w}, after the 1st batch (img/s / CPUs)")
+        _LABELS[f"e2e{_where}{_tag}_consumer_cpu_ms_per_img"] = (
+            f"e2e {_r}, {_w}: consumer CPU (ms/img)")
 
 
 def _table(out: dict) -> None:

@@ -81,6 +81,7 @@ from __future__ import annotations
 import logging
 import os
 import zlib
+from collections import deque
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterator, Mapping, Optional, Sequence
@@ -389,7 +390,8 @@ def stream_dataset(uri: str, ids: Optional[Sequence[str]], cfg, *, mode: str,
                    stream: Optional[str] = None, augment: bool = True, state=None,
                    epoch: int = 0, debug: bool = False, batch_size: Optional[int] = None,
                    reader: Optional[str] = None, passes: int = 1, rank: int = 0,
-                   world_size: int = 1, footers: Optional[dict] = None):
+                   world_size: int = 1, footers: Optional[dict] = None,
+                   augmenter: Optional[Augmenter] = None):
     """A Ray Dataset of decoded (and augmented) rows of ``uri`` restricted to ``ids``.
 
     Args:
@@ -414,6 +416,10 @@ def stream_dataset(uri: str, ids: Optional[Sequence[str]], cfg, *, mode: str,
             Its task concurrency is ``scaling.data_concurrency / world_size``.
         footers: a dict shared by calls over the same shards, so ``row_groups`` reads their
             footers once (:func:`build_datasets` passes one for all ranks).
+        augmenter: what renders the views in the map tasks (default
+            ``Augmenter.from_config(cfg.augment, image_size)``); any picklable object with the
+            same ``pair`` / ``weak`` / ``geometric`` methods (``multimix bench data`` passes
+            one that renders nothing, to measure the pipeline's own cost).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, {world_size})")
@@ -427,7 +433,7 @@ def stream_dataset(uri: str, ids: Optional[Sequence[str]], cfg, *, mode: str,
     if batch_size is None:
         batch_size = _yield_rows(size)
     common = dict(columns=columns, batch_size=batch_size, mode=mode, stream=stream, size=size,
-                  aug=Augmenter.from_config(cfg.augment, size), augment=augment,
+                  aug=augmenter or Augmenter.from_config(cfg.augment, size), augment=augment,
                   seed=int(cfg.optim.seed), keep=frozenset(ids) if ids is not None else None,
                   state=state, epoch=epoch, debug=debug,
                   key=pass_key(stream, rank, world_size))
@@ -624,9 +630,6 @@ def _row_group_dataset(uri: str, fs, paths: list, cfg, common: dict, passes: int
     return ds.map_batches(fn, batch_size=1, batch_format="numpy", zero_copy_batch=True,
                           **_map_kwargs(cfg, world_size))
 
-
-#: rows of the worker-side local shuffle buffer (at least 8 batches)
-SHUFFLE_ROWS = 256
 
 #: rows one pipeline task reads, decodes and augments (several row groups)
 TASK_ROWS = 1024
@@ -841,6 +844,12 @@ class _Cycler:
     """Fixed-size batches from one unlabeled stream (a Ray Data shard or a per-worker
     dataset: anything with ``iter_batches``), starting a new execution when one runs out.
 
+    With ``shuffle_rows=0`` (``data.shuffle_buffer_rows``, the default) it takes whole blocks
+    from Ray Data and cuts its batches from them itself, copying each batch's rows once (out
+    of the read-only object store memory: torch tensors must be writable). With ``shuffle_rows > 0``
+    Ray Data's local shuffle buffer of that many rows also mixes the blocks of concurrent tasks
+    (one more copy of every row, in this process).
+
     Execution ``e`` (counted from 0 on this object) renders augmentation passes
     ``epoch * 1000 + e * passes + k`` for its ``k < passes`` passes: the base is set on the
     state actor under ``key`` (:func:`pass_key`) before the execution starts. Made per epoch
@@ -849,12 +858,15 @@ class _Cycler:
     """
 
     def __init__(self, shard, batch_size: int, stream: str, state, epoch: int, seed: int,
-                 rank: int, passes: int = 1, key: Optional[str] = None):
+                 rank: int, passes: int = 1, key: Optional[str] = None, shuffle_rows: int = 0):
         self.shard, self.b, self.stream = shard, batch_size, stream
         self.state, self.epoch, self.seed, self.rank = state, epoch, seed, rank
         self.passes, self.key = max(1, int(passes)), key or stream
+        self.shuffle_rows = max(0, int(shuffle_rows or 0))
         self.restart = 0
-        self.buf: dict = {}
+        self.parts: deque = deque()  # blocks (or batches) received, not yet handed out
+        self.off = 0  # rows of parts[0] already handed out
+        self.have = 0  # rows available: sum of the parts' rows - off
         self.it = None
 
     def _start_pass(self):
@@ -863,18 +875,24 @@ class _Cycler:
 
             ray.get(self.state.set_pass.remote(
                 self.key, self.epoch * _PASS_STRIDE + self.restart * self.passes))
-        # The tasks already shuffle the rows of their read unit; this buffer (a few hundred
-        # rows: ~32 MB of pairs at 256²) also mixes the blocks of concurrent tasks.
-        self.it = iter(self.shard.iter_batches(
-            batch_size=self.b, batch_format="numpy", prefetch_batches=4,
-            local_shuffle_buffer_size=max(8 * self.b, SHUFFLE_ROWS),
-            local_shuffle_seed=mix_keys(self.seed, self.epoch, self.restart, self.rank) % (2**31)))
+        if self.shuffle_rows:
+            it = self.shard.iter_batches(
+                batch_size=self.b, batch_format="numpy", prefetch_batches=4,
+                local_shuffle_buffer_size=max(self.shuffle_rows, self.b),
+                local_shuffle_seed=mix_keys(self.seed, self.epoch, self.restart,
+                                            self.rank) % (2**31))
+        else:
+            # whole blocks: each task already shuffled the rows it read (row groups that a
+            # seeded permutation scatters over the pool, stored in a hashed order)
+            it = self.shard.iter_batches(batch_size=None, batch_format="numpy",
+                                         prefetch_batches=2)
+        self.it = iter(it)
         self.restart += 1
 
     def next(self) -> dict:
         empty_passes = 0
         got = True
-        while not self.buf or len(next(iter(self.buf.values()))) < self.b:
+        while self.have < self.b:
             if self.it is None:
                 self._start_pass()
                 got = False
@@ -890,14 +908,27 @@ class _Cycler:
                             "than the number of workers?)") from None
                 continue
             got = True
-            if not self.buf:
-                self.buf = {k: np.asarray(v) for k, v in part.items()}
-            else:
-                self.buf = {k: np.concatenate([self.buf[k], np.asarray(part[k])])
-                            for k in self.buf}
-        out = {k: v[: self.b] for k, v in self.buf.items()}
-        self.buf = {k: v[self.b:] for k, v in self.buf.items()}
-        return out
+            part = {k: np.asarray(v) for k, v in part.items()}
+            n = len(next(iter(part.values()))) if part else 0
+            if n:
+                self.parts.append(part)
+                self.have += n
+        pieces = []
+        need = self.b
+        while need:
+            head = self.parts[0]
+            n = len(next(iter(head.values())))
+            take = min(need, n - self.off)
+            pieces.append({k: v[self.off:self.off + take] for k, v in head.items()})
+            self.off += take
+            need -= take
+            if self.off == n:
+                self.parts.popleft()
+                self.off = 0
+        self.have -= self.b
+        if len(pieces) == 1:  # a view of one block: read-only when it lies in the object store
+            return {k: v if v.flags.writeable else v.copy() for k, v in pieces[0].items()}
+        return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
 
     def close(self):
         self.it = None
@@ -920,7 +951,7 @@ def open_streams(cfg, shards: Mapping[str, Any], rank: int, start_epoch: int, st
     batch = {"unl_cls": cfg.data.unlabeled_batch, "unl_seg": cfg.data.unlabeled_seg_batch}
     passes = passes_per_execution(cfg)
     return {name: _Cycler(sh, batch[name], name, state, start_epoch, cfg.optim.seed, rank,
-                          passes=passes,
+                          passes=passes, shuffle_rows=cfg.data.shuffle_buffer_rows,
                           key=name if shared else pass_key(name, rank, world_size))
             for name, sh in shards.items() if name in batch}
 
@@ -997,7 +1028,8 @@ class TrainBatches:
             if s in self.need:
                 c = self.shards[name]
                 if not isinstance(c, _Cycler):
-                    c = _Cycler(c, b, name, self.state, self.epoch, seed, self.rank)
+                    c = _Cycler(c, b, name, self.state, self.epoch, seed, self.rank,
+                                shuffle_rows=d.shuffle_buffer_rows)
                     owned.append(c)
                 cyclers[s] = c
         try:

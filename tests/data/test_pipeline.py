@@ -383,3 +383,66 @@ def test_binary_cells_are_zero_copy_views_with_nulls_slices_and_chunks():
     assert np.frombuffer(cell, np.uint8).ctypes.data == big.buffers()[2].address
     assert P.binary_cells(pa.array([None, None])) == [None, None]  # all-null column
     assert P.binary_cells(pa.array(["x"], pa.string())) == ["x"]  # other types: as Python values
+
+
+class _FakeShard:
+    """Stands in for a Ray Data shard: ``iter_batches`` yields the given blocks (read-only,
+    as blocks in the object store are) and records its arguments."""
+
+    def __init__(self, blocks):
+        self.blocks, self.calls = blocks, []
+
+    def iter_batches(self, **kw):
+        self.calls.append(kw)
+        for n0, n in self.blocks:
+            a = np.arange(n0, n0 + n, dtype=np.int64)
+            a.flags.writeable = False
+            yield {"unl_weak": a, "unl_strong": a + 1000}
+
+
+def test_cursor_cuts_batches_from_whole_blocks():
+    """data.shuffle_buffer_rows=0: whole blocks of uneven sizes are cut into batches in
+    order, across block boundaries and across executions; every batch is writable (torch
+    needs that) and only its own rows are copied."""
+    shard = _FakeShard([(0, 7), (7, 3), (10, 5)])  # 15 rows per execution
+    c = P._Cycler(shard, 4, "unl_cls", None, 0, 0, 0)
+    got = [c.next() for _ in range(8)]  # 32 rows: two executions and a bit
+    assert [kw["batch_size"] for kw in shard.calls] == [None, None, None]
+    assert all("local_shuffle_buffer_size" not in kw for kw in shard.calls)
+    flat = np.concatenate([b["unl_weak"] for b in got])
+    assert flat.tolist() == (list(range(15)) * 3)[:32]
+    for b in got:
+        assert b["unl_weak"].shape == (4,) and b["unl_weak"].flags.writeable
+        np.testing.assert_array_equal(b["unl_strong"], b["unl_weak"] + 1000)
+        b["unl_weak"][0] = -1  # a copy: the block is untouched
+    assert c.next()["unl_weak"].tolist() == [2, 3, 4, 5]  # rows 32.. = 2.. of execution 3
+
+
+def test_cursor_shuffle_buffer_and_empty_shard():
+    """shuffle_rows > 0 asks Ray Data for batches through a local shuffle buffer (at least
+    one batch); a shard that stays empty for two executions is an error naming the stream."""
+    shard = _FakeShard([(0, 8)])
+    c = P._Cycler(shard, 4, "unl_cls", None, 0, 0, 0, shuffle_rows=2)
+    c.next()
+    kw = shard.calls[0]
+    assert kw["batch_size"] == 4 and kw["local_shuffle_buffer_size"] == 4
+    empty = P._Cycler(_FakeShard([]), 4, "unl_seg", None, 0, 0, 0)
+    with pytest.raises(P.DataError, match="unl_seg"):
+        empty.next()
+
+
+@pytest.mark.parametrize("reader", READERS)
+def test_augmenter_hook_renders_the_views(real_sets, ray_local, reader):
+    """``stream_dataset(augmenter=...)`` replaces what renders the views in the map tasks:
+    with ``bench data``'s :class:`Unaugmented` both views are the stored image itself (what
+    its ``e2e_transport_*`` figures carry)."""
+    from multimix.bench.data import Unaugmented
+
+    cfg = _cfg(real_sets["cls"], data={"reader": reader})
+    ids = sorted(real_sets["cls_rows"])[:12]
+    rows = _take_all(P.stream_dataset(cfg.data.cls_data, ids, cfg, mode="pair",
+                                      stream="unl_cls", debug=True, augmenter=Unaugmented()))
+    assert sorted(rows) == ids
+    for rid, r in rows.items():
+        src = real_sets["cls_rows"][rid]["image"]
+        assert np.array_equal(r["unl_weak"], src) and np.array_equal(r["unl_strong"], src)
