@@ -64,6 +64,9 @@ What runs where:
 - labeled pools are small: loaded once per worker, decoded to ``uint8`` arrays
   (:class:`LabeledPool`), sampled with replacement (seeded by seed/rank/epoch/step); their weak
   view (a flip + crop slice) is rendered on the worker (a few µs per image).
+- each worker's cursor (:class:`_Cycler`) cuts its fixed-size unlabeled batches from whole
+  blocks (their rows already shuffled by the task); ``data.shuffle_buffer_rows > 0`` puts
+  Ray Data's local shuffle buffer in front of it.
 - every worker yields exactly ``steps_per_epoch`` batches: a stream that runs short starts a
   new execution (per_worker: on its own; streaming_split: all workers at the same step, since
   ``equal=True`` shards have the same size), so DDP never waits on a missing batch.
@@ -485,7 +488,8 @@ def _read_parquet_dataset(uri: str, fs, paths: list, manifest: dict, cfg, common
       and never over a value the user exported (older Rays ignore them).
     - mixing: shard order is shuffled per pass (seeded ``FileShuffleConfig``, reseeded each
       execution); ``multimix prepare`` stores rows in a hashed order, so every row group mixes
-      classes; each map call shuffles its rows; the workers' local shuffle buffer mixes blocks.
+      classes; each map call shuffles its rows (and with ``data.shuffle_buffer_rows > 0`` a
+      local shuffle buffer in each worker mixes blocks).
     - ``batch_size=None`` and the same CPU/compute settings on read and map are what let Ray
       fuse them (a map with a fixed ``batch_size`` after a read is not fused).
     - ``part=(rank, world)``: keep only the rows whose id hashes to ``rank`` (a per-worker
@@ -846,9 +850,9 @@ class _Cycler:
 
     With ``shuffle_rows=0`` (``data.shuffle_buffer_rows``, the default) it takes whole blocks
     from Ray Data and cuts its batches from them itself, copying each batch's rows once (out
-    of the read-only object store memory: torch tensors must be writable). With ``shuffle_rows > 0``
-    Ray Data's local shuffle buffer of that many rows also mixes the blocks of concurrent tasks
-    (one more copy of every row, in this process).
+    of the read-only object store memory: torch tensors must be writable). With
+    ``shuffle_rows > 0`` Ray Data's local shuffle buffer of that many rows also mixes the
+    blocks of concurrent tasks (one more copy of every row, in this process).
 
     Execution ``e`` (counted from 0 on this object) renders augmentation passes
     ``epoch * 1000 + e * passes + k`` for its ``k < passes`` passes: the base is set on the
