@@ -17,18 +17,19 @@ at ``../shared/data``, else synthetic phantoms), at ``--size`` (256 by default):
    with the default reader (``data.reader=row_groups``) from a temporary local Parquet set
    in ``multimix prepare``'s row order, ``--e2e-passes`` passes (default 6) consumed as a Train
    worker does (``--e2e-sharding``, default streaming_split: through a split coordinator, as
-   training does; ``per_worker``: the consumer runs the execution itself; the pipeline's batch cursor with
-   its local shuffle buffer; row_groups runs all passes in one execution, read_parquet one
-   per pass): rows/s divided by the CPUs the pipeline used (wall time: other load on the
-   machine lowers it); ``e2e_img_per_cpu_s``: rows per CPU-second that this process and its
-   Ray processes actually used (robust to other load); ``e2e_first_batch_s``: seconds from
-   the start to the first batch (an execution's start-up: Ray's execution start, for
-   read_parquet also its file listing); ``e2e_steady_img_per_s_per_core``: the rate after the
-   first batch; a pass is ``--e2e-rows`` rows (default 4,096: about one epoch over Kermany's
-   unlabeled pool); ``e2e_read_parquet_*``: the same
-   with ``data.reader=read_parquet``; ``e2e_transport_*``: the default pipeline with
-   augmentation replaced by nothing (:class:`Unaugmented`: both views are the decoded image),
-   i.e. the pipeline's own cost, the most any augmentation could reach end to end here;
+   training does; ``per_worker``: the consumer runs the execution itself; through the
+   pipeline's batch cursor, with a local shuffle buffer only when ``--e2e-shuffle-rows`` is
+   set; row_groups runs all passes in one execution, read_parquet one per pass): rows/s
+   divided by the CPUs the pipeline used (wall time: other load on the machine lowers it);
+   ``e2e_img_per_cpu_s``: rows per CPU-second that this process and its Ray processes used
+   (robust to other load); ``e2e_first_batch_s``: seconds from the start to the first batch
+   (an execution's start-up: Ray's execution start, for read_parquet also its file listing);
+   ``e2e_steady_img_per_s_per_core``: the rate after the first batch; a pass is
+   ``--e2e-rows`` rows (default 4,096: about one epoch over Kermany's unlabeled pool);
+   ``e2e_read_parquet_*``: the same with ``data.reader=read_parquet``; ``e2e_transport_*``:
+   the default pipeline with augmentation replaced by nothing (:class:`Unaugmented`: both
+   views are the decoded image), i.e. the pipeline's own cost, the most any augmentation
+   could reach end to end here;
    ``e2e_*_consumer_cpu_ms_per_img``: CPU of the consuming process per row (a Train worker's
    share: the batches cut from blocks, or ``--e2e-shuffle-rows``' local shuffle buffer);
    ``e2e_s3_*`` the same from an S3 server when ``--s3-endpoint`` is given;
@@ -276,7 +277,8 @@ class Unaugmented:
 def _e2e(uri: str, ids: list[str], cfg, passes: int, cpus: int, augmenter=None) -> dict:
     """``cfg.data.reader``'s stream over ``passes`` passes, consumed as a Train worker does
     (``data.sharding``: per_worker iterates the dataset itself, streaming_split through a
-    split of one; batches, local shuffle buffer and restarts from the pipeline's cursor;
+    split of one; batches (and a local shuffle buffer with ``data.shuffle_buffer_rows``)
+    and restarts from the pipeline's cursor;
     ``passes_per_execution`` passes per execution): ``wall`` rows/s/CPU, ``cpu`` rows per
     CPU-second used by the driver + Ray processes, ``first_batch_s`` (seconds from the start
     to the first batch: one execution's start-up), ``steady`` (rows/s/CPU after it) and
