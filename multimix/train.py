@@ -228,7 +228,8 @@ def init_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, configure_logging=False)
+    # "local": a new local Ray, never one found through /tmp/ray/ray_current_cluster
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
 
 
 def train(cfg: Config, callbacks: list | None = None) -> TrainResult:

@@ -430,8 +430,8 @@ def run(args) -> int:
         cpus = args.cpus or os.cpu_count() or 1
         started = False
         if not ray.is_initialized():
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
             started = True
         try:
             cpus = int(ray.cluster_resources().get("CPU", cpus))
