@@ -409,11 +409,29 @@ def summarize(per_image: Mapping[str, Any]) -> dict:
 # accumulators and DDP
 
 
+def collective_device(group=None):
+    """The device that tensors of a collective on ``group`` (default: the default process group)
+    must be on: the current CUDA device when the group's only backend is NCCL (NCCL accepts only
+    CUDA tensors: "No backend type associated with device type cpu"), else the CPU (gloo, or a
+    group with both backends, ``cpu:gloo,cuda:nccl``). The current CUDA device must be this
+    rank's own (``torch.cuda.set_device``; Ray Train sets it before the training function runs).
+    """
+    import torch
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend(group)).lower()
+    if "nccl" in backend and "gloo" not in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_gather_state(state: dict) -> list[dict]:
     """Collect one accumulator state from every DDP rank.
 
     Uses :func:`torch.distributed.all_gather_object` when a process group is initialised (every
-    rank must call this, collectively); otherwise it is a no-op that returns ``[state]``.
+    rank must call this, collectively); otherwise it is a no-op that returns ``[state]``. Under
+    NCCL, ``all_gather_object`` moves the pickled state through the current CUDA device (see
+    :func:`collective_device`), so each rank must have set its own (``torch.cuda.set_device``).
 
     Returns:
         list of states in rank order (length = world size).

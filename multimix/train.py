@@ -299,13 +299,17 @@ def _log(rank: int, msg: str) -> None:
 
 
 def _mean_over_workers(values: dict[str, float]) -> dict[str, float]:
+    """The mean of each value over the workers (all-reduce on the process group's device: a
+    CUDA tensor under NCCL, see :func:`multimix.metrics.collective_device`)."""
     import torch
     import torch.distributed as dist
+
+    from multimix.metrics import collective_device
 
     if not (dist.is_available() and dist.is_initialized()) or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
@@ -358,6 +362,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cuda":  # collectives under NCCL use the current device (Ray sets it too)
+        torch.cuda.set_device(device)
     torch.manual_seed(cfg.optim.seed + rank)
 
     model = prepare_model(create_model(cfg.model), cfg, device)  # channels_last / compile
