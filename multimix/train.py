@@ -237,6 +237,10 @@ def train(cfg: Config, callbacks: list | None = None) -> TrainResult:
     init_ray(cfg)
     from ray.train.base_trainer import TrainingFailedError
 
+    from multimix import resources
+
+    resources.check(cfg.scaling)  # fails at once when no node could ever place the workers
+
     from multimix.data import storage
 
     inputs = prepare_inputs(cfg)

@@ -1,0 +1,172 @@
+"""Checks that the cluster can place the configured Train workers before training waits for them.
+
+Ray Train waits silently (Ray only logs that no node type fits ``{'GPU': 1}``) when the workers
+ask for more than the cluster has. :func:`check` runs on the driver before the trainer starts:
+
+* no autoscaler that could add nodes (a local Ray, a fixed cluster): a worker that fits on no
+  node, or fewer places than ``scaling.num_workers``, raises :class:`ConfigError` at once, one
+  line naming the key (``scaling.use_gpu`` / ``scaling.gpus_per_worker`` /
+  ``scaling.cpus_per_worker`` / ``scaling.num_workers``) and what the cluster has;
+* an autoscaler (the cluster launcher's, KubeRay's; v1 or v2): a background thread prints what
+  is waited for every 30 s until the nodes are there.
+
+:func:`shortfall` is the decision (pure: node resources in, message out).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Mapping, Optional, Sequence
+
+from multimix.config import ConfigError
+
+#: "1" / "0" overrides autoscaler detection (tests; clusters whose autoscaler is not seen)
+AUTOSCALER_ENV = "MULTIMIX_AUTOSCALER"
+#: seconds between two "waiting for ..." lines
+REPORT_EVERY_S = 30.0
+
+logger = logging.getLogger("multimix.resources")
+
+
+def worker_request(scaling) -> dict[str, float]:
+    """Resources one Train worker asks for: ``{"CPU": c, "GPU": g}`` (GPU only with use_gpu)."""
+    req = {"CPU": float(scaling.cpus_per_worker)}
+    if scaling.use_gpu:
+        req["GPU"] = float(scaling.gpus_per_worker)
+    return req
+
+
+def places(nodes: Sequence[Mapping[str, float]], request: Mapping[str, float]) -> int:
+    """How many workers asking for ``request`` fit on ``nodes`` (each node's total resources;
+    a worker never spans nodes)."""
+    total = 0
+    for node in nodes:
+        fits = [node.get(k, 0.0) / v for k, v in request.items() if v > 0]
+        total += int(min(fits) + 1e-9) if fits else sys.maxsize
+    return total
+
+
+def _describe(nodes: Sequence[Mapping[str, float]]) -> str:
+    cpus = sum(n.get("CPU", 0.0) for n in nodes)
+    gpus = sum(n.get("GPU", 0.0) for n in nodes)
+    per = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes[:4])
+    more = f", ... ({len(nodes)} nodes)" if len(nodes) > 4 else ""
+    return (f"{len(nodes)} node(s), {cpus:g} CPUs and {gpus:g} GPUs in all "
+            f"(per node: {per}{more})")
+
+
+def shortfall(scaling, nodes: Sequence[Mapping[str, float]]) -> Optional[str]:
+    """None when ``scaling.num_workers`` workers fit on ``nodes``; else one line naming the key
+    to change and what the cluster has."""
+    req = worker_request(scaling)
+    n = int(scaling.num_workers)
+    have = places(nodes, req)
+    if have >= n:
+        return None
+    where = _describe(nodes)
+    gpus = sum(node.get("GPU", 0.0) for node in nodes)
+    if scaling.use_gpu and gpus == 0:
+        return (f"scaling.use_gpu: is true but the cluster has no GPU ({where}); "
+                "set scaling.use_gpu=false or run on a GPU cluster")
+    if scaling.use_gpu and not any(node.get("GPU", 0.0) >= req["GPU"] for node in nodes):
+        return (f"scaling.gpus_per_worker: {req['GPU']:g} GPUs per worker fit on no node "
+                f"({where})")
+    if have == 0 or not any(node.get("CPU", 0.0) >= req["CPU"] for node in nodes):
+        return (f"scaling.cpus_per_worker: {req['CPU']:g} CPUs per worker"
+                + (f" with {req['GPU']:g} GPU" if "GPU" in req else "")
+                + f" fit on no node ({where})")
+    what = " + ".join(f"{v:g} {k}" for k, v in req.items())
+    return (f"scaling.num_workers: {n} workers of {what} need more than the cluster has: "
+            f"{have} fit ({where})")
+
+
+def autoscaler_running() -> bool:
+    """Whether an autoscaler that can add nodes serves the connected Ray cluster.
+
+    Autoscaler v1 (cluster launcher, KubeRay) writes its report into the GCS key-value store;
+    a plain ``ray start`` / ``ray.init`` runs the same monitor read-only, whose node types are
+    named after the nodes (``node_<id>``), so only configured node type names count. Autoscaler
+    v2 reports its state to the GCS (a state version above 0). ``$MULTIMIX_AUTOSCALER`` = 1/0
+    overrides the detection.
+    """
+    env = os.environ.get(AUTOSCALER_ENV)
+    if env in ("0", "1"):
+        return env == "1"
+    import json
+
+    import ray
+
+    try:
+        from ray._private import ray_constants
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        if raw:
+            report = json.loads(raw).get("autoscaler_report") or {}
+            mapping = report.get("node_type_mapping") or {}
+            if any(t != f"node_{nid}" for nid, t in mapping.items()):
+                return True
+    except Exception as exc:  # noqa: BLE001 - internal API: a failure means "not seen"
+        logger.debug("autoscaler v1 status not readable: %s", exc)
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        if int(status.stats.autoscaler_version or 0) > 0:
+            return True
+    except Exception as exc:  # noqa: BLE001
+        logger.debug("autoscaler v2 status not readable: %s", exc)
+    return False
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """Total resources of each alive node of the connected cluster."""
+    import ray
+
+    return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+
+
+class _WaitReporter(threading.Thread):
+    """Prints what the run waits for every ``every`` seconds until the workers fit."""
+
+    def __init__(self, scaling, every: float = REPORT_EVERY_S, out=None):
+        super().__init__(name="multimix-wait-reporter", daemon=True)
+        self.scaling, self.every, self.out = scaling, every, out or sys.stdout
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        while not self.stopped.wait(self.every):
+            try:
+                msg = shortfall(self.scaling, cluster_nodes())
+            except Exception:  # noqa: BLE001 - Ray went away: nothing left to report
+                return
+            if msg is None:
+                print("[multimix] the cluster can now place the Train workers", file=self.out,
+                      flush=True)
+                return
+            print(f"[multimix] waiting {time.monotonic() - t0:.0f} s for the autoscaler: "
+                  f"{msg}", file=self.out, flush=True)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def check(scaling, every: float = REPORT_EVERY_S) -> Optional[_WaitReporter]:
+    """Before the trainer starts (Ray connected): raise :class:`ConfigError` when the workers
+    cannot be placed and no autoscaler could add nodes; with an autoscaler, print what is
+    waited for (now and every ``every`` s, from a daemon thread, returned; ``stop()`` ends it).
+    Returns None when the workers fit."""
+    msg = shortfall(scaling, cluster_nodes())
+    if msg is None:
+        return None
+    if not autoscaler_running():
+        raise ConfigError(f"{msg}; no autoscaler can add nodes to this cluster")
+    print(f"[multimix] waiting for the autoscaler: {msg}", flush=True)
+    reporter = _WaitReporter(scaling, every)
+    reporter.start()
+    return reporter
