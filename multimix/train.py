@@ -167,8 +167,11 @@ def _split_dict(split) -> dict:
             "unlabeled": list(split.unlabeled)}
 
 
-def build_trainer(cfg: Config, inputs: dict, callbacks: list | None = None):
-    """The :class:`TorchTrainer` for ``cfg`` (exposed so Ray Tune trials can run it)."""
+def build_trainer(cfg: Config, inputs: dict, callbacks: list | None = None, loop=None,
+                  extra: dict | None = None):
+    """The :class:`TorchTrainer` for ``cfg`` (exposed so Ray Tune trials can run it).
+    ``loop`` replaces :func:`train_loop_per_worker` and ``extra`` adds to its config
+    (``multimix bench train``)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -204,6 +207,7 @@ def build_trainer(cfg: Config, inputs: dict, callbacks: list | None = None):
         "data_state": inputs["data_state"],
         "datasets": sorted(inputs["datasets"]),
         "steps": inputs["steps"],
+        **(extra or {}),
     }
     datasets = inputs["datasets"]
     if cfg.data.sharding == "per_worker":
@@ -213,7 +217,7 @@ def build_trainer(cfg: Config, inputs: dict, callbacks: list | None = None):
     else:
         trainer_data = dict(datasets=datasets, dataset_config=pipeline.dataset_config(datasets))
     return TorchTrainer(
-        train_loop_per_worker,
+        loop or train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=scaling,
         run_config=run_config,

@@ -11,6 +11,8 @@ import importlib
 SUBCOMMANDS = {
     "step": ("multimix.bench.step", "img/s and peak memory of one MultiMix step vs the naive step"),
     "data": ("multimix.bench.data", "weak+strong augmentation pairs/s per core vs the paper's"),
+    "train": ("multimix.bench.train", "does Ray Data keep the step fed? pipeline → Train "
+                                      "worker → train_step vs the bare step"),
 }
 
 

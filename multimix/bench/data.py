@@ -218,9 +218,9 @@ def _cpu_rate(fn, n_items: int, reps: int) -> float:
     return n_items / max(best, 1e-9)
 
 
-def _tree_cpu() -> dict:
-    """``{pid: CPU seconds}`` of this process and all its descendants (the local Ray cluster
-    it started: GCS, raylet, workers), read from /proc (empty where there is no /proc).
+def _tree_cpu(root: int | None = None) -> dict:
+    """``{pid: CPU seconds}`` of this process (or ``root``) and all its descendants (the local
+    Ray cluster it started: GCS, raylet, workers), read from /proc (empty where there is none).
 
     Each process counts its own time plus that of its children that have exited and been
     waited for (``cutime``/``cstime``), so processes that end during a measurement (Ray kills
@@ -241,7 +241,7 @@ def _tree_cpu() -> dict:
             cpu[int(d)] = sum(int(x) for x in st[11:15]) / tick  # u/s time + reaped children
     except (OSError, ValueError, AttributeError):
         return {}
-    me, out = os.getpid(), {}
+    me, out = root or os.getpid(), {}
     for pid in cpu:
         p, seen = pid, 0
         while p and p != me and seen < 64:
