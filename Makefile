@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= $(abspath ../shared/data)
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-check clean
 
 $(BIN)/multimix: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: install
 bench: install
 	$(BIN)/multimix bench step
 	$(BIN)/multimix bench data
+
+# On a fresh GPU node (no install needed; see scripts/README.md): collectives, bench step/train
+# on CUDA, a 2-epoch GPU run + evaluate; summary in out/gpu-check/gpu_check.{json,md}
+gpu-check:
+	scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) out runs

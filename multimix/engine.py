@@ -97,6 +97,10 @@ def prepare_model(model: nn.Module, cfg, device) -> nn.Module:
     if optim.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if optim.compile:
+        import torch._dynamo
+
+        # a block that fails to compile runs eagerly (dynamo logs why) instead of failing the run
+        torch._dynamo.config.suppress_errors = True
         net = unwrap(model)
         # The saliency pass calls autograd.grad inside forward: compile the blocks, not forward.
         for block in net.encoder.blocks:

@@ -234,9 +234,36 @@ def _cuda_memory(step, model, batch, opt, cfg, device) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
+def _compiled_setup(args):
+    """:func:`_setup`, with ``--compile`` tried on one step of each kind first: where it fails,
+    one line on stderr and the model is rebuilt without compile (``compile_fallback``)."""
+    cfg, device, model, opt, batch = _setup(args)
+    if not args.compile:
+        return cfg, device, model, opt, batch, None
+    import torch._dynamo
+
+    suppress = torch._dynamo.config.suppress_errors
+    torch._dynamo.config.suppress_errors = False  # here a failure must show
+    try:
+        for which in ("ours", "baseline"):
+            _step_fn(which)(model, batch, opt, cfg, device)
+        return cfg, device, model, opt, batch, None
+    except Exception as exc:  # noqa: BLE001 - any compile failure: measure eagerly
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+        print(f"bench step: --compile failed ({reason}); measuring without compile",
+              file=sys.stderr, flush=True)
+        args.compile = False
+        del model, opt
+        torch._dynamo.reset()
+        cfg, device, model, opt, batch = _setup(args)
+        return cfg, device, model, opt, batch, reason
+    finally:
+        torch._dynamo.config.suppress_errors = suppress
+
+
 def measure(args) -> dict:
     """Run the benchmark; return the result dict (what ``--json`` prints)."""
-    cfg, device, model, opt, batch = _setup(args)
+    cfg, device, model, opt, batch, fallback = _compiled_setup(args)
     steps = {"ours": _step_fn("ours"), "baseline": _step_fn("baseline")}
     images = len(STREAMS) * args.batch
 
@@ -289,6 +316,9 @@ def measure(args) -> dict:
             "width": args.width, "variant": args.variant, "iters": args.iters,
             "warmup": args.warmup, "threads": args.threads or torch.get_num_threads(),
             "mem_method": mem.get("ours", {}).get("mem_method"),
+            "compile_fallback": fallback,
+            "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                            else "cpu"),
             "torch": torch.__version__,
         },
     }
