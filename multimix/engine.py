@@ -97,17 +97,20 @@ def prepare_model(model: nn.Module, cfg, device) -> nn.Module:
     if optim.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if optim.compile:
-        import torch._dynamo
+        from torch import _dynamo
 
-        # a block that fails to compile runs eagerly (dynamo logs why) instead of failing the run
-        torch._dynamo.config.suppress_errors = True
+        # a part that fails to compile runs eagerly (dynamo logs why) instead of failing the run
+        _dynamo.config.suppress_errors = True
+        # graphs per compiled forward: train / no_grad weak / saliency / eval modes × shapes
+        _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 32)
         net = unwrap(model)
-        # The saliency pass calls autograd.grad inside forward: compile the blocks, not forward.
-        for block in net.encoder.blocks:
-            block.compile()
+        # The saliency pass calls autograd.grad inside MultiMixNet.forward: compile the encoder
+        # and the decoder, not forward. Whole modules, not their blocks: dynamo caches graphs per
+        # code object, so nine blocks sharing DoubleConv.forward hit its recompile limit (8)
+        # and ran eagerly (seen with backend="aot_eager" here).
+        net.encoder.compile()
         if net.decoder is not None:
-            for stage in net.decoder.stages:
-                stage.compile()
+            net.decoder.compile()
     return model
 
 
