@@ -4,11 +4,16 @@
 1. collectives: the Train worker's per-epoch reduction and metric gathering under a process
    group set up as Ray Train sets it up (``multimix.bench.collectives``): NCCL (world size 1,
    and 2 with two GPUs) and gloo (world size 2);
-2. ``bench step --device cuda``: fp32, bf16, bf16 + channels_last, + compile; each against the
-   official-semantics step in fp32 (the fp32 run's baseline); the fastest variant wins;
-3. ``bench train --device cuda`` at 256² with the winning settings (Ray);
+2. ``bench step --device cuda``: fp32, bf16, bf16 + channels_last; each against the
+   official-semantics step in fp32 (the fp32 run's baseline);
+3. ``bench train --device cuda`` at 256² with the fastest of those settings (Ray);
 4. a 2-epoch ``multimix train`` on the synthetic demo set at 256² with ``scaling.use_gpu=true``
-   through Ray, then ``evaluate`` of its best checkpoint.
+   through Ray (the same settings), then ``evaluate`` of its best checkpoint;
+5. ``bench step`` with bf16 + channels_last + compile (last: compiling is the slowest part);
+   the fastest of the four variants wins.
+
+Every command's timeout is cut to what is left of ``--budget`` seconds (570: the device tool
+allows 600 per command), so the summary is always written.
 
 Without CUDA the CUDA parts are skipped with a line saying so (the step is measured on the CPU
 in fp32 instead; Ray parts run on the CPU); without Ray (or with ``MULTIMIX_NO_RAY=1``, which
@@ -64,9 +69,15 @@ def _env() -> dict:
     return env
 
 
+#: monotonic deadline of the whole check (--budget); every command's timeout stops there
+_DEADLINE = {"t": float("inf")}
+
+
 def _cli(args: list[str], timeout: float, log_path: Path) -> tuple[int, str, float]:
-    """Run ``multimix ARGS``; stdout+stderr into ``log_path``; returns (rc, stdout, seconds)."""
+    """Run ``multimix ARGS``; stdout+stderr appended to ``log_path``; returns (rc, stdout,
+    seconds). The timeout is cut to what is left of ``--budget``."""
     t0 = time.perf_counter()
+    timeout = max(1.0, min(timeout, _DEADLINE["t"] - time.monotonic()))
     try:
         proc = subprocess.run(_python() + args, capture_output=True, text=True, env=_env(),
                               timeout=timeout, cwd=str(ROOT))
@@ -76,7 +87,10 @@ def _cli(args: list[str], timeout: float, log_path: Path) -> tuple[int, str, flo
         err = (exc.stderr or "") + f"\ntimed out after {timeout:.0f} s"
         out, err = (out.decode() if isinstance(out, bytes) else out,
                     err.decode() if isinstance(err, bytes) else err)
-    log_path.write_text(f"$ multimix {' '.join(args)}\n--- stdout\n{out}\n--- stderr\n{err}\n")
+    text = f"$ multimix {' '.join(args)}\n--- stdout\n{out}\n--- stderr\n{err}\n"
+    _LAST["text"] = text
+    with open(log_path, "a") as f:
+        f.write(f"\n===== {time.strftime('%H:%M:%S')} rc={rc}\n{text}")
     return rc, out, time.perf_counter() - t0
 
 
@@ -88,8 +102,12 @@ def _last_json(text: str):
     return None
 
 
-def _fail_line(log_path: Path) -> str:
-    lines = [x for x in log_path.read_text().splitlines() if x.strip()]
+_LAST = {"text": ""}
+
+
+def _fail_line(*_) -> str:
+    """The last non-empty line of the latest command's output (its error, as a rule)."""
+    lines = [x for x in _LAST["text"].splitlines() if x.strip()]
     return lines[-1][:300] if lines else "(no output)"
 
 
@@ -99,6 +117,10 @@ class Check:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.steps: dict = {}
+        self.log = self.out / "gpu_check.log"  # every command's output, appended
+        self.log.write_text("")
+        self.work = Path(args.work or self.out / "work")  # prepared data, run directories
+        self.work.mkdir(parents=True, exist_ok=True)
 
     def skip(self, name: str, reason: str) -> None:
         log(f"SKIP {name}: {reason}")
@@ -157,13 +179,15 @@ def run_collectives(c: Check, cuda: bool, gpus: int) -> None:
         c.skip("collectives nccl world=2", f"{gpus} GPU (NCCL world size 2 needs two)")
 
 
-def run_bench_step(c: Check, cuda: bool) -> dict | None:
-    """The step variants; returns the winner's settings (or None)."""
+def run_bench_step(c: Check, cuda: bool, variants, results: dict) -> dict | None:
+    """The step ``variants`` (results collected in ``results``); returns the settings of the
+    fastest variant measured so far (or None)."""
     a = c.args
     size, batch = (32, 2) if a.quick else (a.size, 10)
     iters, warm = (2, 1) if a.quick else (20, 5)
-    results = {}
     if not cuda:
+        if "fp32" not in variants:
+            return None
         for v in VARIANTS:
             c.skip(f"bench step cuda {v}", "no CUDA device (torch.cuda.is_available() is False)")
         size_cpu = 32 if a.quick else 64
@@ -171,14 +195,15 @@ def run_bench_step(c: Check, cuda: bool) -> dict | None:
         extra = ["--width", "0.25"] if a.quick else []
         rc, out, s = _cli(["bench", "step", "--device", "cpu", "--size", str(size_cpu),
                            "--batch", "2", "--iters", str(iters), "--warmup", str(warm),
-                           "--json", *extra], 900, c.out / "bench_step_cpu.log")
+                           "--json", *extra], 900, c.log)
         res = _last_json(out) if rc == 0 else None
         c.record(name, res is not None, s, res,
-                 None if res else _fail_line(c.out / "bench_step_cpu.log"))
+                 None if res else _fail_line(c.log))
         return None
-    for v, flags in VARIANTS.items():
+    for v in variants:
+        flags = VARIANTS[v]
         name = f"bench step cuda {v}"
-        logp = c.out / f"bench_step_{v.replace('+', '_')}.log"
+        logp = c.log
         rc, out, s = _cli(["bench", "step", "--device", "cuda", "--size", str(size), "--batch",
                            str(batch), "--iters", str(iters), "--warmup", str(warm), "--json",
                            *flags], 600, logp)
@@ -233,7 +258,7 @@ def run_bench_train(c: Check, cuda: bool, ray_ok: str | None, settings) -> None:
         args = ["--config", "paper", "--size", str(a.size), "--steps", "200", "--warmup", "20"]
     else:
         args = ["--config", "cpu-small", "--size", "64", "--steps", "20", "--warmup", "5"]
-    logp = c.out / "bench_train.log"
+    logp = c.log
     rc, out, s = _cli(["bench", "train", "--device", "cuda" if cuda else "cpu", "--json", *args,
                        *_sets(settings)], 600, logp)
     res = _last_json(out) if rc == 0 else None
@@ -249,15 +274,15 @@ def run_train(c: Check, cuda: bool, ray_ok: str | None, settings) -> None:
         return
     a = c.args
     size = 64 if (a.quick or not cuda) else a.size
-    data, runs = c.out / "data", c.out / "runs"
-    logp = c.out / "train.log"
+    data, runs = c.work / "data", c.work / "runs"
+    logp = c.log
     t0 = time.perf_counter()
     if not (data / "cls" / "manifest.json").exists():
         rc, _, _ = _cli(["prepare", "--demo", "--out", str(data), "--size", str(size),
-                         "--quiet"], 600, c.out / "prepare.log")
+                         "--quiet"], 600, c.log)
         if rc != 0:
             c.record(name, False, time.perf_counter() - t0,
-                     reason="prepare --demo: " + _fail_line(c.out / "prepare.log"))
+                     reason="prepare --demo: " + _fail_line(c.log))
             return
     over = [f"data.cls_data={data / 'cls'}", f"data.seg_data={data / 'seg'}",
             f"data.image_size={size}", "data.cls_labeled=40", "data.seg_labeled=10",
@@ -350,14 +375,20 @@ def write_summary(c: Check, info: dict) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "out" / "gpu-check"))
+    p.add_argument("--work", default=None,
+                   help="prepared data and run directories (default: OUT/work)")
     p.add_argument("--size", type=int, default=256, help="image side of the CUDA runs")
     p.add_argument("--quick", action="store_true", help="tiny sizes and steps (CI on CPU)")
+    p.add_argument("--budget", type=float, default=570,
+                   help="seconds for the whole check (default 570: the device tool's 600 s "
+                        "per command, less the summary); a part cut short is marked failed")
     p.add_argument("--skip", action="append", default=[],
                    choices=("collectives", "bench_step", "bench_train", "train"),
                    help="leave a part out (repeatable)")
     args = p.parse_args(argv)
     c = Check(args)
     t0 = time.perf_counter()
+    _DEADLINE["t"] = time.monotonic() + args.budget
     info = host_info()
     log(f"host: {json.dumps(info)}")
     cuda, gpus = bool(info["cuda"]), int(info["gpus"])
@@ -378,11 +409,17 @@ def main(argv=None) -> int:
         c.skip(part, "--skip")
     if "collectives" not in args.skip:
         run_collectives(c, cuda, gpus)
-    settings = run_bench_step(c, cuda) if "bench_step" not in args.skip else None
+    # compile last: its compilation is the slowest part, and the Ray parts must fit the budget
+    # (they run with the best settings without compile)
+    steps: dict = {}
+    settings = (run_bench_step(c, cuda, [v for v in VARIANTS if "compile" not in v], steps)
+                if "bench_step" not in args.skip else None)
     if "bench_train" not in args.skip:
         run_bench_train(c, cuda, ray_missing, settings)
     if "train" not in args.skip:
         run_train(c, cuda, ray_missing, settings)
+    if "bench_step" not in args.skip and cuda:
+        run_bench_step(c, cuda, [v for v in VARIANTS if "compile" in v], steps)
     info["seconds"] = round(time.perf_counter() - t0, 1)
     write_summary(c, info)
     return 0 if all(s["status"] != "failed" for s in c.steps.values()) else 1

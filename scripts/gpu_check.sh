@@ -10,7 +10,8 @@
 # no Ray/boto3/isal), in the repository root here:
 #     scripts/pack_ray.sh                      # once: .carry/ray-py312.tar.xz (~50 MiB)
 # then the device tool's `run` with
-#     command:   PYTHONUNBUFFERED=1 scripts/gpu_check.sh --out $OUT/gpu-check 2>&1 | tee $OUT/log.txt
+#     command:   PYTHONUNBUFFERED=1 scripts/gpu_check.sh --out $OUT/gpu-check \
+#                    --work /tmp/mm-gpu-check 2>&1 | tee $OUT/console.txt
 #     carry:     [".carry"]
 #     timeout_s: 600
 # ($OUT/gpu-check/gpu_check.json, gpu_check.md and the logs come back; see scripts/README.md.)

@@ -12,7 +12,8 @@ PY=${PYTHON:-python3}
 RAY_VERSION=${RAY_VERSION:-2.60.0}
 OUT=.carry/ray-py312.tar.xz
 # already in the GPU image (KINDS.md "Python packages already there"): not carried
-SKIP='^(numpy|protobuf|packaging|typing_extensions|attrs|pyyaml|requests|click|filelock|msgpack|pandas|pyarrow|fsspec|idna|urllib3|certifi|charset_normalizer)-'
+SKIP='^(numpy|protobuf|packaging|typing_extensions|attrs|pyyaml|requests|click|filelock|msgpack'
+SKIP+='|pandas|pyarrow|fsspec|idna|urllib3|certifi|charset_normalizer)-'
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312

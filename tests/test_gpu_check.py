@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(out: Path, *args: str, no_ray: bool = False):
     env = dict(os.environ, PYTHON=sys.executable, MULTIMIX_NO_RAY="1" if no_ray else "0")
     proc = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), "--quick", "--out", str(out),
-                           *args], capture_output=True, text=True, env=env, timeout=900)
+                           "--budget", "1500", *args], capture_output=True, text=True, env=env,
+                          timeout=1600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((out / "gpu_check.json").read_text())
     md = (out / "gpu_check.md").read_text()
@@ -59,5 +60,8 @@ def test_gpu_check_runs_training_through_ray(tmp_path):
     assert r["epochs"] == 2 and r["use_gpu"] is False and r["size"] == 64
     assert 0.0 <= r["final"]["val_cls_auc"] <= 1.0 and r["final"]["train_loss"] > 0
     assert Path(r["evaluation_report"]).is_file() and Path(r["evaluation_json"]).is_file()
+    assert (tmp_path / "work" / "runs" / "gpu-check" / "history.json").is_file()
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "$ multimix train --config cpu-small --evaluate" in log
     assert doc["host"]["ray"] and "[gpu-check] OK   train 2 epochs + evaluate" in out
     assert "## train 2 epochs + evaluate" in md
