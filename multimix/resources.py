@@ -84,6 +84,19 @@ def shortfall(scaling, nodes: Sequence[Mapping[str, float]]) -> Optional[str]:
             f"{have} fit ({where})")
 
 
+def v1_report_can_scale(raw) -> bool:
+    """Whether autoscaler v1's status report (the GCS KV value ``__autoscaling_status``, JSON)
+    comes from an autoscaler with configured node types, not the read-only monitor of a plain
+    ``ray start`` / ``ray.init`` (whose node types are ``node_<node id>``)."""
+    import json
+
+    if not raw:
+        return False
+    report = json.loads(raw).get("autoscaler_report") or {}
+    mapping = report.get("node_type_mapping") or {}
+    return any(t != f"node_{nid}" for nid, t in mapping.items())
+
+
 def autoscaler_running() -> bool:
     """Whether an autoscaler that can add nodes serves the connected Ray cluster.
 
@@ -96,20 +109,14 @@ def autoscaler_running() -> bool:
     env = os.environ.get(AUTOSCALER_ENV)
     if env in ("0", "1"):
         return env == "1"
-    import json
-
     import ray
 
     try:
         from ray._private import ray_constants
         from ray.experimental.internal_kv import _internal_kv_get
 
-        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-        if raw:
-            report = json.loads(raw).get("autoscaler_report") or {}
-            mapping = report.get("node_type_mapping") or {}
-            if any(t != f"node_{nid}" for nid, t in mapping.items()):
-                return True
+        if v1_report_can_scale(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)):
+            return True
     except Exception as exc:  # noqa: BLE001 - internal API: a failure means "not seen"
         logger.debug("autoscaler v1 status not readable: %s", exc)
     try:

@@ -41,6 +41,20 @@ def test_shortfall_names_the_key():
     assert shortfall(_scaling(use_gpu=False, cpus_per_worker=1, num_workers=2), [CPU_NODE]) is None
 
 
+def test_v1_report_tells_an_autoscaler_from_the_read_only_monitor():
+    import json
+
+    from multimix.resources import v1_report_can_scale
+
+    def report(mapping):
+        return json.dumps({"autoscaler_report": {"node_type_mapping": mapping}}).encode()
+
+    assert not v1_report_can_scale(None)
+    assert not v1_report_can_scale(report({"af15": "node_af15"}))  # plain ray start / init
+    assert v1_report_can_scale(report({"af15": "head", "b2": "gpu_worker"}))  # cluster launcher
+    assert v1_report_can_scale(report({"af15": "headgroup"}))  # KubeRay, workers not up yet
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("over,key", [
     ({"scaling.use_gpu": True, "scaling.gpus_per_worker": 1}, "scaling.use_gpu"),
