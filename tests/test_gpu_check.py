@@ -65,3 +65,19 @@ def test_gpu_check_runs_training_through_ray(tmp_path):
     assert "$ multimix train --config cpu-small --evaluate" in log
     assert doc["host"]["ray"] and "[gpu-check] OK   train 2 epochs + evaluate" in out
     assert "## train 2 epochs + evaluate" in md
+
+
+def test_gpu_node_imports_without_ray_boto3_isal():
+    """The GPU image has no Ray, boto3 or isal: what gpu_check runs without Ray must import."""
+    code = ("import sys, argparse\n"
+            "for m in ('ray', 'boto3', 'isal'):\n"
+            "    sys.modules[m] = None\n"
+            "from multimix import cli, train, evaluate, predict\n"
+            "from multimix.bench import collectives, step, data, train as bench_train\n"
+            "import multimix.bench as b\n"
+            "b.add_arguments(argparse.ArgumentParser())\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
