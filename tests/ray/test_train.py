@@ -44,6 +44,7 @@ def _history(run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "history.json").read_text())
 
 
+@pytest.mark.realdata
 def test_train_evaluate_predict_real_data(ray_local, kermany_prepared, v7_prepared,
                                           shared_data, tmp_path, capsys):
     from multimix import evaluate
