@@ -153,6 +153,9 @@ def evaluate_checkpoint(ckpt: str, *, cls_data=(), seg_data=(), out_dir: str = "
             man = read_manifest(uri, storage_cfg)
             if man.get("task") != task:
                 raise UserError(f"{uri} holds a {man.get('task')!r} dataset, not {task!r}")
+            if task == "cls" and classes and list(man.get("classes") or classes) != classes:
+                raise UserError(f"{uri} has classes {man['classes']} but the checkpoint's are "
+                                f"{classes} (label indices would not match)")
             ids, what = _select(uri, task, subset, cfg, state.get("splits", {}))
             if ids is None:
                 ids = read_table(uri, ["id"], storage_cfg).column("id").to_pylist()

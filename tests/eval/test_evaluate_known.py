@@ -181,7 +181,8 @@ def test_evaluate_scores_known_outputs_exactly(known, tmp_path):
     assert d.min(1).max() != d.min(0).max()  # the two directed distances differ
 
     md = Path(res["markdown"]).read_text()
-    assert f"{own['accuracy']:.4f}" in md and f"{np.mean([expected[i]['dice'] for i in SEG_VAL]):.4f}" in md
+    dice_mean = np.mean([expected[i]["dice"] for i in SEG_VAL])
+    assert f"{own['accuracy']:.4f}" in md and f"{dice_mean:.4f}" in md
     assert {"roc", "dice_box"} <= set(report["plots"])
 
 
@@ -215,3 +216,15 @@ def test_evaluate_cli_on_known_model(known, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["cls"]["other-cls"]["accuracy"] == pytest.approx(exp["accuracy"])
     assert f"{exp['auc']:.4f}" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_a_dataset_whose_class_order_differs(known, tmp_path):
+    """Label index k must mean the checkpoint's class k: a set whose manifest lists the classes
+    in another order would be scored with swapped labels."""
+    from multimix.errors import UserError
+    from multimix.evaluate import evaluate_checkpoint
+
+    swapped = km.write_prepared(tmp_path / "swapped", "cls", _cls_rows(OTHER_CLS), SIZE,
+                                classes=("PNEUMONIA", "NORMAL"), source="swapped")
+    with pytest.raises(UserError, match="PNEUMONIA.*NORMAL"):
+        evaluate_checkpoint(known["ckpt"], cls_data=[swapped], out_dir=str(tmp_path / "sw"))
