@@ -68,6 +68,7 @@ def _check_pairs(rows, source, cfg, n_expected, pass_no=0):
 
 @pytest.mark.parametrize("reader", READERS)
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_local_pairs_and_seg(real_sets, ray_local, reader):
     cfg = _cfg(real_sets["cls"], real_sets["seg"], data={"reader": reader})
     ids = sorted(real_sets["cls_rows"])[5:]
@@ -137,6 +138,7 @@ def test_corrupt_row_skipped_and_counted(real_sets, tmp_path, ray_local, reader)
 @pytest.mark.parametrize("sharding", ["per_worker", "streaming_split"])
 @pytest.mark.parametrize("reader", READERS)
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_two_workers_uneven_streams_same_step_count(real_sets, ray_local, reader, sharding):
     """2 workers; unlabeled-cls pool of 37 rows, unlabeled-seg pool of 7 (shorter than one batch
     per worker), labeled pools of 5 and 3: every worker yields exactly steps_per_epoch batches,
@@ -231,6 +233,7 @@ def _two_epochs_of_unlabeled_batches(uri, ids, cfg) -> list:
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_class_sorted_dataset_batches_mix_classes(real_sets, tmp_path, ray_local):
     """A dataset stored in id order (class folder first: all NORMAL, then all PNEUMONIA; what
     multimix prepare wrote before it stored rows in hashed order): the row_groups reader reads
@@ -255,6 +258,7 @@ def test_class_sorted_dataset_batches_mix_classes(real_sets, tmp_path, ray_local
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_read_parquet_is_fused_mixes_classes_and_reshuffles(real_sets, tmp_path, ray_local,
                                                              caplog):
     """The ``read_parquet`` reader: ``ray.data.read_parquet`` fused with the decode/augment map into one
@@ -292,6 +296,7 @@ def test_read_parquet_is_fused_mixes_classes_and_reshuffles(real_sets, tmp_path,
 @pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("shards,row_group_rows,world", [(2, 4, 3), (1, 100, 2), (3, 4, 2)])
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_per_worker_datasets_partition_the_pool(real_sets, tmp_path, ray_local, reader, shards,
                                                 row_group_rows, world):
     """The per-worker datasets of one pool (data.sharding=per_worker) hold disjoint parts that
