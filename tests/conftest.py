@@ -28,16 +28,19 @@ SLOW_S = 10.0
 # error (not a skip) naming the missing marker.
 
 
+_MISSING_REALDATA = pytest.StashKey[bool]()
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "shared_data" in getattr(item, "fixturenames", ()) and \
                 item.get_closest_marker("realdata") is None:
-            item.user_properties.append(("missing_realdata", True))
+            item.stash[_MISSING_REALDATA] = True
 
 
 def pytest_runtest_setup(item):
-    if ("missing_realdata", True) in item.user_properties:
+    if item.stash.get(_MISSING_REALDATA, False):
         pytest.fail(f"{item.nodeid} uses the real data (fixture shared_data) but has no "
                     "@pytest.mark.realdata marker", pytrace=False)
 
