@@ -12,12 +12,15 @@ Which rows are scored (``--subset``):
 
 Outputs in ``--out``: ``report.json``, ``report.md``, ``roc.png`` (classification sets),
 ``dice_box.png`` (Dice per image, one box per segmentation set), ``boundaries_<set>.png``
-(reference vs predicted lung boundary) and ``saliency_<set>.png``.
+(reference vs predicted lung boundary), ``saliency_<set>.png``, and one row per scored image in
+``images_cls.csv`` (set, id, label, predicted, ``prob_<class>``) and ``images_seg.csv`` (set, id
+and the per-image scores).
 Hausdorff distances are in pixels at the model's input size (``data.image_size``).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -141,6 +144,7 @@ def evaluate_checkpoint(ckpt: str, *, cls_data=(), seg_data=(), out_dir: str = "
                     "hausdorff_unit": f"pixels at {cfg.data.image_size}x{cfg.data.image_size}",
                     "cls": {}, "seg": {}, "plots": {}}
     rocs, dices = {}, {}
+    per_image: dict[str, list[dict]] = {"cls": [], "seg": []}
     for task, uris in (("cls", cls_data), ("seg", seg_data)):
         if uris and not (flags.has_cls if task == "cls" else flags.has_seg):
             raise UserError(f"variant {cfg.model.variant!r} has no {task} head; "
@@ -149,6 +153,9 @@ def evaluate_checkpoint(ckpt: str, *, cls_data=(), seg_data=(), out_dir: str = "
             man = read_manifest(uri, storage_cfg)
             if man.get("task") != task:
                 raise UserError(f"{uri} holds a {man.get('task')!r} dataset, not {task!r}")
+            if task == "cls" and classes and list(man.get("classes") or classes) != classes:
+                raise UserError(f"{uri} has classes {man['classes']} but the checkpoint's are "
+                                f"{classes} (label indices would not match)")
             ids, what = _select(uri, task, subset, cfg, state.get("splits", {}))
             if ids is None:
                 ids = read_table(uri, ["id"], storage_cfg).column("id").to_pylist()
@@ -167,6 +174,11 @@ def evaluate_checkpoint(ckpt: str, *, cls_data=(), seg_data=(), out_dir: str = "
                 m = classification_metrics(pred["cls_prob"], pool.labels, classes)
                 m.update(dataset=uri, rows=what, n=int(len(pool.labels)))
                 report["cls"][name] = m
+                names = list(classes) or [f"class{k}" for k in range(pred["cls_prob"].shape[1])]
+                per_image["cls"] += [
+                    {"set": name, "id": i, "label": names[y], "predicted": names[int(p.argmax())],
+                     **{f"prob_{c}": float(v) for c, v in zip(names, p)}}
+                    for i, y, p in zip(pool.ids, pool.labels, pred["cls_prob"])]
                 if len(np.unique(pool.labels)) > 1:
                     fpr, tpr, _ = roc_curve(pred["cls_prob"][:, 1], pool.labels)
                     rocs[name] = (fpr, tpr, m.get("auc", float("nan")))
@@ -184,6 +196,9 @@ def evaluate_checkpoint(ckpt: str, *, cls_data=(), seg_data=(), out_dir: str = "
                 s.update(dataset=uri, rows=what, n=int(len(pool.images)))
                 report["seg"][name] = s
                 dices[name] = per["dice"]
+                per_image["seg"] += [{"set": name, "id": i, **{k: float(v[j]) for k, v in
+                                                             per.items()}}
+                                     for j, i in enumerate(pool.ids)]
                 k = min(n_show, len(pool.images))
                 p = plots.plot_boundaries(pool.images[:k], pool.masks[:k],
                                           pred["seg_prob"][:k, 0] >= 0.5,
@@ -199,6 +214,14 @@ def evaluate_checkpoint(ckpt: str, *, cls_data=(), seg_data=(), out_dir: str = "
         report["plots"]["roc"] = str(plots.plot_roc(rocs, out / "roc.png"))
     if dices:
         report["plots"]["dice_box"] = str(plots.plot_dice_box(dices, out / "dice_box.png"))
+    for task, rows in per_image.items():
+        if rows:
+            with open(out / f"images_{task}.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+            report["per_image"] = {**report.get("per_image", {}),
+                                   task: str(out / f"images_{task}.csv")}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
     (out / "report.md").write_text(_markdown(report))
     return {"json": str(out / "report.json"), "markdown": str(out / "report.md"),

@@ -469,13 +469,14 @@ def _write_run_files(storage_ctx, cfg: Config, history: list[dict], name: str) -
         with fs.open_output_stream(f"{root}/{fname}") as f:
             f.write(json.dumps(obj, indent=1, default=float).encode())
 
-    def better(a, b):
-        return a > b if mode == "max" else a < b
+    def at_least(a, b):
+        return a >= b if mode == "max" else a <= b
 
     best = None
     for h in history:
         v = h.get(metric)
-        if v is not None and v == v and (best is None or better(v, best[metric])):
+        # ties go to the later epoch: Ray's CheckpointConfig keeps that one, deletes the earlier
+        if v is not None and v == v and (best is None or at_least(v, best[metric])):
             best = h
     best = best or history[-1]
     put("history.json", history)

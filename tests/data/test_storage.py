@@ -132,6 +132,7 @@ def test_s3_source_to_s3_dataset_round_trip_without_leaking_the_secret(aws_env, 
     assert s3.secret_key not in everything and s3.access_key not in everything
 
 
+@pytest.mark.slow
 def test_s3_dataset_reads_with_ray_data(s3_server, ray_local, tmp_path):
     st = StorageConfig(endpoint=s3_server.endpoint, region=s3_server.region,
                        access_key_id=s3_server.access_key,
