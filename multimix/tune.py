@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from multimix.config import ConfigError, load_config
+from multimix.errors import UserError, one_line
 
 DEFAULT_SPACE = (
     "objective.threshold=uniform:0.5,0.95",
@@ -106,7 +107,9 @@ def tune(cfg, space: dict, overrides: list[str], num_samples: int = 8, concurren
 
     check_space(cfg, space)
     init_ray(cfg)
-    fs, path = storage.resolve(cfg.run.storage_path, cfg.storage)
+    storage.check_writable(cfg.run.storage_path, cfg.storage)
+    # keyless: Tune pickles it into tuner.pkl / experiment state; keys come from the AWS chain
+    fs, path = storage.resolve(cfg.run.storage_path, storage.chain_storage(cfg.storage))
     base = cfg.to_dict(include_secrets=False)  # trial actors read keys from their environment
     tuner = rt.Tuner(
         rt.with_resources(rt.with_parameters(trial, base=base, overrides=overrides), {"CPU": 0.01}),
@@ -127,7 +130,7 @@ def summarize(grid, cfg) -> list[dict]:
         rows.append({"trial": Path(r.path).name if r.path else None,
                      "config": r.config, cfg.run.checkpoint_metric: m.get(cfg.run.checkpoint_metric),
                      "epochs": (m.get("epoch", -1) + 1) if m else 0,
-                     "error": str(r.error) if r.error else None})
+                     "error": one_line(r.error) if r.error else None})
     return rows
 
 
@@ -144,7 +147,13 @@ def run(args) -> int:
     for row in rows:
         print(f"{row['trial']}: {metric}={row[metric]} {row['config']}"
               + (f" ERROR {row['error']}" if row["error"] else ""))
+    print(f"results: {out}")
+    failed = [r for r in rows if r["error"]]
+    if len(failed) == len(rows):
+        raise UserError(f"all {len(rows)} trials failed; first: {failed[0]['error']}")
     best = grid.get_best_result()
     print(f"best: {metric}={best.metrics.get(metric)} with {best.config}")
-    print(f"results: {out}")
-    return 0 if not any(r["error"] for r in rows) else 1
+    if failed:
+        raise UserError(f"{len(failed)} of {len(rows)} trials failed; first: "
+                        f"{failed[0]['error']}")
+    return 0
