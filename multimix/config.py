@@ -471,7 +471,7 @@ def _fill_storage_from_env(st: StorageConfig) -> None:
     Keys are never copied from the environment into the config: where the user gave none, the
     S3 filesystem is built without keys and pyarrow's default AWS chain (environment, shared
     config, instance profile, IRSA/pod identity) resolves them in the process that uses it, so
-    nothing that Ray pickles (run state, Tune state) holds a key (docs/DESIGN.md §8)."""
+    nothing that Ray pickles (run state, Tune state) holds a key (docs/DESIGN.md §9)."""
     env = os.environ
     if st.endpoint is None:
         st.endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None

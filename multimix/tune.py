@@ -96,6 +96,23 @@ def trial(params: dict, base: dict, overrides: list[str]) -> None:
     trainer.fit()
 
 
+#: variables Ray Tune would copy from the driver into every trial actor's runtime env
+_KEY_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
+                       "AWS_SESSION_TOKEN"})
+
+
+def _keep_keys_out_of_trial_runtime_envs() -> None:
+    """Ray Tune 2.60 copies ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/... from the driver's
+    environment into each trial actor's ``runtime_env.env_vars`` (``ray.tune.execution.
+    class_cache.ENV_VARS_TO_PROPAGATE``), which Ray keeps in its actor table, shows in the
+    dashboard and writes into the runtime-env agent's log. The trial actors need no copy: they
+    inherit the environment of the Ray processes (the AWS chain, DESIGN.md §9), so the keys are
+    taken off that list."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) - _KEY_VARS
+
+
 def tune(cfg, space: dict, overrides: list[str], num_samples: int = 8, concurrent: int = 1,
          seed: int = 0):
     """Run the search; returns the :class:`ray.tune.ResultGrid`."""
@@ -111,6 +128,7 @@ def tune(cfg, space: dict, overrides: list[str], num_samples: int = 8, concurren
     # keyless: Tune pickles it into tuner.pkl / experiment state; keys come from the AWS chain
     fs, path = storage.resolve(cfg.run.storage_path, storage.chain_storage(cfg.storage))
     base = cfg.to_dict(include_secrets=False)  # trial actors read keys from their environment
+    _keep_keys_out_of_trial_runtime_envs()
     tuner = rt.Tuner(
         rt.with_resources(rt.with_parameters(trial, base=base, overrides=overrides), {"CPU": 0.01}),
         param_space=_to_tune(space),

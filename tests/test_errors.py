@@ -50,3 +50,4 @@ def test_cli_prints_one_line_last(monkeypatch, capsys):
         assert err[-1] == last
         assert ("Traceback" in "\n".join(err[:-1])) == (rc == 1)
     assert issubclass(StorageError, UserError)
+

@@ -236,3 +236,24 @@ def test_unreachable_endpoint_is_a_storage_error():
                        secret_access_key="b-secret")
     with pytest.raises(StorageError, match="cannot reach the S3 endpoint http://127.0.0.1:9"):
         storage.exists("s3://bucket/x", st)
+
+
+def test_staged_output_lands_on_s3_and_a_missing_bucket_fails_first(s3_server, tmp_path):
+    bucket = _bucket(s3_server)
+    st = StorageConfig(endpoint=s3_server.endpoint, region=s3_server.region,
+                       access_key_id=s3_server.access_key, secret_access_key=s3_server.secret_key)
+    uri = f"s3://{bucket}/eval/run1"
+    with storage.staged_output(uri, st) as d:
+        (d / "report.md").write_text("# ok")
+        (d / "plots").mkdir()
+        (d / "plots" / "roc.png").write_bytes(b"png")
+        assert storage.output_uri(uri, d, d / "plots" / "roc.png") == f"{uri}/plots/roc.png"
+    assert storage.list_files(uri, st) == ["plots/roc.png", "report.md"]
+    assert storage.read_text(f"{uri}/report.md", st) == "# ok"
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-x' does not exist"):
+        with storage.staged_output("s3://no-such-bucket-x/out", st):
+            raise AssertionError("the block must not run")
+    local = tmp_path / "out"
+    with storage.staged_output(str(local)) as d:
+        assert d == local and d.is_dir()
+        assert storage.output_uri(str(local), d, d / "a.txt") == str(local / "a.txt")
