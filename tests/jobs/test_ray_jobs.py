@@ -225,6 +225,18 @@ def test_jobs_on_a_ray_cluster_with_s3(cluster, shared_data, tmp_path):
     assert "best: val_score=" in logs
     t_jobs = time.time()
 
+    # 5. predict (on the laptop, credentials from its environment) with --out on S3
+    img = sorted((kermany / "PNEUMONIA").glob("*.jpeg"))[-1]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))},
+           "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
+           "AWS_ENDPOINT_URL": s3.endpoint, "AWS_REGION": s3.region}
+    pred = subprocess.run([str(BIN / "multimix"), "predict", "--checkpoint", f"{b}/runs/e2e",
+                           str(img), "--out", f"{b}/pred"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert pred.returncode == 0, pred.stderr[-3000:]
+    assert f"wrote 1 prediction(s) to {b}/pred" in pred.stdout
+    seen_logs.extend([pred.stdout, pred.stderr])
+
     # everything landed on S3
     client = s3.client()
     keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
@@ -233,7 +245,8 @@ def test_jobs_on_a_ray_cluster_with_s3(cluster, shared_data, tmp_path):
     for k in ("runs/e2e/history.json", "runs/e2e/best.json", "runs/e2e/last.json",
               "runs/e2e/config.json", "runs/e2e/eval/report.json", "runs/e2e/eval/report.md",
               "eval-e2e/report.json", "eval-e2e/report.md", "eval-e2e/roc.png",
-              "runs/e2etune-tune/tune_results.json", "runs/e2etune-tune/tuner.pkl"):
+              "runs/e2etune-tune/tune_results.json", "runs/e2etune-tune/tuner.pkl",
+              "pred/predictions.json", f"pred/{img.stem}_overlay.png"):
         assert k in ks, (k, sorted(ks)[:50])
     assert any(k.startswith("runs/e2e/checkpoint_epoch-") and k.endswith("checkpoint.pt")
                for k in keys)
