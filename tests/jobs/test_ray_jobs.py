@@ -90,11 +90,15 @@ class Head:
             if self.proc.poll() is not None:
                 raise RuntimeError("ray start exited: "
                                    + (self.root / "ray-start.log").read_text()[-3000:])
+            # the dashboard answers before the raylet is up: wait for `ray start` to say so too
+            started = "Ray runtime started" in (self.root / "ray-start.log").read_text()
             try:
-                self.api("/api/jobs/")
-                return
+                if started:
+                    self.api("/api/jobs/")
+                    return
             except OSError:  # not up yet
-                time.sleep(1)
+                pass
+            time.sleep(1)
         raise RuntimeError("Ray head not ready: "
                            + (self.root / "ray-start.log").read_text()[-3000:])
 
@@ -173,6 +177,9 @@ def submit(head: Head, script: str, *args: str, runtime_env: str = "ray_jobs/run
            "--", "python", script, *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
+    jobs = {j.get("submission_id") for j in head.api("/api/jobs/")}
+    assert sid in jobs, f"`ray job submit` did not submit (rc {proc.returncode}):\n" + (
+        proc.stdout + proc.stderr)[-3000:]
     status = head.api(f"/api/jobs/{sid}")["status"]
     return status, head.api(f"/api/jobs/{sid}/logs")["logs"], proc.stdout + proc.stderr
 
@@ -193,6 +200,7 @@ def test_jobs_on_a_ray_cluster_with_s3(cluster, shared_data, tmp_path):
         status, logs, out = submit(head, script, *args)
         took.append(f"{Path(script).stem} {time.time() - t:.0f} s")
         seen_logs.extend([logs, out])
+        (tmp_path / f"job{len(took)}-{Path(script).stem}.log").write_text(logs)  # for debugging
         assert status == "SUCCEEDED", f"{script}: {status}\n{logs[-4000:]}\n{out[-2000:]}"
         return logs
 
