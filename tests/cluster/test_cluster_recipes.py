@@ -161,8 +161,11 @@ def test_dockerfile_pins_agree_with_the_project():
     assert make_torch and args["TORCH_VERSION"] == make_torch.group(1)  # the CPU pin, same version
     assert args["TORCH_CUDA"] == "cu128"  # driver >= 570: the AMI family / GPU nodes say so
     assert "https://download.pytorch.org/whl/${TORCH_CUDA}" in text
-    for needed in ("COPY --chown=ray:users multimix ./multimix", "ray_jobs ./ray_jobs"):
-        assert needed in text
+    copied = re.findall(r"^COPY --chown=\S+ (.+) \S+$", text, re.M)
+    assert copied == ["pyproject.toml README.md", "multimix", "ray_jobs"]
+    ignore = [ln.strip() for ln in (CLUSTER / "Dockerfile.dockerignore").read_text().splitlines()
+              if ln.strip() and not ln.startswith("#")]
+    assert ignore[:5] == ["*", "!pyproject.toml", "!README.md", "!multimix/**", "!ray_jobs/**"]
     version = re.search(r'^version = "(\S+)"', (REPO / "pyproject.toml").read_text(), re.M)
     assert cluster_image().endswith(f":{version.group(1)}")
 
