@@ -1,8 +1,10 @@
 """``multimix`` command line: argparse subcommands that call library functions.
 
 Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
-``run(args) -> int``; this file only wires them together and turns known errors into a one-line
-message and exit code 2. Heavy imports (torch, ray) happen inside ``run``.
+``run(args) -> int``; this file only wires them together and turns errors into a one-line
+last message: a :class:`UserError` (also when Ray wraps it) exits 2 with its message alone; any
+other error exits 1 with its traceback above that line. Heavy imports (torch, ray) happen inside
+``run``.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
-from multimix.errors import UserError
+from multimix.errors import UserError, one_line, root_cause
 
 #: subcommand -> (module, one-line help)
 COMMANDS = {
@@ -50,12 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except UserError as exc:
-        print(f"multimix {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"multimix {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - the last line of a job's log is one clear line
+        # A UserError (also one raised inside a Ray Train worker or a Tune trial and wrapped by
+        # Ray) is the whole message; anything else keeps its traceback above the last line.
+        if not isinstance(root_cause(exc), UserError):
+            traceback.print_exc(file=sys.stderr)
+        sys.stderr.flush()
+        print(f"multimix {args.command}: error: {one_line(exc)}", file=sys.stderr, flush=True)
+        return 2 if isinstance(root_cause(exc), UserError) else 1
 
 
 if __name__ == "__main__":

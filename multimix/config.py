@@ -176,7 +176,10 @@ class ScalingConfig:
 
 @dataclass
 class StorageConfig:
-    """Object-storage access. Unset fields fall back to the standard AWS environment variables."""
+    """Object-storage access. ``endpoint``/``region`` fall back to ``AWS_ENDPOINT_URL(_S3)`` /
+    ``AWS_REGION``; keys set here are for local runs only (they are exported to the environment
+    of the local Ray and never stored); unset keys come from the standard AWS credential chain
+    where the filesystem is used."""
 
     endpoint: Optional[str] = None
     region: Optional[str] = None
@@ -463,14 +466,14 @@ def load_config(
 
 
 def _fill_storage_from_env(st: StorageConfig) -> None:
+    """Endpoint and region (not secret) from the standard AWS variables when the config has none.
+
+    Keys are never copied from the environment into the config: where the user gave none, the
+    S3 filesystem is built without keys and pyarrow's default AWS chain (environment, shared
+    config, instance profile, IRSA/pod identity) resolves them in the process that uses it, so
+    nothing that Ray pickles (run state, Tune state) holds a key (docs/DESIGN.md §9)."""
     env = os.environ
     if st.endpoint is None:
         st.endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
     if st.region is None:
         st.region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
-    if st.access_key_id is None:
-        st.access_key_id = env.get("AWS_ACCESS_KEY_ID") or None
-    if st.secret_access_key is None:
-        st.secret_access_key = env.get("AWS_SECRET_ACCESS_KEY") or None
-    if st.session_token is None:
-        st.session_token = env.get("AWS_SESSION_TOKEN") or None

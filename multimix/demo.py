@@ -75,5 +75,5 @@ def run(args) -> int:
     print(f"[demo] done in {time.perf_counter() - t0:.0f} s")
     print(f"[demo] run directory: {result.run_dir}")
     print(f"[demo] report: {report['markdown']}")
-    print(Path(report["markdown"]).read_text())
+    print(report["markdown_text"])
     return 0

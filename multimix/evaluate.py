@@ -12,12 +12,15 @@ Which rows are scored (``--subset``):
 
 Outputs in ``--out``: ``report.json``, ``report.md``, ``roc.png`` (classification sets),
 ``dice_box.png`` (Dice per image, one box per segmentation set), ``boundaries_<set>.png``
-(reference vs predicted lung boundary) and ``saliency_<set>.png``.
+(reference vs predicted lung boundary), ``saliency_<set>.png``, and one row per scored image in
+``images_cls.csv`` (set, id, label, predicted, ``prob_<class>``) and ``images_seg.csv`` (set, id
+and the per-image scores).
 Hausdorff distances are in pixels at the model's input size (``data.image_size``).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -35,7 +38,8 @@ def add_arguments(p) -> None:
     p.add_argument("--subset", choices=("auto", "val", "all"), default="auto",
                    help="rows to score (default auto: held-out ids of the training sets, all rows "
                         "of other sets)")
-    p.add_argument("--out", default="eval", help="output directory (default: eval)")
+    p.add_argument("--out", default="eval",
+                   help="output directory or s3://bucket/prefix (default: eval)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--config", default=None,
                    help="YAML/preset for storage settings (s3 endpoint) if needed")
@@ -52,19 +56,21 @@ def run(args) -> int:
     report = evaluate_checkpoint(args.checkpoint, cls_data=args.cls_data, seg_data=args.seg_data,
                                  out_dir=args.out, subset=args.subset, storage_cfg=storage_cfg,
                                  device=args.device)
-    print(Path(report["markdown"]).read_text())
+    print(report["markdown_text"])
     print(f"report: {report['markdown']} and {report['json']}")
     return 0
 
 
 def evaluate_run(result, cfg) -> dict:
-    """Evaluate the best checkpoint of a finished run on its own datasets."""
+    """Evaluate the best checkpoint of a finished run on its own datasets; the report goes
+    into the run directory (``<run_dir>/eval/``, also on ``s3://``)."""
+    from multimix.data import storage
+
     return evaluate_checkpoint(
         result.best_checkpoint,
         cls_data=[cfg.data.cls_data] if cfg.data.cls_data else [],
         seg_data=[cfg.data.seg_data] if cfg.data.seg_data else [],
-        out_dir=str(Path("eval") / cfg.run.name) if "://" in result.run_dir
-        else str(Path(result.run_dir) / "eval"),
+        out_dir=storage.join(result.run_dir, "eval"),
         storage_cfg=cfg.storage,
     )
 
@@ -119,8 +125,26 @@ def evaluate_checkpoint(ckpt: str, *, cls_data=(), seg_data=(), out_dir: str = "
                         n_show: int = 8) -> dict:
     """Score ``ckpt`` on each dataset; write ``report.json``, ``report.md`` and plots.
 
-    Returns ``{"json": path, "markdown": path, "sets": {...}}``.
+    ``out_dir`` is a local folder or ``s3://bucket/prefix`` (written locally, then uploaded).
+
+    Returns ``{"json": uri, "markdown": uri, "markdown_text": str, "sets": {...}}``.
+
+    Raises:
+        StorageError: ``out_dir`` is not writable (checked before any scoring).
     """
+    from multimix.data import storage
+
+    with storage.staged_output(out_dir, storage_cfg) as local:
+        report = _evaluate(ckpt, cls_data=cls_data, seg_data=seg_data, out=local, subset=subset,
+                           storage_cfg=storage_cfg, device=device, n_show=n_show,
+                           dest=lambda p: storage.output_uri(out_dir, local, p))
+    return report
+
+
+def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_cfg, device: str,
+              n_show: int, dest) -> dict:
+    """:func:`evaluate_checkpoint` into the local folder ``out``; ``dest`` maps a file in it to
+    its final place (reported paths)."""
     from multimix import checkpoint, plots
     from multimix.data.pipeline import load_labeled_pool
     from multimix.data.prepare import read_manifest, read_table
@@ -133,14 +157,13 @@ def evaluate_checkpoint(ckpt: str, *, cls_data=(), seg_data=(), out_dir: str = "
         cfg.storage = storage_cfg
     flags = VARIANT_FLAGS[cfg.model.variant]
     classes = state.get("classes") or []
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     bs = cfg.data.eval_batch
     report: dict = {"checkpoint": ckpt, "epoch": state["epoch"], "variant": cfg.model.variant,
                     "image_size": cfg.data.image_size,
                     "hausdorff_unit": f"pixels at {cfg.data.image_size}x{cfg.data.image_size}",
                     "cls": {}, "seg": {}, "plots": {}}
     rocs, dices = {}, {}
+    per_image: dict[str, list[dict]] = {"cls": [], "seg": []}
     for task, uris in (("cls", cls_data), ("seg", seg_data)):
         if uris and not (flags.has_cls if task == "cls" else flags.has_seg):
             raise UserError(f"variant {cfg.model.variant!r} has no {task} head; "
@@ -149,6 +172,9 @@ def evaluate_checkpoint(ckpt: str, *, cls_data=(), seg_data=(), out_dir: str = "
             man = read_manifest(uri, storage_cfg)
             if man.get("task") != task:
                 raise UserError(f"{uri} holds a {man.get('task')!r} dataset, not {task!r}")
+            if task == "cls" and classes and list(man.get("classes") or classes) != classes:
+                raise UserError(f"{uri} has classes {man['classes']} but the checkpoint's are "
+                                f"{classes} (label indices would not match)")
             ids, what = _select(uri, task, subset, cfg, state.get("splits", {}))
             if ids is None:
                 ids = read_table(uri, ["id"], storage_cfg).column("id").to_pylist()
@@ -167,6 +193,11 @@ def evaluate_checkpoint(ckpt: str, *, cls_data=(), seg_data=(), out_dir: str = "
                 m = classification_metrics(pred["cls_prob"], pool.labels, classes)
                 m.update(dataset=uri, rows=what, n=int(len(pool.labels)))
                 report["cls"][name] = m
+                names = list(classes) or [f"class{k}" for k in range(pred["cls_prob"].shape[1])]
+                per_image["cls"] += [
+                    {"set": name, "id": i, "label": names[y], "predicted": names[int(p.argmax())],
+                     **{f"prob_{c}": float(v) for c, v in zip(names, p)}}
+                    for i, y, p in zip(pool.ids, pool.labels, pred["cls_prob"])]
                 if len(np.unique(pool.labels)) > 1:
                     fpr, tpr, _ = roc_curve(pred["cls_prob"][:, 1], pool.labels)
                     rocs[name] = (fpr, tpr, m.get("auc", float("nan")))
@@ -175,7 +206,7 @@ def evaluate_checkpoint(ckpt: str, *, cls_data=(), seg_data=(), out_dir: str = "
                     p = plots.plot_saliency(pool.images[:n_show], sal["saliency"][:, 0],
                                             out / f"saliency_{_slug(name)}.png",
                                             probs=sal["cls_prob"][:, 1], class_names=classes)
-                    report["plots"][f"saliency {name}"] = str(p)
+                    report["plots"][f"saliency {name}"] = dest(p)
             else:
                 pred = _predict(model, pool.images, "seg_img", device, bs)
                 per = segmentation_metrics(pred["seg_prob"], pool.masks[:, None],
@@ -184,25 +215,37 @@ def evaluate_checkpoint(ckpt: str, *, cls_data=(), seg_data=(), out_dir: str = "
                 s.update(dataset=uri, rows=what, n=int(len(pool.images)))
                 report["seg"][name] = s
                 dices[name] = per["dice"]
+                per_image["seg"] += [{"set": name, "id": i, **{k: float(v[j]) for k, v in
+                                                             per.items()}}
+                                     for j, i in enumerate(pool.ids)]
                 k = min(n_show, len(pool.images))
                 p = plots.plot_boundaries(pool.images[:k], pool.masks[:k],
                                           pred["seg_prob"][:k, 0] >= 0.5,
                                           out / f"boundaries_{_slug(name)}.png",
                                           titles=[f"Dice {d:.3f}" for d in per["dice"][:k]])
-                report["plots"][f"boundaries {name}"] = str(p)
+                report["plots"][f"boundaries {name}"] = dest(p)
                 sal = _predict(model, pool.images[:k], "img", device, bs, True)
                 if "saliency" in sal:
                     p = plots.plot_saliency(pool.images[:k], sal["saliency"][:, 0],
                                             out / f"saliency_{_slug(name)}.png")
-                    report["plots"][f"saliency {name}"] = str(p)
+                    report["plots"][f"saliency {name}"] = dest(p)
     if rocs:
-        report["plots"]["roc"] = str(plots.plot_roc(rocs, out / "roc.png"))
+        report["plots"]["roc"] = dest(plots.plot_roc(rocs, out / "roc.png"))
     if dices:
-        report["plots"]["dice_box"] = str(plots.plot_dice_box(dices, out / "dice_box.png"))
+        report["plots"]["dice_box"] = dest(plots.plot_dice_box(dices, out / "dice_box.png"))
+    for task, rows in per_image.items():
+        if rows:
+            with open(out / f"images_{task}.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(rows)
+            report["per_image"] = {**report.get("per_image", {}),
+                                   task: dest(out / f"images_{task}.csv")}
     (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
-    (out / "report.md").write_text(_markdown(report))
-    return {"json": str(out / "report.json"), "markdown": str(out / "report.md"),
-            "sets": {"cls": report["cls"], "seg": report["seg"]}}
+    markdown = _markdown(report)
+    (out / "report.md").write_text(markdown)
+    return {"json": dest(out / "report.json"), "markdown": dest(out / "report.md"),
+            "markdown_text": markdown, "sets": {"cls": report["cls"], "seg": report["seg"]}}
 
 
 def _slug(name: str) -> str:

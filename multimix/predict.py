@@ -25,7 +25,8 @@ def add_arguments(p) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (png, jpeg, tiff, ...)")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint.pt, a checkpoint directory, or a run directory (uses best)")
-    p.add_argument("--out", default="predictions", help="output directory (default: predictions)")
+    p.add_argument("--out", default="predictions",
+                   help="output directory or s3://bucket/prefix (default: predictions)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="probability threshold of the lung mask (default 0.5)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -77,19 +78,30 @@ def predict_array(model, cfg, grey: np.ndarray, device: str = "cpu",
 
 
 def run(args) -> int:
-    from PIL import Image
-
     from multimix import checkpoint
     from multimix.config import load_config
-    from multimix.data.images import load_grey
-    from multimix.errors import UserError
-    from multimix.plots import overlay_png
+    from multimix.data import storage
 
     storage_cfg = load_config(args.config, args.set).storage
     model, cfg, state = checkpoint.load_model(args.checkpoint, storage_cfg, device=args.device)
     classes = state.get("classes") or [f"class{i}" for i in range(cfg.model.num_classes)]
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with storage.staged_output(args.out, storage_cfg) as out_dir:
+        results, failed = _predict_all(args, model, cfg, classes, out_dir,
+                                       lambda p: storage.output_uri(args.out, out_dir, p))
+    print(f"wrote {len(results) - failed} prediction(s) to {args.out}"
+          + (f"; {failed} file(s) failed" if failed else ""))
+    return 1 if failed else 0
+
+
+def _predict_all(args, model, cfg, classes: list, out_dir: Path, dest) -> tuple[list, int]:
+    """Predict every image into the local folder ``out_dir``; ``dest`` maps a written file to
+    its final place (a path under ``--out``, also ``s3://``)."""
+    from PIL import Image
+
+    from multimix.data.images import load_grey
+    from multimix.errors import UserError
+    from multimix.plots import overlay_png
+
     results, failed = [], 0
     for path in args.images:
         try:
@@ -108,15 +120,15 @@ def run(args) -> int:
                 entry["pneumonia_probability"] = float(pred["probs"][classes.index("PNEUMONIA")])
         if pred["mask"] is not None:
             Image.fromarray((pred["mask"] * 255).astype(np.uint8)).save(out_dir / f"{stem}_mask.png")
-            entry["mask"] = str(out_dir / f"{stem}_mask.png")
+            entry["mask"] = dest(out_dir / f"{stem}_mask.png")
             entry["lung_fraction"] = float(pred["mask"].mean())
         if pred["saliency"] is not None:
             Image.fromarray((pred["saliency"] * 255).round().astype(np.uint8)).save(
                 out_dir / f"{stem}_saliency.png")
-            entry["saliency"] = str(out_dir / f"{stem}_saliency.png")
+            entry["saliency"] = dest(out_dir / f"{stem}_saliency.png")
         Image.fromarray(overlay_png(grey, pred["mask"], pred["saliency"])).save(
             out_dir / f"{stem}_overlay.png")
-        entry["overlay"] = str(out_dir / f"{stem}_overlay.png")
+        entry["overlay"] = dest(out_dir / f"{stem}_overlay.png")
         results.append(entry)
         summary = [f"{path}:"]
         if "pneumonia_probability" in entry:
@@ -127,6 +139,4 @@ def run(args) -> int:
             summary.append(f"lung area={100 * entry['lung_fraction']:.1f}%")
         print(" ".join(summary))
     (out_dir / "predictions.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {len(results) - failed} prediction(s) to {out_dir}"
-          + (f"; {failed} file(s) failed" if failed else ""))
-    return 1 if failed else 0
+    return results, failed

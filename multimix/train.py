@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from multimix.config import Config, ConfigError, load_config
-from multimix.errors import UserError
+from multimix.errors import UserError, root_cause
 
 #: Test hook: ``rank:epoch:step:marker_path`` makes that worker SIGKILL itself once (the marker file
 #: records that it happened), to exercise fault tolerance. Forwarded to the workers' environment.
@@ -184,7 +184,8 @@ def build_trainer(cfg: Config, inputs: dict, callbacks: list | None = None, loop
         resources["GPU"] = s.gpus_per_worker
     scaling = ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                             resources_per_worker=resources)
-    fs, path = storage.resolve(cfg.run.storage_path, cfg.storage)
+    # keyless: Ray pickles this into its run state; workers resolve keys through the AWS chain
+    fs, path = storage.resolve(cfg.run.storage_path, storage.chain_storage(cfg.storage))
     env_vars = {k: os.environ[k] for k in (FAULT_ENV,) if k in os.environ}
     run_config = RunConfig(
         name=cfg.run.name,
@@ -227,35 +228,57 @@ def build_trainer(cfg: Config, inputs: dict, callbacks: list | None = None, loop
 
 
 def init_ray(cfg: Config) -> None:
-    """Connect to the cluster in ``RAY_ADDRESS``, or start a local Ray."""
+    """Connect to the cluster in ``RAY_ADDRESS``, or start a local Ray.
+
+    S3 keys set in the config are for local runs: they are exported to this process's
+    environment before the local Ray starts, so its processes inherit them (never through Ray's
+    runtime env or job metadata). On a cluster they are refused: there the Ray processes get
+    credentials from the standard chain (instance profile, IRSA, their environment).
+
+    Raises:
+        ConfigError: keys in the config while connecting to a cluster.
+    """
     import ray
 
+    from multimix.data import storage
+
+    address = os.environ.get("RAY_ADDRESS")
+    if address and storage.has_keys(cfg.storage):
+        raise ConfigError("storage.access_key_id/secret_access_key/session_token are for local "
+                          "runs; on a Ray cluster give the Ray processes credentials through "
+                          "the AWS chain (instance profile, IRSA, or AWS_* in the environment "
+                          "of `ray start`) and drop the keys from the config")
     if ray.is_initialized():
         return
+    storage.export_keys(cfg.storage)
     # "local": a new local Ray, never one found through /tmp/ray/ray_current_cluster
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
+    ray.init(address=address or "local", configure_logging=False)
 
 
 def train(cfg: Config, callbacks: list | None = None) -> TrainResult:
     """Train ``cfg`` to ``optim.epochs`` epochs (resuming a run of the same name if it exists)."""
+    from multimix.data import storage
+
+    run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
     init_ray(cfg)
-    from ray.train.base_trainer import TrainingFailedError
+    storage.check_writable(run_dir, cfg.storage)  # a missing bucket / bad keys: fail first
+    from ray.train import TrainingFailedError
 
     from multimix import resources
 
     resources.check(cfg.scaling)  # fails at once when no node could ever place the workers
 
-    from multimix.data import storage
-
     inputs = prepare_inputs(cfg)
-    run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
     storage.write_bytes(storage.join(run_dir, "config.json"),
                         json.dumps(cfg.to_dict(), indent=2).encode(), cfg.storage)
     trainer = build_trainer(cfg, inputs, callbacks)
     try:
         trainer.fit()
     except TrainingFailedError as exc:
-        raise UserError(f"training failed: {exc}") from exc
+        root = root_cause(exc)
+        if isinstance(root, UserError):  # e.g. a worker that cannot reach the run storage
+            raise type(root)(f"training failed: {root}") from exc
+        raise
     return read_run(run_dir, cfg)
 
 
@@ -483,13 +506,14 @@ def _write_run_files(storage_ctx, cfg: Config, history: list[dict], name: str) -
         with fs.open_output_stream(f"{root}/{fname}") as f:
             f.write(json.dumps(obj, indent=1, default=float).encode())
 
-    def better(a, b):
-        return a > b if mode == "max" else a < b
+    def at_least(a, b):
+        return a >= b if mode == "max" else a <= b
 
     best = None
     for h in history:
         v = h.get(metric)
-        if v is not None and v == v and (best is None or better(v, best[metric])):
+        # ties go to the later epoch: Ray's CheckpointConfig keeps that one, deletes the earlier
+        if v is not None and v == v and (best is None or at_least(v, best[metric])):
             best = h
     best = best or history[-1]
     put("history.json", history)

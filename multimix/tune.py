@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from multimix.config import ConfigError, load_config
+from multimix.errors import UserError, one_line
 
 DEFAULT_SPACE = (
     "objective.threshold=uniform:0.5,0.95",
@@ -95,6 +96,23 @@ def trial(params: dict, base: dict, overrides: list[str]) -> None:
     trainer.fit()
 
 
+#: variables Ray Tune would copy from the driver into every trial actor's runtime env
+_KEY_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN",
+                       "AWS_SESSION_TOKEN"})
+
+
+def _keep_keys_out_of_trial_runtime_envs() -> None:
+    """Ray Tune 2.60 copies ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/... from the driver's
+    environment into each trial actor's ``runtime_env.env_vars`` (``ray.tune.execution.
+    class_cache.ENV_VARS_TO_PROPAGATE``), which Ray keeps in its actor table, shows in the
+    dashboard and writes into the runtime-env agent's log. The trial actors need no copy: they
+    inherit the environment of the Ray processes (the AWS chain, DESIGN.md §9), so the keys are
+    taken off that list."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) - _KEY_VARS
+
+
 def tune(cfg, space: dict, overrides: list[str], num_samples: int = 8, concurrent: int = 1,
          seed: int = 0):
     """Run the search; returns the :class:`ray.tune.ResultGrid`."""
@@ -106,8 +124,11 @@ def tune(cfg, space: dict, overrides: list[str], num_samples: int = 8, concurren
 
     check_space(cfg, space)
     init_ray(cfg)
-    fs, path = storage.resolve(cfg.run.storage_path, cfg.storage)
+    storage.check_writable(cfg.run.storage_path, cfg.storage)
+    # keyless: Tune pickles it into tuner.pkl / experiment state; keys come from the AWS chain
+    fs, path = storage.resolve(cfg.run.storage_path, storage.chain_storage(cfg.storage))
     base = cfg.to_dict(include_secrets=False)  # trial actors read keys from their environment
+    _keep_keys_out_of_trial_runtime_envs()
     tuner = rt.Tuner(
         rt.with_resources(rt.with_parameters(trial, base=base, overrides=overrides), {"CPU": 0.01}),
         param_space=_to_tune(space),
@@ -127,7 +148,7 @@ def summarize(grid, cfg) -> list[dict]:
         rows.append({"trial": Path(r.path).name if r.path else None,
                      "config": r.config, cfg.run.checkpoint_metric: m.get(cfg.run.checkpoint_metric),
                      "epochs": (m.get("epoch", -1) + 1) if m else 0,
-                     "error": str(r.error) if r.error else None})
+                     "error": one_line(r.error) if r.error else None})
     return rows
 
 
@@ -144,7 +165,13 @@ def run(args) -> int:
     for row in rows:
         print(f"{row['trial']}: {metric}={row[metric]} {row['config']}"
               + (f" ERROR {row['error']}" if row["error"] else ""))
+    print(f"results: {out}")
+    failed = [r for r in rows if r["error"]]
+    if len(failed) == len(rows):
+        raise UserError(f"all {len(rows)} trials failed; first: {failed[0]['error']}")
     best = grid.get_best_result()
     print(f"best: {metric}={best.metrics.get(metric)} with {best.config}")
-    print(f"results: {out}")
-    return 0 if not any(r["error"] for r in rows) else 1
+    if failed:
+        raise UserError(f"{len(failed)} of {len(rows)} trials failed; first: "
+                        f"{failed[0]['error']}")
+    return 0

@@ -17,6 +17,48 @@ import pytest
 
 DATA_ENV = "MULTIMIX_DATA"
 
+#: a test over this many seconds (call phase) should carry the ``slow`` marker
+SLOW_S = 10.0
+
+
+# ---------------------------------------------------------------------------------------------
+# markers that mean what they say: every test that reaches the real data (the ``shared_data``
+# fixture, directly or through ``kermany_prepared`` / ``v7_prepared`` / any other fixture) must
+# carry ``realdata``, so that ``-m "not realdata"`` really leaves it out; one that does not is an
+# error (not a skip) naming the missing marker.
+
+
+_MISSING_REALDATA = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()) and \
+                item.get_closest_marker("realdata") is None:
+            item.stash[_MISSING_REALDATA] = True
+
+
+def pytest_runtest_setup(item):
+    if item.stash.get(_MISSING_REALDATA, False):
+        pytest.fail(f"{item.nodeid} uses the real data (fixture shared_data) but has no "
+                    "@pytest.mark.realdata marker", pytrace=False)
+
+
+_unmarked_slow: list[tuple[str, float]] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.duration > SLOW_S and "slow" not in report.keywords:
+        _unmarked_slow.append((report.nodeid, report.duration))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _unmarked_slow:
+        terminalreporter.section("tests over 10 s without the slow marker")
+        for nodeid, dur in _unmarked_slow:
+            terminalreporter.write_line(f"{dur:6.1f} s  {nodeid}")
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

@@ -140,15 +140,16 @@ def test_secrets_stay_out_of_repr_and_to_dict_but_reach_the_config(monkeypatch):
         cfg, storage=StorageConfig())
 
 
-def test_storage_falls_back_to_aws_environment(monkeypatch):
+def test_storage_takes_endpoint_and_region_but_never_keys_from_the_environment(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "envkey")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "envsecret")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-central-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3.local:9000")
     cfg = load_config()
     st = cfg.storage
-    assert (st.access_key_id, st.secret_access_key, st.region, st.endpoint) == (
-        "envkey", "envsecret", "eu-central-1", "http://s3.local:9000")
-    assert "envsecret" not in repr(cfg)
+    assert (st.region, st.endpoint) == ("eu-central-1", "http://s3.local:9000")
+    # keys stay with the AWS chain of whichever process uses the filesystem
+    assert (st.access_key_id, st.secret_access_key, st.session_token) == (None, None, None)
+    assert "envsecret" not in repr(cfg) and "envsecret" not in str(cfg.to_dict(True))
     explicit = load_config(None, ["storage.region=us-west-2"])
     assert explicit.storage.region == "us-west-2"  # the config wins over the environment

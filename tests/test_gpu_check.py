@@ -29,6 +29,7 @@ def _run(out: Path, *args: str, no_ray: bool = False):
     return proc.stdout, doc, md
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 def test_gpu_check_without_ray_runs_the_torch_parts(tmp_path):
     out, doc, md = _run(tmp_path, "--skip", "collectives", no_ray=True)

@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import shutil
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Optional
 from urllib.parse import urlparse
 
@@ -35,11 +38,16 @@ __all__ = [
     "check_writable",
     "storage_errors",
     "default_storage",
+    "has_keys",
+    "export_keys",
+    "staged_output",
+    "output_uri",
+    "chain_storage",
 ]
 
 
 def default_storage() -> StorageConfig:
-    """A :class:`StorageConfig` filled from the AWS environment variables (``AWS_*``)."""
+    """A :class:`StorageConfig` with endpoint/region from ``AWS_*`` (keys: the default chain)."""
     st = StorageConfig()
     _fill_storage_from_env(st)
     return st
@@ -78,9 +86,14 @@ def resolve(uri: str, storage_cfg: Optional[StorageConfig] = None) -> tuple[pafs
 
     - ``/a/b``, ``a/b``, ``file:///a/b`` → ``LocalFileSystem``, absolute path.
     - ``s3://bucket/prefix`` → ``S3FileSystem`` with ``endpoint_override`` and scheme from
-      ``storage.endpoint`` (``http://host:port``), ``region`` and the keys; where the keys are
-      unset the AWS default chain (environment, ``~/.aws``, instance role) applies. The path is
+      ``storage.endpoint`` (``http://host:port``) and ``region``. Keys are passed only when the
+      config sets them (local use); otherwise the filesystem holds none and pyarrow's AWS default
+      chain (environment, ``~/.aws``, instance profile, IRSA web identity) resolves them in
+      whichever process uses it — a pickled copy (Ray task, Train run state, ``tuner.pkl``)
+      carries endpoint and region only, and expiring credentials refresh there. The path is
       ``bucket/prefix`` without a trailing slash.
+    - ``s3:/bucket`` (a URI that lost a slash, e.g. through ``pathlib``) is an error, never a
+      local folder of that name.
 
     Args:
         storage_cfg: S3 settings; None reads the ``AWS_*`` environment variables.
@@ -91,6 +104,7 @@ def resolve(uri: str, storage_cfg: Optional[StorageConfig] = None) -> tuple[pafs
     uri = os.fspath(uri)
     if not uri:
         raise StorageError("empty path/URI")
+    _check_not_mangled(uri)
     if uri.startswith("file://"):
         return pafs.LocalFileSystem(), os.path.abspath(urlparse(uri).path)
     if is_s3(uri):
@@ -121,6 +135,90 @@ def resolve(uri: str, storage_cfg: Optional[StorageConfig] = None) -> tuple[pafs
         scheme = uri.split("://", 1)[0]
         raise StorageError(f"{uri}: unsupported scheme {scheme!r} (use a local path or s3://)")
     return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+_MANGLED = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):/(?!/)")
+
+
+def _check_not_mangled(uri: str) -> None:
+    """``s3:/b/x`` or ``./s3:/b/x`` is a URI that lost a slash: refuse it as a local path."""
+    for part in (uri, uri[2:] if uri.startswith("./") else uri):
+        m = _MANGLED.match(part)
+        if m:
+            raise StorageError(f"{uri}: looks like a URI with a missing slash; write "
+                               f"{m.group(1)}://{part[m.end():]} (or ./{m.group(1)}_... for a "
+                               "local folder)")
+
+
+def has_keys(st: Optional[StorageConfig]) -> bool:
+    """Whether the config itself sets S3 keys (instead of the default credential chain)."""
+    return bool(st is not None and (st.access_key_id or st.secret_access_key or st.session_token))
+
+
+_KEY_ENV = (("access_key_id", "AWS_ACCESS_KEY_ID"),
+            ("secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+            ("session_token", "AWS_SESSION_TOKEN"))
+
+
+def export_keys(st: Optional[StorageConfig]) -> bool:
+    """Put keys given in the config into this process's ``AWS_*`` environment variables.
+
+    Called before a *local* Ray starts, so every Ray process inherits them and the keyless
+    filesystems that Ray pickles (run state, Tune state) find them through the default chain —
+    the keys are never written anywhere. Returns whether anything was exported.
+    """
+    if not has_keys(st):
+        return False
+    if not (st.access_key_id and st.secret_access_key):
+        raise StorageError(
+            "storage.access_key_id and storage.secret_access_key must be set together "
+            "(or neither, to use the AWS default credential chain)"
+        )
+    for field_, var in _KEY_ENV:
+        value = getattr(st, field_)
+        if value:
+            os.environ[var] = value
+        else:
+            os.environ.pop(var, None)
+    return True
+
+
+def chain_storage(st: Optional[StorageConfig]) -> StorageConfig:
+    """The same endpoint/region without keys: for filesystems that Ray pickles and stores."""
+    st = st if st is not None else default_storage()
+    return StorageConfig(endpoint=st.endpoint, region=st.region)
+
+
+@contextmanager
+def staged_output(uri: str, storage_cfg: Optional[StorageConfig] = None) -> Iterator[Path]:
+    """A local directory to write an output folder into; for ``s3://`` it is uploaded to ``uri``
+    when the block ends without error (a local ``uri`` is used directly).
+
+    Raises:
+        StorageError: ``uri`` is not writable (missing bucket, bad keys, a file in the way).
+    """
+    check_writable(uri, storage_cfg)
+    if not is_s3(uri):
+        _, path = resolve(uri)
+        os.makedirs(path, exist_ok=True)
+        yield Path(path)
+        return
+    tmp = tempfile.mkdtemp(prefix="multimix-out-")
+    try:
+        yield Path(tmp)
+        fs, path = resolve(uri, storage_cfg)
+        with storage_errors(uri, storage_cfg):
+            pafs.copy_files(tmp, path, source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=fs)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def output_uri(uri: str, local_dir: Path, local_path: "str | os.PathLike") -> str:
+    """Where ``local_path`` (inside a :func:`staged_output` directory) ends up under ``uri``."""
+    if not is_s3(uri):
+        return str(local_path)
+    return join(uri, Path(local_path).relative_to(local_dir).as_posix())
 
 
 def join(uri: str, *parts: str) -> str:

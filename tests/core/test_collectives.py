@@ -10,6 +10,7 @@ import torch
 from multimix.bench.collectives import check
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 def test_gloo_collectives_match_single_process(world):
     res = check("gloo", world)
@@ -18,6 +19,7 @@ def test_gloo_collectives_match_single_process(world):
     assert {"val_cls_auc", "val_seg_dice_mean", "val_score"} <= set(res["val"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 def test_nccl_collectives_match_single_process(world):
     if not torch.cuda.is_available():

@@ -70,6 +70,7 @@ def _worker(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_gradients_equal_single_process(tmp_path):
     init_file = tmp_path / "pg_init"
     mp.spawn(_worker, args=(str(init_file), str(tmp_path)), nprocs=WORLD, join=True)

@@ -96,6 +96,7 @@ def _assert_same(a: dict, b: dict):
         np.testing.assert_equal(a[k], b[k], err_msg=k)  # exact; NaN == NaN
 
 
+@pytest.mark.slow
 def test_gathered_metrics_equal_single_process(tmp_path):
     import torch.multiprocessing as mp
 

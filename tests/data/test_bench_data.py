@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
+
 from multimix.bench import data as bench
 
 
@@ -20,6 +22,7 @@ def test_bench_data_json_no_e2e(capsys):
     assert out["source"] == "synthetic" and out["malloc_tuned"] is False
 
 
+@pytest.mark.slow
 def test_bench_data_e2e_local(ray_local, capsys):
     p = argparse.ArgumentParser()
     bench.add_arguments(p)

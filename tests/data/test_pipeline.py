@@ -67,6 +67,8 @@ def _check_pairs(rows, source, cfg, n_expected, pass_no=0):
 
 
 @pytest.mark.parametrize("reader", READERS)
+@pytest.mark.realdata
+@pytest.mark.slow
 def test_local_pairs_and_seg(real_sets, ray_local, reader):
     cfg = _cfg(real_sets["cls"], real_sets["seg"], data={"reader": reader})
     ids = sorted(real_sets["cls_rows"])[5:]
@@ -92,6 +94,7 @@ def test_local_pairs_and_seg(real_sets, ray_local, reader):
 
 
 @pytest.mark.parametrize("reader", READERS)
+@pytest.mark.realdata
 def test_s3_same_as_local(real_sets, s3_server, ray_local, reader):
     import pyarrow.fs as pafs
 
@@ -113,6 +116,7 @@ def test_s3_same_as_local(real_sets, s3_server, ray_local, reader):
 
 
 @pytest.mark.parametrize("reader", READERS)
+@pytest.mark.realdata
 def test_corrupt_row_skipped_and_counted(real_sets, tmp_path, ray_local, reader):
     rows = list(real_sets["cls_rows"].values())[:6]
     good = encode_png(rows[0]["image"])
@@ -133,6 +137,8 @@ def test_corrupt_row_skipped_and_counted(real_sets, tmp_path, ray_local, reader)
 
 @pytest.mark.parametrize("sharding", ["per_worker", "streaming_split"])
 @pytest.mark.parametrize("reader", READERS)
+@pytest.mark.realdata
+@pytest.mark.slow
 def test_two_workers_uneven_streams_same_step_count(real_sets, ray_local, reader, sharding):
     """2 workers; unlabeled-cls pool of 37 rows, unlabeled-seg pool of 7 (shorter than one batch
     per worker), labeled pools of 5 and 3: every worker yields exactly steps_per_epoch batches,
@@ -226,6 +232,8 @@ def _two_epochs_of_unlabeled_batches(uri, ids, cfg) -> list:
                                 steps_per_epoch=len(ids) // 8)) for epoch in range(2)]
 
 
+@pytest.mark.realdata
+@pytest.mark.slow
 def test_class_sorted_dataset_batches_mix_classes(real_sets, tmp_path, ray_local):
     """A dataset stored in id order (class folder first: all NORMAL, then all PNEUMONIA; what
     multimix prepare wrote before it stored rows in hashed order): the row_groups reader reads
@@ -249,6 +257,8 @@ def test_class_sorted_dataset_batches_mix_classes(real_sets, tmp_path, ray_local
     assert a == P._task_groups(0, 20, 4, 0, 0, "unl_cls") != P._task_groups(0, 20, 4, 0, 1, "unl_cls")
 
 
+@pytest.mark.realdata
+@pytest.mark.slow
 def test_read_parquet_is_fused_mixes_classes_and_reshuffles(real_sets, tmp_path, ray_local,
                                                              caplog):
     """The ``read_parquet`` reader: ``ray.data.read_parquet`` fused with the decode/augment map into one
@@ -285,6 +295,8 @@ def test_read_parquet_is_fused_mixes_classes_and_reshuffles(real_sets, tmp_path,
 
 @pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize("shards,row_group_rows,world", [(2, 4, 3), (1, 100, 2), (3, 4, 2)])
+@pytest.mark.realdata
+@pytest.mark.slow
 def test_per_worker_datasets_partition_the_pool(real_sets, tmp_path, ray_local, reader, shards,
                                                 row_group_rows, world):
     """The per-worker datasets of one pool (data.sharding=per_worker) hold disjoint parts that
@@ -305,6 +317,7 @@ def test_per_worker_datasets_partition_the_pool(real_sets, tmp_path, ray_local, 
         P.stream_dataset(uri, ids, cfg, mode="pair", rank=2, world_size=2)
 
 
+@pytest.mark.realdata
 def test_one_execution_spans_passes(real_sets, ray_local):
     """row_groups with ``passes=3``: one execution yields every row 3 times, pass after pass
     (one task at a time here), each pass's views rendered for augmentation pass ``base + k``
@@ -432,6 +445,7 @@ def test_cursor_shuffle_buffer_and_empty_shard():
 
 
 @pytest.mark.parametrize("reader", READERS)
+@pytest.mark.realdata
 def test_augmenter_hook_renders_the_views(real_sets, ray_local, reader):
     """``stream_dataset(augmenter=...)`` replaces what renders the views in the map tasks:
     with ``bench data``'s :class:`Unaugmented` both views are the stored image itself (what

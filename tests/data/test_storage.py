@@ -54,6 +54,49 @@ def test_resolve_s3_settings_without_network():
     assert storage._endpoint_parts("host:9000") == ("host:9000", "https")
 
 
+def test_a_uri_that_lost_a_slash_is_an_error_not_a_local_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for bad in ("s3:/bucket/x", "./s3:/bucket/x", "file:/x"):
+        with pytest.raises(StorageError, match="missing slash"):
+            storage.resolve(bad)
+        with pytest.raises(StorageError, match="missing slash"):
+            with storage.staged_output(bad):
+                pass
+    assert not any(tmp_path.iterdir())  # nothing was created
+    assert storage.resolve("s3_x/y")[1] == str(tmp_path / "s3_x" / "y")
+
+
+def test_pickled_filesystems_carry_no_keys_unless_the_config_sets_them(monkeypatch):
+    import pickle
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ENVKEYID0001")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "env-secret-0123456789")
+    chain = StorageConfig(endpoint="http://127.0.0.1:9", region="eu-west-1")
+    blob = pickle.dumps(storage.resolve("s3://b/x", chain)[0])
+    assert b"ENVKEYID0001" not in blob and b"env-secret-0123456789" not in blob
+    explicit = StorageConfig(endpoint="http://127.0.0.1:9", region="eu-west-1",
+                             access_key_id="CFGKEYID0001", secret_access_key="cfg-secret-0123")
+    assert b"cfg-secret-0123" in pickle.dumps(storage.resolve("s3://b/x", explicit)[0])
+    # what train/tune hand to Ray: the same endpoint and region, no keys
+    keyless = storage.chain_storage(explicit)
+    assert (keyless.endpoint, keyless.region) == (explicit.endpoint, explicit.region)
+    assert b"cfg-secret-0123" not in pickle.dumps(storage.resolve("s3://b/x", keyless)[0])
+
+
+def test_export_keys_puts_config_keys_into_the_environment(monkeypatch):
+    for v in AWS_VARS:
+        monkeypatch.delenv(v, raising=False)
+    assert storage.export_keys(StorageConfig(endpoint="http://h:1")) is False
+    assert "AWS_ACCESS_KEY_ID" not in __import__("os").environ
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "stale-token")
+    assert storage.export_keys(StorageConfig(access_key_id="AK1", secret_access_key="SK1"))
+    env = __import__("os").environ
+    assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == ("AK1", "SK1")
+    assert "AWS_SESSION_TOKEN" not in env  # not mixed with another identity's token
+    with pytest.raises(StorageError, match="must be set together"):
+        storage.export_keys(StorageConfig(secret_access_key="SK1"))
+
+
 def test_join_and_local_helpers(tmp_path):
     assert storage.join("s3://b/p/", "data", "x.parquet") == "s3://b/p/data/x.parquet"
     assert storage.join(str(tmp_path), "m.json") == str(tmp_path / "m.json")
@@ -132,6 +175,7 @@ def test_s3_source_to_s3_dataset_round_trip_without_leaking_the_secret(aws_env, 
     assert s3.secret_key not in everything and s3.access_key not in everything
 
 
+@pytest.mark.slow
 def test_s3_dataset_reads_with_ray_data(s3_server, ray_local, tmp_path):
     st = StorageConfig(endpoint=s3_server.endpoint, region=s3_server.region,
                        access_key_id=s3_server.access_key,
@@ -193,3 +237,24 @@ def test_unreachable_endpoint_is_a_storage_error():
                        secret_access_key="b-secret")
     with pytest.raises(StorageError, match="cannot reach the S3 endpoint http://127.0.0.1:9"):
         storage.exists("s3://bucket/x", st)
+
+
+def test_staged_output_lands_on_s3_and_a_missing_bucket_fails_first(s3_server, tmp_path):
+    bucket = _bucket(s3_server)
+    st = StorageConfig(endpoint=s3_server.endpoint, region=s3_server.region,
+                       access_key_id=s3_server.access_key, secret_access_key=s3_server.secret_key)
+    uri = f"s3://{bucket}/eval/run1"
+    with storage.staged_output(uri, st) as d:
+        (d / "report.md").write_text("# ok")
+        (d / "plots").mkdir()
+        (d / "plots" / "roc.png").write_bytes(b"png")
+        assert storage.output_uri(uri, d, d / "plots" / "roc.png") == f"{uri}/plots/roc.png"
+    assert storage.list_files(uri, st) == ["plots/roc.png", "report.md"]
+    assert storage.read_text(f"{uri}/report.md", st) == "# ok"
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-x' does not exist"):
+        with storage.staged_output("s3://no-such-bucket-x/out", st):
+            raise AssertionError("the block must not run")
+    local = tmp_path / "out"
+    with storage.staged_output(str(local)) as d:
+        assert d == local and d.is_dir()
+        assert storage.output_uri(str(local), d, d / "a.txt") == str(local / "a.txt")

@@ -36,6 +36,7 @@ def _ce(prob, labels):
     return float(-np.mean(np.log(prob[np.arange(len(labels)), labels] + 1e-8)))
 
 
+@pytest.mark.slow
 def test_overfit_few_real_images(shared_data):
     v7 = shared_data / "v7-covid-lungs"
     names = sorted(p.name for p in (v7 / "masks").glob("*.png"))[:4]

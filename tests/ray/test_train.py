@@ -44,6 +44,26 @@ def _history(run_dir: Path) -> list[dict]:
     return json.loads((run_dir / "history.json").read_text())
 
 
+def _check_continuity(run_dir: Path, epochs: int, steps: int) -> None:
+    """Every epoch's metrics exactly once, in order, in history.json and in the last checkpoint;
+    the optimizer and scheduler of the last checkpoint carry the whole run: Adam's step count is
+    ``epochs x steps`` only if a resumed epoch continued from the saved optimizer state (a fresh
+    optimizer after the restart would count the steps since the restart only)."""
+    from multimix import checkpoint
+
+    history = _history(run_dir)
+    assert [h["epoch"] for h in history] == list(range(epochs))
+    for h in history:
+        assert {"train_loss", "val_score", "val_cls_n", "val_seg_n"} <= set(h), h
+    state = checkpoint.load(str(run_dir), which="last")
+    assert state["epoch"] == epochs - 1
+    assert json.loads(json.dumps(state["history"])) == history
+    adam_steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert adam_steps == {float(epochs * steps)}
+    assert state["scheduler"]["last_epoch"] == epochs
+
+
+@pytest.mark.realdata
 def test_train_evaluate_predict_real_data(ray_local, kermany_prepared, v7_prepared,
                                           shared_data, tmp_path, capsys):
     from multimix import evaluate
@@ -124,7 +144,7 @@ def test_train_evaluate_predict_real_data(ray_local, kermany_prepared, v7_prepar
         assert Image.open(p["overlay"]).mode == "RGB"
 
 
-def test_worker_killed_mid_run_restarts_without_gaps(ray_local, demo_data, tmp_path,
+def test_worker_killed_mid_run_restarts_without_gaps_or_repeats(ray_local, demo_data, tmp_path,
                                                      monkeypatch):
     from multimix.train import FAULT_ENV, train
 
@@ -137,6 +157,7 @@ def test_worker_killed_mid_run_restarts_without_gaps(ray_local, demo_data, tmp_p
     assert marker.exists(), "the fault was never injected"
     assert [h["epoch"] for h in result.history] == [0, 1, 2]
     assert result.epochs == cfg.optim.epochs
+    _check_continuity(Path(result.run_dir), 3, cfg.optim.steps_per_epoch)
 
 
 def test_rerun_resumes_after_interruption(demo_data, tmp_path):
@@ -171,3 +192,4 @@ def test_rerun_resumes_after_interruption(demo_data, tmp_path):
     history = _history(run_dir)
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert history[0] == first[0]  # epochs done before the interruption are kept, not redone
+    _check_continuity(run_dir, 3, 6)
