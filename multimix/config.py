@@ -364,6 +364,8 @@ def _validate(cfg: Config) -> None:
     _check(s.num_workers >= 1, "scaling.num_workers", "must be >= 1", s.num_workers)
     _check(s.cpus_per_worker >= 0, "scaling.cpus_per_worker", "must be >= 0", s.cpus_per_worker)
     _check(s.gpus_per_worker >= 0, "scaling.gpus_per_worker", "must be >= 0", s.gpus_per_worker)
+    _check(not s.use_gpu or s.gpus_per_worker > 0, "scaling.gpus_per_worker",
+           "must be > 0 when scaling.use_gpu is true", s.gpus_per_worker)
     _check(s.data_cpus_per_task > 0, "scaling.data_cpus_per_task", "must be > 0",
            s.data_cpus_per_task)
     _check(s.data_concurrency is None or s.data_concurrency >= 1, "scaling.data_concurrency",

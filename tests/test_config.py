@@ -115,6 +115,14 @@ def test_out_of_range_values_name_the_key(override, match):
     assert "got" in str(err.value)
 
 
+def test_use_gpu_needs_a_gpu_per_worker():
+    with pytest.raises(ConfigError, match="scaling.gpus_per_worker: must be > 0 when "
+                                          "scaling.use_gpu is true, got 0"):
+        load_config("cpu-small", ["scaling.use_gpu=true"])  # cpu-small: gpus_per_worker 0
+    assert load_config("cpu-small", ["scaling.use_gpu=true",
+                                     "scaling.gpus_per_worker=0.5"]).scaling.gpus_per_worker == 0.5
+
+
 def test_boundary_values_are_accepted():
     cfg = load_config(None, ["objective.threshold=0.01", "objective.lambda_u=0",
                              "data.image_size=32", "data.val_fraction=0", "optim.lr=1",

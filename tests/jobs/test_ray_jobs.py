@@ -296,6 +296,10 @@ def test_jobs_that_cannot_start_fail_with_one_line(cluster, tmp_path):
          "multimix train: error: bucket 'no-such-bucket-mm' does not exist"),
         (["--set", f"run.storage_path={b}/runs"], "wrong-keys",
          f"multimix train: error: access denied to {b}/runs"),
+        # no GPU on this head and no autoscaler: multimix.resources stops before any data work
+        (["--set", f"run.storage_path={b}/runs", "--set", "scaling.use_gpu=true",
+          "--set", "scaling.gpus_per_worker=1"], "default",
+         "multimix train: error: scaling.use_gpu: is true but the cluster has no GPU"),
     ]
     # wrong keys: a runtime env file like the documented one with a wrong secret in env_vars
     wrong = tmp_path / "wrong-keys.yaml"
