@@ -12,8 +12,7 @@ import torch
 from multimix.config import Config
 from multimix.engine import build_optimizer, eval_step, prepare_model, train_step
 from multimix.model import create_model
-
-STREAMS = ("cls_img", "unl_weak", "unl_strong", "seg_img", "useg_img")
+from test_engine import make_batch  # tests/core/test_engine.py (same folder, on sys.path)
 
 
 def _cfg(precision="bf16", channels_last=True, compile_=False):
@@ -25,14 +24,8 @@ def _cfg(precision="bf16", channels_last=True, compile_=False):
     return cfg
 
 
-def _batch(b=2, h=32):
-    g = torch.Generator().manual_seed(1)
-    batch = {k: torch.randint(0, 256, (b, 1, h, h), dtype=torch.uint8, generator=g)
-             for k in STREAMS}
-    batch["cls_label"] = torch.randint(0, 2, (b,), generator=g)
-    batch["seg_mask"] = torch.randint(0, 2, (b, 1, h, h), dtype=torch.uint8, generator=g)
-    batch["seg_ignore"] = torch.zeros(b, 1, h, h, dtype=torch.uint8)
-    return batch
+def _batch():
+    return make_batch(b=2, size=32, seed=1)
 
 
 def _step_on(device):
