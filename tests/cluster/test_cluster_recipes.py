@@ -6,6 +6,7 @@ versions pinned in cluster/Dockerfile against pyproject, the Makefile and the YA
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 from pathlib import Path
@@ -56,9 +57,18 @@ def _strict(schema, root: dict):
     return out
 
 
+@functools.cache
+def _crd_validator(kind: str):
+    """The strict schema of ``kind``, checked once against its meta-schema (that check takes
+    ~2 s on this large schema, so it is not repeated for every document)."""
+    schema = _strict(CRDS[kind], CRDS)
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
 def _validate_crd(doc: dict) -> None:
-    schema = _strict(CRDS[doc["kind"]], CRDS)
-    jsonschema.validate(doc, schema)
+    _crd_validator(doc["kind"]).validate(doc)
 
 
 def _ray_version() -> str:
