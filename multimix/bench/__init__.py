@@ -16,6 +16,12 @@ SUBCOMMANDS = {
 }
 
 
+def ratio(a: float, b: float) -> float:
+    """``a / b`` to 3 significant digits (a small figure stays exact to 0.5 %, not rounded to
+    0.0 or to two decimals)."""
+    return float(f"{a / b:.3g}")
+
+
 def add_arguments(parser) -> None:
     sub = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
     for name, (module, help_) in SUBCOMMANDS.items():

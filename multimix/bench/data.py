@@ -53,6 +53,8 @@ import time
 
 import numpy as np
 
+from multimix.bench import ratio
+
 # ---------------------------------------------------------------------------------------------
 # small prepared datasets, written directly with pyarrow (bench + tests)
 
@@ -323,11 +325,6 @@ def _e2e(uri: str, ids: list[str], cfg, passes: int, cpus: int, augmenter=None) 
             "steady": (rows - b) / (end - t_first) / cpus if end > t_first else float("nan")}
 
 
-def _ratio(a: float, b: float) -> float:
-    """``a / b`` to 3 significant digits (a tiny run's ratio stays visible, not 0.0)."""
-    return float(f"{a / b:.3g}")
-
-
 def _reader_cfg(cfg, reader: str):
     import dataclasses
 
@@ -474,7 +471,7 @@ def run(args) -> int:
                 ("e2e_steady_vs_bare", "e2e_steady_img_per_s_per_core", ours),
                 ("e2e_read_parquet_steady_vs_bare", "e2e_read_parquet_steady_img_per_s_per_core",
                  ours)):
-            out[key] = _ratio(out[num], den)
+            out[key] = ratio(out[num], den)
     if args.json:
         print(json.dumps(out))
     else:

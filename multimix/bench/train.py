@@ -37,6 +37,8 @@ import sys
 import tempfile
 import time
 
+from multimix.bench import ratio
+
 #: the figures ``--json`` always holds (tests check them)
 KEYS = ("train_img_per_s", "step_img_per_s", "feed_ratio", "data_wait_fraction", "data_cpus",
         "data_cpus_busy", "data_img_per_cpu_s", "augment_img_per_s_per_core",
@@ -258,7 +260,7 @@ def measure(args) -> dict:
         "data_cpus_busy": round(busy, 2) if busy is not None else None,
         "data_img_per_cpu_s": round(per_cpu, 1),
         "augment_img_per_s_per_core": round(augment_rate(args.size), 1),
-        "cpus_per_gpu_needed": round(step_rate / per_cpu, 2),
+        "cpus_per_gpu_needed": ratio(step_rate, per_cpu),
         "settings": {
             "config": args.config, "size": args.size, "steps": args.steps,
             "warmup": args.warmup, "device": args.device, "device_name": m["device_name"],
