@@ -23,6 +23,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from multimix.errors import UserError
+from multimix.variants import VARIANTS  # the model variants, one per row of the paper's table
 
 __all__ = [
     "ConfigError",
@@ -47,18 +48,6 @@ class ConfigError(UserError, ValueError):
 
 
 Budget = Union[int, Literal["all"]]
-
-#: Model variants, one per row of the paper's table (see :mod:`multimix.model`).
-VARIANTS = (
-    "unet",  # segmentation only
-    "enc",  # classification only
-    "enc-ssl",  # classification + pseudo-labels
-    "umtl",  # shared encoder, both tasks, no bridge
-    "umtl-s",  # + saliency bridge
-    "umtl-ssl",  # + pseudo-labels
-    "umtl-ssl-s",  # + pseudo-labels + bridge
-    "multimix",  # everything, including the seg KL consistency term
-)
 
 
 @dataclass

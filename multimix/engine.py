@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from multimix.config import ObjectiveConfig, OptimConfig
-from multimix.model import unwrap, variant_flags
+from multimix.model import unwrap
 from multimix.objective import TERM_KEYS, multimix_loss
+from multimix.variants import STREAMS, batch_key, streams_for, variant_flags
 
 __all__ = [
     "to_input",
@@ -40,14 +41,8 @@ __all__ = [
     "move_batch",
 ]
 
-#: batch keys holding images (uint8) → model stream name
-IMAGE_STREAMS = {
-    "cls_img": "cls",
-    "unl_weak": "weak",
-    "unl_strong": "strong",
-    "seg_img": "seg",
-    "useg_img": "useg",
-}
+#: batch keys holding images (uint8) → model stream name (``<stream>_img`` → ``<stream>``)
+IMAGE_STREAMS = {batch_key(s): s for s in STREAMS}
 
 
 def to_input(u8: torch.Tensor, device: Union[str, torch.device, None] = None,
@@ -131,17 +126,8 @@ def move_batch(batch: dict, device, keys) -> dict:
 
 
 def _needed_streams(variant: str) -> list[str]:
-    f = variant_flags(variant)
-    keys = []
-    if f.has_cls:
-        keys.append("cls_img")
-    if f.ssl:
-        keys += ["unl_weak", "unl_strong"]
-    if f.has_seg:
-        keys.append("seg_img")
-    if f.seg_kl:
-        keys.append("useg_img")
-    return keys
+    """The image batch keys ``variant`` consumes (:func:`multimix.variants.streams_for`)."""
+    return [batch_key(s) for s in streams_for(variant)]
 
 
 def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, cfg,

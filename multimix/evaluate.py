@@ -150,12 +150,12 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
     from multimix.data.prepare import read_manifest, read_table
     from multimix.metrics import classification_metrics, roc_curve, segmentation_metrics, summarize
     from multimix.errors import UserError
-    from multimix.model import VARIANT_FLAGS
+    from multimix.variants import variant_flags
 
     model, cfg, state = checkpoint.load_model(ckpt, storage_cfg, device=device)
     if storage_cfg is not None:
         cfg.storage = storage_cfg
-    flags = VARIANT_FLAGS[cfg.model.variant]
+    flags = variant_flags(cfg.model.variant)
     classes = state.get("classes") or []
     bs = cfg.data.eval_batch
     report: dict = {"checkpoint": ckpt, "epoch": state["epoch"], "variant": cfg.model.variant,

@@ -89,9 +89,9 @@ class TrainResult:
 
 
 def _needs(cfg: Config) -> tuple[bool, bool]:
-    from multimix.model import VARIANT_FLAGS
+    from multimix.variants import variant_flags
 
-    flags = VARIANT_FLAGS[cfg.model.variant]
+    flags = variant_flags(cfg.model.variant)
     return flags.has_cls, flags.has_seg
 
 
@@ -100,6 +100,7 @@ def prepare_inputs(cfg: Config) -> dict:
     ``splits``, ``classes``, ``pools`` (small in-memory arrays) and ``datasets`` (Ray Data)."""
     from multimix.data import pipeline, splits as splits_mod
     from multimix.data.prepare import read_manifest
+    from multimix.variants import streams_for
 
     has_cls, has_seg = _needs(cfg)
     if has_cls and not cfg.data.cls_data:
@@ -132,8 +133,7 @@ def prepare_inputs(cfg: Config) -> dict:
         cfg, out["splits"], state=state,
         world_size=cfg.scaling.num_workers if per_worker else None)
     out["pools"] = load_pools(cfg, out["splits"])
-    need = pipeline.streams_for(cfg.model.variant)
-    n_unl = len(out["splits"]["cls"].unlabeled) if "unl" in need else 0
+    n_unl = len(out["splits"]["cls"].unlabeled) if "weak" in streams_for(cfg.model.variant) else 0
     lab = out["splits"].get("cls") or out["splits"].get("seg")
     out["steps"] = pipeline.steps_per_epoch(cfg, n_unl, cfg.scaling.num_workers,
                                             n_labeled=len(lab.labeled))
@@ -388,6 +388,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     from multimix.data import pipeline
     from multimix.engine import build_optimizer, prepare_model, train_step
     from multimix.model import create_model, unwrap
+    from multimix.variants import images_per_step
 
     cfg = load_config(loop_cfg["config"])
     ctx = ray.train.get_context()
@@ -433,8 +434,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     streams = pipeline.open_streams(cfg, shards, rank, start_epoch, state=loop_cfg["data_state"],
                                     world_size=world, shared="worker_datasets" not in loop_cfg)
     steps = loop_cfg["steps"]
-    n_img = (cfg.data.cls_batch + 2 * cfg.data.unlabeled_batch + cfg.data.seg_batch
-             + cfg.data.unlabeled_seg_batch)
+    n_img = images_per_step(cfg.model.variant, cfg.data)  # the streams the variant consumes
     for epoch in range(start_epoch, cfg.optim.epochs):
         model.train()
         sums: dict[str, float] = {}

@@ -353,7 +353,7 @@ def _put_ms_per_row(size: int) -> float:
     from multimix.data import pipeline as P
 
     rows = P._yield_rows(size)
-    block = {k: np.full((rows, size, size), 7, np.uint8) for k in ("unl_weak", "unl_strong")}
+    block = {k: np.full((rows, size, size), 7, np.uint8) for k in ("weak_img", "strong_img")}
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()

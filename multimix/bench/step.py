@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 
-STREAMS = ("cls_img", "unl_weak", "unl_strong", "seg_img", "useg_img")
+STREAMS = ("cls_img", "weak_img", "strong_img", "seg_img", "useg_img")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

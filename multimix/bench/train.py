@@ -11,7 +11,7 @@ prepared ``cls/`` and ``seg/`` sets (real Kermany/V7 prepared at that size, say)
 
 Figures (``--json`` prints them as one object):
 
-* ``train_img_per_s``: images of all five streams consumed per second of the timed loop;
+* ``train_img_per_s``: images of the streams the variant consumes, per second of the timed loop;
 * ``step_img_per_s``: the same for the bare step over batches in memory;
 * ``feed_ratio`` = train / step (1.0: the data never holds the step up);
 * ``data_wait_fraction``: share of the Train worker's timed wall time spent blocked in
@@ -79,6 +79,7 @@ def bench_loop(loop_cfg: dict) -> None:
     from multimix.data import pipeline
     from multimix.engine import build_optimizer, prepare_model, train_step
     from multimix.model import create_model
+    from multimix.variants import images_per_step
 
     cfg = load_config(loop_cfg["config"])
     ctx = ray.train.get_context()
@@ -95,8 +96,7 @@ def bench_loop(loop_cfg: dict) -> None:
     streams = pipeline.open_streams(cfg, shards, rank, 0, state=loop_cfg["data_state"],
                                     world_size=world, shared=True)
     warm, n = loop_cfg["warmup"], loop_cfg["timed"]
-    n_img = (cfg.data.cls_batch + 2 * cfg.data.unlabeled_batch + cfg.data.seg_batch
-             + cfg.data.unlabeled_seg_batch)
+    n_img = images_per_step(cfg.model.variant, cfg.data)  # the streams the variant consumes
     batches = iter(pipeline.TrainBatches(cfg, streams, pools.get("cls_labeled"),
                                          pools.get("seg_labeled"), rank, world, 0,
                                          state=loop_cfg["data_state"],

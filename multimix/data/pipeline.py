@@ -96,12 +96,12 @@ from multimix.data.augment import Augmenter, mix_keys, row_keys
 from multimix.data.prepare import ROW_ORDER as _ROW_ORDER
 from multimix.data.prepare import read_manifest
 from multimix.errors import DataError
+from multimix.variants import streams_for
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "STREAM_DATASETS",
-    "streams_for",
     "create_state",
     "skipped_rows",
     "configure_data_context",
@@ -122,30 +122,11 @@ __all__ = [
 #: names of the Ray Datasets handed to TorchTrainer (and split across workers)
 STREAM_DATASETS = ("unl_cls", "unl_seg")
 
-_VARIANT_STREAMS = {
-    "unet": {"seg"},
-    "enc": {"cls"},
-    "enc-ssl": {"cls", "unl"},
-    "umtl": {"cls", "seg"},
-    "umtl-s": {"cls", "seg"},
-    "umtl-ssl": {"cls", "unl", "seg"},
-    "umtl-ssl-s": {"cls", "unl", "seg"},
-    "multimix": {"cls", "unl", "seg", "useg"},
-}
-
 _PASS_STRIDE = 1000  # pass = start epoch * 1000 + passes rendered since (see _Cycler)
 
 #: most passes over a pool in one execution (``data.reader=row_groups``), and most task items
 _MAX_PASSES = 500
 _MAX_ITEMS = 4096
-
-
-def streams_for(variant: str) -> set:
-    """Which of the streams ``cls`` / ``unl`` / ``seg`` / ``useg`` a model variant consumes."""
-    try:
-        return set(_VARIANT_STREAMS[variant])
-    except KeyError:
-        raise DataError(f"model.variant: unknown variant {variant!r}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +323,7 @@ def _map_fn(batch: Mapping[str, Any], *, mode: str, stream: str, size: int, aug:
     img = arrays["image"]
     if mode == "pair":
         weak, strong = aug.pair(img, keys)
-        out = {"unl_weak": weak, "unl_strong": strong}
+        out = {"weak_img": weak, "strong_img": strong}
     elif mode == "useg":
         out = {"useg_img": aug.weak(img, keys) if augment else img}
     elif mode == "seg":
@@ -398,7 +379,7 @@ def stream_dataset(uri: str, ids: Optional[Sequence[str]], cfg, *, mode: str,
     """A Ray Dataset of decoded (and augmented) rows of ``uri`` restricted to ``ids``.
 
     Args:
-        mode: ``"pair"`` → columns ``unl_weak``, ``unl_strong`` (weak and strong view of the same
+        mode: ``"pair"`` → columns ``weak_img``, ``strong_img`` (weak and strong view of the same
             image); ``"useg"`` → ``useg_img`` (weak view when ``augment``); ``"seg"`` →
             ``seg_img``, ``seg_mask``, ``seg_ignore`` (flip+crop applied jointly when ``augment``).
             All ``uint8 (N, H, W)``.
@@ -713,16 +694,16 @@ def build_datasets(cfg, splits: Mapping[str, Any], state=None,
             of rank 0, ..., rank world_size - 1], ...}``, one dataset per Train worker, which
             that worker iterates itself (``data.sharding=per_worker``: no split coordinator).
 
-    ``unl_cls`` yields ``unl_weak``/``unl_strong``; ``unl_seg`` yields ``useg_img`` drawn from
+    ``unl_cls`` yields ``weak_img``/``strong_img``; ``unl_seg`` yields ``useg_img`` drawn from
     the unlabeled classification images (``data.unlabeled_seg_from="cls"``, the paper) or the
     segmentation images beyond the label budget (``"seg"``). With ``data.reader=row_groups``
     one execution spans :func:`passes_per_execution` passes.
     """
     configure_data_context()
-    need = streams_for(cfg.model.variant)
+    need = set(streams_for(cfg.model.variant))
     passes = passes_per_execution(cfg)
     want = []
-    if "unl" in need:
+    if "weak" in need:
         want.append(("unl_cls", cfg.data.cls_data, _split(splits, "cls").unlabeled,
                      dict(mode="pair")))
     if "useg" in need:
@@ -999,12 +980,12 @@ class TrainBatches:
             raise DataError("optim.steps_per_epoch is not set: pass steps_per_epoch= "
                             "(see multimix.data.pipeline.steps_per_epoch)")
         self.steps = int(steps)
-        self.need = streams_for(cfg.model.variant)
+        self.need = set(streams_for(cfg.model.variant))
         self.aug = Augmenter.from_config(cfg.augment, cfg.data.image_size)
         for s, pool in (("cls", self.cls_pool), ("seg", self.seg_pool)):
             if s in self.need and (pool is None or len(pool) == 0):
                 raise DataError(f"variant {cfg.model.variant} needs a labeled {s} pool")
-        for s, name in (("unl", "unl_cls"), ("useg", "unl_seg")):
+        for s, name in (("weak", "unl_cls"), ("useg", "unl_seg")):
             if s in self.need and name not in self.shards:
                 raise DataError(f"variant {cfg.model.variant} needs the dataset shard {name!r}")
 
@@ -1027,7 +1008,7 @@ class TrainBatches:
         seed = self.cfg.optim.seed
         cyclers = {}
         owned = []  # cursors made for this epoch only (closed at its end)
-        for s, name, b in (("unl", "unl_cls", d.unlabeled_batch),
+        for s, name, b in (("weak", "unl_cls", d.unlabeled_batch),
                            ("useg", "unl_seg", d.unlabeled_seg_batch)):
             if s in self.need:
                 c = self.shards[name]
@@ -1051,10 +1032,10 @@ class TrainBatches:
                         img, m, ig = self.aug.geometric(keys, img, m, ig)
                     batch["seg_img"], batch["seg_mask"], batch["seg_ignore"] = (
                         _to_tensor(img), _to_tensor(m), _to_tensor(ig))
-                if "unl" in cyclers:
-                    u = cyclers["unl"].next()
-                    batch["unl_weak"] = _to_tensor(u["unl_weak"])
-                    batch["unl_strong"] = _to_tensor(u["unl_strong"])
+                if "weak" in cyclers:
+                    u = cyclers["weak"].next()
+                    batch["weak_img"] = _to_tensor(u["weak_img"])
+                    batch["strong_img"] = _to_tensor(u["strong_img"])
                     if "id" in u:
                         batch["unl_id"] = list(u["id"])
                 if "useg" in cyclers:

@@ -1,12 +1,11 @@
 """The MultiMix network: a shared encoder, a classification head, a decoder with a saliency bridge.
 
-Which modules exist depends on the variant (:data:`multimix.model.VARIANT_FLAGS`): a variant
+Which modules exist depends on the variant (:data:`multimix.variants.VARIANT_FLAGS`): a variant
 builds only what it uses, so DistributedDataParallel never sees an unused parameter.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -15,37 +14,7 @@ from torch import nn
 
 from multimix.model.blocks import ClsHead, Decoder, Encoder, scaled_widths
 from multimix.model.saliency import saliency_map
-
-
-@dataclass(frozen=True)
-class VariantFlags:
-    has_cls: bool  # classification head + supervised CE
-    has_seg: bool  # decoder + supervised Dice
-    ssl: bool  # pseudo-labels on unlabeled cls images (weak → strong)
-    bridge: bool  # saliency bridge into the decoder
-    seg_kl: bool  # KL consistency between labeled and unlabeled seg predictions
-
-
-#: One row per model in the paper's table (see :data:`multimix.config.VARIANTS`).
-VARIANT_FLAGS: dict[str, VariantFlags] = {
-    "unet": VariantFlags(has_cls=False, has_seg=True, ssl=False, bridge=False, seg_kl=False),
-    "enc": VariantFlags(has_cls=True, has_seg=False, ssl=False, bridge=False, seg_kl=False),
-    "enc-ssl": VariantFlags(has_cls=True, has_seg=False, ssl=True, bridge=False, seg_kl=False),
-    "umtl": VariantFlags(has_cls=True, has_seg=True, ssl=False, bridge=False, seg_kl=False),
-    "umtl-s": VariantFlags(has_cls=True, has_seg=True, ssl=False, bridge=True, seg_kl=False),
-    "umtl-ssl": VariantFlags(has_cls=True, has_seg=True, ssl=True, bridge=False, seg_kl=False),
-    "umtl-ssl-s": VariantFlags(has_cls=True, has_seg=True, ssl=True, bridge=True, seg_kl=False),
-    "multimix": VariantFlags(has_cls=True, has_seg=True, ssl=True, bridge=True, seg_kl=True),
-}
-
-
-def variant_flags(variant: str) -> VariantFlags:
-    try:
-        return VARIANT_FLAGS[variant]
-    except KeyError:
-        raise ValueError(
-            f"unknown model variant {variant!r} (one of {', '.join(VARIANT_FLAGS)})"
-        ) from None
+from multimix.variants import VARIANT_FLAGS, VariantFlags, variant_flags  # noqa: F401
 
 
 class MultiMixNet(nn.Module):

@@ -28,7 +28,7 @@ def _global_batch():
     g = torch.Generator().manual_seed(3)
     n = LOCAL_B * WORLD
     b = {k: torch.randint(0, 256, (n, 1, SIZE, SIZE), dtype=torch.uint8, generator=g)
-         for k in ("cls_img", "unl_weak", "unl_strong", "seg_img", "useg_img")}
+         for k in ("cls_img", "weak_img", "strong_img", "seg_img", "useg_img")}
     b["cls_label"] = torch.randint(0, 2, (n,), generator=g)
     b["seg_mask"] = torch.randint(0, 2, (n, 1, SIZE, SIZE), dtype=torch.uint8, generator=g)
     ign = torch.zeros(n, 1, SIZE, SIZE, dtype=torch.uint8)

@@ -11,7 +11,7 @@ from multimix.engine import build_optimizer, eval_step, prepare_model, to_input,
 from multimix.model import create_model
 from multimix.objective import TERM_KEYS
 
-STREAMS = ("cls_img", "unl_weak", "unl_strong", "seg_img", "useg_img")
+STREAMS = ("cls_img", "weak_img", "strong_img", "seg_img", "useg_img")
 
 
 def make_batch(b=2, size=64, seed=0):

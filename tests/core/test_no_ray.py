@@ -6,13 +6,14 @@ import importlib.util
 import subprocess
 import sys
 
-CORE = ["multimix.model", "multimix.objective", "multimix.engine", "multimix.metrics",
-        "multimix.data.augment", "multimix.data.images", "multimix.bench.step"]
+CORE = ["multimix.variants", "multimix.model", "multimix.objective", "multimix.engine",
+        "multimix.metrics", "multimix.data.augment", "multimix.data.images", "multimix.bench.step"]
 
 
 def test_core_imports_without_ray():
     present = [m for m in CORE if importlib.util.find_spec(m) is not None]
-    assert {"multimix.model", "multimix.objective", "multimix.engine"} <= set(present)
+    assert {"multimix.variants", "multimix.model", "multimix.objective",
+            "multimix.engine"} <= set(present)
     code = (
         "import sys\n"
         "sys.modules['ray'] = None\n"

@@ -14,6 +14,7 @@ from multimix.data import pipeline as P
 from multimix.data.augment import Augmenter, row_keys
 from multimix.data.images import encode_png
 from multimix.data.prepare import row_order_key
+from multimix.variants import streams_for
 
 SIZE = 64
 READERS = ("read_parquet", "row_groups")
@@ -58,12 +59,12 @@ def _check_pairs(rows, source, cfg, n_expected, pass_no=0):
     assert len(rows) == n_expected
     aug = Augmenter.from_config(cfg.augment, SIZE)
     for rid, r in rows.items():
-        for c in ("unl_weak", "unl_strong"):
+        for c in ("weak_img", "strong_img"):
             assert r[c].dtype == np.uint8 and r[c].shape == (SIZE, SIZE)
         # the two views are of the SAME source row: re-render it from its id and the seed
         w, s = aug.pair(source[rid]["image"][None], row_keys([rid], cfg.optim.seed, pass_no,
                                                                "unl_cls"))
-        assert np.array_equal(r["unl_weak"], w[0]) and np.array_equal(r["unl_strong"], s[0])
+        assert np.array_equal(r["weak_img"], w[0]) and np.array_equal(r["strong_img"], s[0])
 
 
 @pytest.mark.parametrize("reader", READERS)
@@ -196,7 +197,7 @@ def test_two_workers_uneven_streams_same_step_count(real_sets, ray_local, reader
             for b in epoch_batches:
                 assert b["cls_img"].shape == (4, 1, SIZE, SIZE) and str(b["cls_img"].dtype) == "torch.uint8"
                 assert b["cls_label"].shape == (4,) and str(b["cls_label"].dtype) == "torch.int64"
-                assert b["unl_weak"].shape == b["unl_strong"].shape == (4, 1, SIZE, SIZE)
+                assert b["weak_img"].shape == b["strong_img"].shape == (4, 1, SIZE, SIZE)
                 assert b["seg_mask"].shape == (4, 1, SIZE, SIZE) and b["seg_mask"].max() <= 1
                 assert b["seg_ignore"].shape == (4, 1, SIZE, SIZE)
                 assert b["useg_img"].shape == (4, 1, SIZE, SIZE)
@@ -213,7 +214,7 @@ def test_steps_per_epoch_rule():
     cfg = _cfg(optim={"steps_per_epoch": None})
     assert P.steps_per_epoch(cfg, 100, 2) == 100 // (4 * 2)
     assert P.steps_per_epoch(_cfg(optim={"steps_per_epoch": 7}), 100, 2) == 7
-    assert P.streams_for("enc") == {"cls"}
+    assert streams_for("enc") == ("cls",)
 
 
 def _classes(batch) -> set:
@@ -280,7 +281,7 @@ def test_read_parquet_is_fused_mixes_classes_and_reshuffles(real_sets, tmp_path,
     # fused read → map, several tasks (a direct iteration exposes the operator stats)
     P.stream_dataset(uri, ids, cfg, mode="pair", stream="unl_cls").materialize()
     plain = P.stream_dataset(uri, ids, cfg, mode="pair", stream="unl_cls")
-    assert sum(len(b["unl_weak"]) for b in plain.iter_batches(batch_size=None)) == len(ids)
+    assert sum(len(b["weak_img"]) for b in plain.iter_batches(batch_size=None)) == len(ids)
     ops = [ln for ln in plain.stats().splitlines() if ln.startswith("Operator")]
     fused = [ln for ln in ops if "Read" in ln and "->MapBatches(_block_map_fn)" in ln]
     assert fused, ops
@@ -328,7 +329,7 @@ def test_one_execution_spans_passes(real_sets, ray_local):
     ray_local.get(state.set_pass.remote("unl_cls", 40))
     ds = P.stream_dataset(cfg.data.cls_data, ids, cfg, mode="pair", stream="unl_cls",
                           state=state, debug=True, passes=3)
-    seen = [(str(b["id"][k]), b["unl_weak"][k], b["unl_strong"][k])
+    seen = [(str(b["id"][k]), b["weak_img"][k], b["strong_img"][k])
             for b in ds.iter_batches(batch_size=None, batch_format="numpy")
             for k in range(len(b["id"]))]
     assert len(seen) == 3 * len(ids)
@@ -410,7 +411,7 @@ class _FakeShard:
         for n0, n in self.blocks:
             a = np.arange(n0, n0 + n, dtype=np.int64)
             a.flags.writeable = False
-            yield {"unl_weak": a, "unl_strong": a + 1000}
+            yield {"weak_img": a, "strong_img": a + 1000}
 
 
 def test_cursor_cuts_batches_from_whole_blocks():
@@ -422,13 +423,13 @@ def test_cursor_cuts_batches_from_whole_blocks():
     got = [c.next() for _ in range(8)]  # 32 rows: two executions and a bit
     assert [kw["batch_size"] for kw in shard.calls] == [None, None, None]
     assert all("local_shuffle_buffer_size" not in kw for kw in shard.calls)
-    flat = np.concatenate([b["unl_weak"] for b in got])
+    flat = np.concatenate([b["weak_img"] for b in got])
     assert flat.tolist() == (list(range(15)) * 3)[:32]
     for b in got:
-        assert b["unl_weak"].shape == (4,) and b["unl_weak"].flags.writeable
-        np.testing.assert_array_equal(b["unl_strong"], b["unl_weak"] + 1000)
-        b["unl_weak"][0] = -1  # a copy: the block is untouched
-    assert c.next()["unl_weak"].tolist() == [2, 3, 4, 5]  # rows 32.. = 2.. of execution 3
+        assert b["weak_img"].shape == (4,) and b["weak_img"].flags.writeable
+        np.testing.assert_array_equal(b["strong_img"], b["weak_img"] + 1000)
+        b["weak_img"][0] = -1  # a copy: the block is untouched
+    assert c.next()["weak_img"].tolist() == [2, 3, 4, 5]  # rows 32.. = 2.. of execution 3
 
 
 def test_cursor_shuffle_buffer_and_empty_shard():
@@ -459,4 +460,4 @@ def test_augmenter_hook_renders_the_views(real_sets, ray_local, reader):
     assert sorted(rows) == ids
     for rid, r in rows.items():
         src = real_sets["cls_rows"][rid]["image"]
-        assert np.array_equal(r["unl_weak"], src) and np.array_equal(r["unl_strong"], src)
+        assert np.array_equal(r["weak_img"], src) and np.array_equal(r["strong_img"], src)

@@ -50,7 +50,7 @@ def test_overfit_few_real_images(shared_data):
     unl = _u8([_load(p) for p in normal[4:6] + pneu[4:6]])
     batch = {
         "cls_img": cls_img, "cls_label": cls_label,
-        "unl_weak": unl, "unl_strong": torch.flip(unl, dims=[3]),
+        "weak_img": unl, "strong_img": torch.flip(unl, dims=[3]),
         "seg_img": seg_img, "seg_mask": seg_mask,
         "seg_ignore": torch.zeros_like(seg_mask),
         "useg_img": unl,
