@@ -99,19 +99,16 @@ def _select(uri: str, task: str, subset: str, ckpt_cfg, splits: dict) -> tuple[l
     return None, "all rows (not seen in training)"
 
 
-def _predict(model, images: np.ndarray, key: str, device: str, batch: int,
-             saliency: bool = False) -> dict:
+def _plot_outputs(model, images: np.ndarray, device: str) -> dict:
+    """Every output for a few images shown in the plots (``cls_prob``, ``seg_prob``,
+    ``saliency`` where the variant has them; :func:`multimix.engine.eval_step` with ``img``).
+    Not used for scores: those come from :func:`multimix.validate.validate`."""
     import torch
 
     from multimix.engine import eval_step
 
-    outs: dict[str, list] = {}
-    for i in range(0, len(images), batch):
-        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch][:, None]))
-        res = eval_step(model, {key: x}, device, saliency=saliency)
-        for k, v in res.items():
-            outs.setdefault(k, []).append(v)
-    return {k: np.concatenate(v) for k, v in outs.items()}
+    x = torch.from_numpy(np.ascontiguousarray(images[:, None]))
+    return eval_step(model, {"img": x}, device, saliency=True)
 
 
 def _fmt(v) -> str:
@@ -146,10 +143,11 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
     """:func:`evaluate_checkpoint` into the local folder ``out``; ``dest`` maps a file in it to
     its final place (reported paths)."""
     from multimix import checkpoint, plots
-    from multimix.data.pipeline import load_labeled_pool
+    from multimix.data.pools import load_labeled_pool
     from multimix.data.prepare import read_manifest, read_table
-    from multimix.metrics import classification_metrics, roc_curve, segmentation_metrics, summarize
     from multimix.errors import UserError
+    from multimix.metrics import roc_curve
+    from multimix.validate import validate
     from multimix.variants import variant_flags
 
     model, cfg, state = checkpoint.load_model(ckpt, storage_cfg, device=device)
@@ -189,44 +187,44 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
             if name in report[task]:
                 name = f"{name} ({Path(uri.rstrip('/')).name})"
             if task == "cls":
-                pred = _predict(model, pool.images, "cls_img", device, bs)
-                m = classification_metrics(pred["cls_prob"], pool.labels, classes)
-                m.update(dataset=uri, rows=what, n=int(len(pool.labels)))
+                res = validate(model, device, cls=pool, classes=classes, batch_size=bs).cls
+                probs = res.probs
+                m = dict(res.metrics)
+                m.update(dataset=uri, rows=what, n=int(len(res.labels)))
                 report["cls"][name] = m
-                names = list(classes) or [f"class{k}" for k in range(pred["cls_prob"].shape[1])]
+                names = list(classes) or [f"class{k}" for k in range(probs.shape[1])]
                 per_image["cls"] += [
                     {"set": name, "id": i, "label": names[y], "predicted": names[int(p.argmax())],
                      **{f"prob_{c}": float(v) for c, v in zip(names, p)}}
-                    for i, y, p in zip(pool.ids, pool.labels, pred["cls_prob"])]
-                if len(np.unique(pool.labels)) > 1:
-                    fpr, tpr, _ = roc_curve(pred["cls_prob"][:, 1], pool.labels)
+                    for i, y, p in zip(res.ids, res.labels, probs)]
+                if len(np.unique(res.labels)) > 1:
+                    fpr, tpr, _ = roc_curve(probs[:, 1], res.labels)
                     rocs[name] = (fpr, tpr, m.get("auc", float("nan")))
-                sal = _predict(model, pool.images[:n_show], "img", device, bs, True)
+                sal = _plot_outputs(model, pool.images[:n_show], device)
                 if "saliency" in sal:
                     p = plots.plot_saliency(pool.images[:n_show], sal["saliency"][:, 0],
                                             out / f"saliency_{_slug(name)}.png",
                                             probs=sal["cls_prob"][:, 1], class_names=classes)
                     report["plots"][f"saliency {name}"] = dest(p)
             else:
-                pred = _predict(model, pool.images, "seg_img", device, bs)
-                per = segmentation_metrics(pred["seg_prob"], pool.masks[:, None],
-                                           pool.ignore[:, None])
-                s = summarize(per)
-                s.update(dataset=uri, rows=what, n=int(len(pool.images)))
+                res = validate(model, device, seg=pool, batch_size=bs).seg
+                per = res.per_image
+                s = dict(res.metrics)
+                s.update(dataset=uri, rows=what, n=int(len(res.ids)))
                 report["seg"][name] = s
                 dices[name] = per["dice"]
                 per_image["seg"] += [{"set": name, "id": i, **{k: float(v[j]) for k, v in
                                                              per.items()}}
-                                     for j, i in enumerate(pool.ids)]
+                                     for j, i in enumerate(res.ids)]
                 k = min(n_show, len(pool.images))
+                shown = _plot_outputs(model, pool.images[:k], device)
                 p = plots.plot_boundaries(pool.images[:k], pool.masks[:k],
-                                          pred["seg_prob"][:k, 0] >= 0.5,
+                                          shown["seg_prob"][:k, 0] >= 0.5,
                                           out / f"boundaries_{_slug(name)}.png",
                                           titles=[f"Dice {d:.3f}" for d in per["dice"][:k]])
                 report["plots"][f"boundaries {name}"] = dest(p)
-                sal = _predict(model, pool.images[:k], "img", device, bs, True)
-                if "saliency" in sal:
-                    p = plots.plot_saliency(pool.images[:k], sal["saliency"][:, 0],
+                if "saliency" in shown:
+                    p = plots.plot_saliency(pool.images[:k], shown["saliency"][:, 0],
                                             out / f"saliency_{_slug(name)}.png")
                     report["plots"][f"saliency {name}"] = dest(p)
     if rocs:

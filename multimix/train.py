@@ -4,8 +4,8 @@ The driver resolves the splits, builds the Ray Data streams and the small in-mem
 starts a :class:`ray.train.torch.TorchTrainer`. Each worker runs :func:`train_loop_per_worker`:
 the pure-torch :func:`multimix.engine.train_step` over the batches of
 :class:`multimix.data.pipeline.TrainBatches`, then validation on the held-out labeled data of both
-tasks (metrics gathered over workers), then one checkpoint written by rank 0 while every rank
-reports.
+tasks (:func:`multimix.validate.validate`, the path ``multimix evaluate`` scores with; metrics
+gathered over workers), then one checkpoint written by rank 0 while every rank reports.
 
 Run layout (``<run.storage_path>/<run.name>/``, a directory or ``s3://``)::
 
@@ -142,7 +142,7 @@ def prepare_inputs(cfg: Config) -> dict:
 
 def load_pools(cfg: Config, splits: dict) -> dict:
     """The small in-memory pools: labeled training images and held-out validation images."""
-    from multimix.data.pipeline import load_labeled_pool
+    from multimix.data.pools import load_labeled_pool
 
     pools = {}
     for task, uri in (("cls", cfg.data.cls_data), ("seg", cfg.data.seg_data)):
@@ -346,38 +346,6 @@ def _mean_over_workers(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def validate(model, pools: dict, cfg: Config, device, rank: int, world: int,
-             classes: list[str] | None = None) -> dict:
-    """Score the held-out labeled data of both tasks. Each rank scores every ``world``-th image;
-    the per-image statistics are gathered, so the numbers equal single-process numbers."""
-    import numpy as np
-
-    from multimix.data.pipeline import eval_batches
-    from multimix.engine import eval_step
-    from multimix.metrics import ClsAccumulator, SegAccumulator, all_gather_state, val_score
-
-    out: dict[str, float] = {}
-    bs = cfg.data.eval_batch
-    if "cls_val" in pools:
-        acc = ClsAccumulator(class_names=classes)
-        for b in eval_batches(pools["cls_val"], bs, rank, world):
-            acc.update(eval_step(model, b, device)["cls_prob"], b["cls_label"].numpy())
-        acc = ClsAccumulator.merge(all_gather_state(acc.state()), class_names=classes)
-        out.update({f"val_cls_{k}": float(v) for k, v in acc.compute().items()
-                    if np.isscalar(v) and not isinstance(v, str)})
-    if "seg_val" in pools:
-        acc = SegAccumulator()
-        for b in eval_batches(pools["seg_val"], bs, rank, world):
-            acc.update(eval_step(model, b, device)["seg_prob"], b["seg_mask"].numpy(),
-                       b["seg_ignore"].numpy())
-        acc = SegAccumulator.merge(all_gather_state(acc.state()))
-        out.update({f"val_seg_{k}": float(v) for k, v in acc.compute().items()
-                    if np.isscalar(v)})
-    out["val_score"] = float(val_score(out))
-    model.train()
-    return out
-
-
 def train_loop_per_worker(loop_cfg: dict) -> None:
     import ray
     import ray.train
@@ -388,6 +356,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     from multimix.data import pipeline
     from multimix.engine import build_optimizer, prepare_model, train_step
     from multimix.model import create_model, unwrap
+    from multimix.validate import validate
     from multimix.variants import images_per_step
 
     cfg = load_config(loop_cfg["config"])
@@ -456,7 +425,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         scheduler.step()
         train_means = _mean_over_workers({f"train_{k}": v / max(steps, 1)
                                           for k, v in sums.items()})
-        val = validate(model, pools, cfg, device, rank, world, loop_cfg["classes"])
+        val = validate(model, device, cls=pools.get("cls_val"), seg=pools.get("seg_val"),
+                       classes=loop_cfg["classes"], batch_size=cfg.data.eval_batch, rank=rank,
+                       world_size=world).flat()
         metrics = {"epoch": epoch, **train_means, **val,
                    "img_per_s": steps * n_img * world / max(train_time, 1e-9),
                    "lr": optimizer.param_groups[0]["lr"]}

@@ -6,13 +6,13 @@ NCCL, then ``dist.init_process_group(backend, init_method="tcp://ADDR:PORT", ran
 world_size, timeout)``) and run the functions the Train worker runs at the end of every epoch:
 
 * :func:`multimix.train._mean_over_workers` (an all-reduce of the training means);
-* :func:`multimix.train.validate` (validation of both tasks, accumulator states gathered with
+* :func:`multimix.validate.validate` (validation of both tasks, accumulator states gathered with
   :func:`multimix.metrics.all_gather_state`, i.e. ``all_gather_object``).
 
 Each rank first scores the same validation pools alone (before joining the group, on the same
 device): the gathered metrics must equal those on every rank. No Ray is needed (pure torch and
-the pipeline's in-memory pools), so it runs on a GPU node before Ray is installed;
-``tests/core/test_collectives.py`` and ``scripts/gpu_check.py`` call it.
+the in-memory labeled pools of :mod:`multimix.data.pools`), so it runs on a GPU node before Ray
+is installed; ``tests/core/test_collectives.py`` and ``scripts/gpu_check.py`` call it.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _setup(size: int):
     import torch
 
     from multimix.config import load_config
-    from multimix.data.pipeline import LabeledPool
+    from multimix.data.pools import LabeledPool
     from multimix.data.synthetic import phantom
     from multimix.model import create_model
 
@@ -77,6 +77,7 @@ def _worker(rank: int, world: int, backend: str, port: int, size: int, out_dir: 
     import torch.distributed as dist
 
     from multimix import train as T
+    from multimix.validate import validate
 
     device = torch.device("cpu")
     if backend == "nccl":
@@ -85,19 +86,24 @@ def _worker(rank: int, world: int, backend: str, port: int, size: int, out_dir: 
     cfg, model, pools = _setup(size)
     model = model.to(device)
     classes = ["NORMAL", "PNEUMONIA"]
-    alone = T.validate(model, pools, cfg, device, 0, 1, classes)  # no process group yet
+    def val(rank_: int, world_: int) -> dict:
+        return validate(model, device, cls=pools["cls_val"], seg=pools["seg_val"],
+                        classes=classes, batch_size=cfg.data.eval_batch, rank=rank_,
+                        world_size=world_).flat()
+
+    alone = val(0, 1)  # no process group yet
     dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{port}",
                             rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         t0 = time.perf_counter()
         means = T._mean_over_workers(train_values(rank))
-        val = T.validate(model, pools, cfg, device, rank, world, classes)
+        gathered = val(rank, world)
         seconds = time.perf_counter() - t0
         dist.barrier()
     finally:
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-        pickle.dump({"means": means, "val": val, "alone": alone, "seconds": seconds}, f)
+        pickle.dump({"means": means, "val": gathered, "alone": alone, "seconds": seconds}, f)
 
 
 def check(backend: str = "gloo", world: int = 2, size: int = 32) -> dict:

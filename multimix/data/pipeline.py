@@ -85,7 +85,6 @@ import logging
 import os
 import zlib
 from collections import deque
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
@@ -94,7 +93,9 @@ import numpy as np
 from multimix.data import storage
 from multimix.data.augment import Augmenter, mix_keys, row_keys
 from multimix.data.prepare import ROW_ORDER as _ROW_ORDER
-from multimix.data.prepare import read_manifest
+from multimix.data.decode import binary_cells, decode_rows, to_tensor
+from multimix.data.pools import LabeledPool, eval_batches, load_labeled_pool  # noqa: F401
+from multimix.data.prepare import shard_paths
 from multimix.errors import DataError
 from multimix.variants import streams_for
 
@@ -236,82 +237,11 @@ class _block_size:
 # the map function (runs in Ray Data tasks)
 
 
-def binary_cells(col) -> list:
-    """An Arrow binary column (``Array`` or ``ChunkedArray``) → one value per row: a zero-copy
-    ``memoryview`` into the column's data buffer, or ``None`` for a null.
-
-    Stands in for ``col.to_pylist()`` / ``take`` + ``to_pylist`` (both copy every image into a
-    new ``bytes``; a chunked ``take`` first concatenates all chunks): the decoder reads the
-    stored PNG where Arrow put it. The views keep the Arrow buffers alive. Columns of another
-    type (e.g. all-null, binary views) fall back to ``to_pylist()``.
-    """
-    import pyarrow as pa
-
-    out: list = []
-    for arr in (col.chunks if isinstance(col, pa.ChunkedArray) else [col]):
-        t = arr.type
-        if not (pa.types.is_binary(t) or pa.types.is_large_binary(t)):
-            out.extend(arr.to_pylist())
-            continue
-        n = len(arr)
-        if not n:
-            continue
-        _, offs, data = arr.buffers()[:3]
-        width = 8 if pa.types.is_large_binary(t) else 4
-        offsets = np.frombuffer(offs, np.int64 if width == 8 else np.int32, count=n + 1,
-                                offset=arr.offset * width).tolist()
-        mv = memoryview(data if data is not None else b"").cast("B")  # Arrow exports "b"
-        cells = [mv[offsets[i]:offsets[i + 1]] for i in range(n)]
-        if arr.null_count:
-            for i in np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False)).tolist():
-                cells[i] = None
-        out.extend(cells)
-    return out
-
-
-def _decode_rows(batch: Mapping[str, Any], size: int, columns: Sequence[str],
-                 keep: Optional[frozenset]) -> tuple[list, dict, list]:
-    """Decode the PNG columns of the rows to keep; returns (ids, arrays, skipped [(id, why)]).
-
-    Pixels go straight from the decoder into preallocated ``(N, size, size)`` arrays (no
-    per-row lists, no ``np.stack``); masks are binarised in place, once per batch.
-    """
-    from multimix.data.images import decode_png
-
-    ids = [i if isinstance(i, str) else str(i) for i in batch["id"]]
-    rows = [r for r, rid in enumerate(ids) if keep is None or rid in keep]
-    out = {c: np.empty((len(rows), size, size), np.uint8) for c in columns}
-    good_ids: list = []
-    skipped: list = []
-    k = 0
-    for r in rows:
-        try:
-            for c in columns:
-                data = batch[c][r] if c in batch else None
-                if data is None and c != "image":
-                    out[c][k] = 0
-                    continue
-                a = decode_png(data)
-                if a.shape != (size, size):
-                    raise DataError(f"image is {a.shape[0]}x{a.shape[1]}, expected {size}x{size}")
-                out[c][k] = a
-        except Exception as exc:  # noqa: BLE001 - any bad row is skipped, never fatal
-            skipped.append((ids[r], str(exc)[:200]))
-            continue
-        good_ids.append(ids[r])
-        k += 1
-    for c in columns:
-        out[c] = out[c][:k]
-        if c != "image":
-            np.greater(out[c], 127, out=out[c])  # 0/255 → {0, 1}, in place
-    return good_ids, out, skipped
-
-
 def _map_fn(batch: Mapping[str, Any], *, mode: str, stream: str, size: int, aug: Augmenter,
-            augment: bool, seed: int, keep: Optional[frozenset], state, epoch: int,
+            augment: bool, seed: int, state, epoch: int,
             debug: bool, pass_no: Optional[int] = None) -> dict:
     columns = ("image", "mask", "ignore") if mode == "seg" else ("image",)
-    ids, arrays, skipped = _decode_rows(batch, size, columns, keep)
+    ids, arrays, skipped = decode_rows(batch, size, columns)
     if skipped:
         logger.warning("multimix pipeline: skipped %d undecodable row(s) in stream %s, e.g. %s",
                        len(skipped), stream, skipped[:3])
@@ -358,16 +288,6 @@ def pass_key(stream: str, rank: int = 0, world_size: int = 1) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # driver side
-
-
-def shard_paths(uri: str, storage_cfg=None):
-    """``(pyarrow filesystem, [shard paths])`` of a prepared dataset."""
-    manifest = read_manifest(uri, storage_cfg)
-    fs, root = storage.resolve(uri, storage_cfg)
-    shards = manifest.get("shards") or []
-    if not shards:
-        raise DataError(f"{uri}: the manifest lists no shards")
-    return fs, [f"{root.rstrip('/')}/{s}" for s in shards], manifest
 
 
 def stream_dataset(uri: str, ids: Optional[Sequence[str]], cfg, *, mode: str,
@@ -556,7 +476,7 @@ def _render_rows(table, ids: list, order: list, *, columns, batch_size, **kw):
         idx = order[s:s + batch_size]
         batch = {c: [v[i] for i in idx] for c, v in cells.items()}
         batch["id"] = [ids[i] for i in idx]
-        yield _map_fn(batch, keep=None, **kw)
+        yield _map_fn(batch, **kw)
 
 
 def row_group_index(uri: str, fs, paths: Sequence[str], storage_cfg=None) -> list:
@@ -753,76 +673,8 @@ def steps_per_epoch(cfg, n_unlabeled: int, world_size: int, n_labeled: int = 0) 
 # labeled pools (in memory, per worker)
 
 
-@dataclass
-class LabeledPool:
-    """Decoded labeled rows: ``images`` ``uint8 (N, H, W)``; ``labels`` ``int64 (N,)`` (cls) or
-    ``masks``/``ignore`` ``uint8 (N, H, W)`` in {0, 1} (seg). ``skipped``: undecodable rows."""
-
-    ids: list
-    images: np.ndarray
-    labels: Optional[np.ndarray] = None
-    masks: Optional[np.ndarray] = None
-    ignore: Optional[np.ndarray] = None
-    skipped: int = 0
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-def load_labeled_pool(uri: str, ids: Sequence[str], cfg) -> LabeledPool:
-    """Read and decode the rows ``ids`` of a prepared dataset (pyarrow only; no Ray tasks).
-
-    Undecodable rows are skipped, counted in ``skipped`` and logged.
-
-    Raises:
-        DataError: no row could be loaded, or an id is missing from the dataset.
-    """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    size = cfg.data.image_size
-    fs, paths, manifest = shard_paths(uri, cfg.storage)
-    seg = manifest.get("task") == "seg"
-    cols = ["id", "image"] + (["mask", "ignore"] if seg else ["label"])
-    ids = list(ids)
-    with storage.storage_errors(uri, cfg.storage):
-        try:
-            table = pq.ParquetDataset(
-                paths, filesystem=fs, filters=pc.field("id").isin(pa.array(ids, pa.string()))
-            ).read(columns=cols)
-        except pa.ArrowInvalid as exc:
-            raise DataError(f"cannot read the Parquet shards of {uri}: {exc}") from None
-    order = {v: i for i, v in enumerate(table.column("id").to_pylist())}
-    missing = [i for i in ids if i not in order]
-    if missing:
-        raise DataError(f"{uri}: {len(missing)} id(s) not in the dataset, e.g. {missing[:3]}")
-    table = table.take(pa.array([order[i] for i in ids], pa.int64()))
-    batch = {c: table.column(c).to_pylist() for c in cols}
-    good, arrays, skipped = _decode_rows(batch, size, ("image", "mask", "ignore") if seg
-                                         else ("image",), None)
-    if skipped:
-        logger.warning("multimix: skipped %d undecodable labeled row(s) of %s, e.g. %s",
-                       len(skipped), uri, skipped[:3])
-    if not good:
-        raise DataError(f"{uri}: none of the {len(ids)} labeled rows could be decoded")
-    labels = None
-    if not seg:
-        pos = {v: i for i, v in enumerate(batch["id"])}
-        labels = np.asarray([batch["label"][pos[i]] for i in good], dtype=np.int64)
-    return LabeledPool(ids=good, images=arrays["image"], labels=labels,
-                       masks=arrays.get("mask") if seg else None,
-                       ignore=arrays.get("ignore") if seg else None, skipped=len(skipped))
-
-
 # ---------------------------------------------------------------------------------------------
 # worker side
-
-
-def _to_tensor(a: np.ndarray):
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(a)).unsqueeze(1)
 
 
 class _Cycler:
@@ -1022,7 +874,7 @@ class TrainBatches:
                 batch: dict = {}
                 if "cls" in self.need:
                     idx, keys = self._labeled(self.cls_pool, d.cls_batch, step, "cls")
-                    batch["cls_img"] = _to_tensor(self.aug.weak(self.cls_pool.images[idx], keys))
+                    batch["cls_img"] = to_tensor(self.aug.weak(self.cls_pool.images[idx], keys))
                     batch["cls_label"] = torch.from_numpy(self.cls_pool.labels[idx].astype(np.int64))
                 if "seg" in self.need:
                     idx, keys = self._labeled(self.seg_pool, d.seg_batch, step, "seg")
@@ -1031,40 +883,16 @@ class TrainBatches:
                     if self.cfg.augment.seg_augment:
                         img, m, ig = self.aug.geometric(keys, img, m, ig)
                     batch["seg_img"], batch["seg_mask"], batch["seg_ignore"] = (
-                        _to_tensor(img), _to_tensor(m), _to_tensor(ig))
+                        to_tensor(img), to_tensor(m), to_tensor(ig))
                 if "weak" in cyclers:
                     u = cyclers["weak"].next()
-                    batch["weak_img"] = _to_tensor(u["weak_img"])
-                    batch["strong_img"] = _to_tensor(u["strong_img"])
+                    batch["weak_img"] = to_tensor(u["weak_img"])
+                    batch["strong_img"] = to_tensor(u["strong_img"])
                     if "id" in u:
                         batch["unl_id"] = list(u["id"])
                 if "useg" in cyclers:
-                    batch["useg_img"] = _to_tensor(cyclers["useg"].next()["useg_img"])
+                    batch["useg_img"] = to_tensor(cyclers["useg"].next()["useg_img"])
                 yield batch
         finally:
             for c in owned:
                 c.close()
-
-
-def eval_batches(pool: LabeledPool, batch_size: int, rank: int = 0,
-                 world_size: int = 1) -> Iterator[dict]:
-    """Validation/evaluation batches of a labeled pool: decode only, no augmentation.
-
-    Rows are split across ranks by stride (``rank::world_size``); yields ``cls_img`` +
-    ``cls_label`` (classification pool) or ``seg_img`` + ``seg_mask`` + ``seg_ignore``, plus
-    ``ids`` (list of row ids).
-    """
-    import torch
-
-    idx = np.arange(rank, len(pool), world_size)
-    for s in range(0, len(idx), batch_size):
-        sel = idx[s:s + batch_size]
-        out: dict = {"ids": [pool.ids[i] for i in sel]}
-        if pool.masks is not None:
-            out["seg_img"] = _to_tensor(pool.images[sel])
-            out["seg_mask"] = _to_tensor(pool.masks[sel])
-            out["seg_ignore"] = _to_tensor(pool.ignore[sel])
-        else:
-            out["cls_img"] = _to_tensor(pool.images[sel])
-            out["cls_label"] = torch.from_numpy(pool.labels[sel])
-        yield out

@@ -114,6 +114,20 @@ def shard_uris(uri: str, manifest: dict) -> list[str]:
     return [storage.join(uri, rel) for rel in manifest["shards"]]
 
 
+def shard_paths(uri: str, storage_cfg: Optional[StorageConfig] = None):
+    """``(pyarrow filesystem, [shard paths], manifest)`` of a prepared dataset.
+
+    Raises:
+        DataError: the manifest lists no shards.
+    """
+    manifest = read_manifest(uri, storage_cfg)
+    fs, root = storage.resolve(uri, storage_cfg)
+    shards = manifest.get("shards") or []
+    if not shards:
+        raise DataError(f"{uri}: the manifest lists no shards")
+    return fs, [f"{root.rstrip('/')}/{s}" for s in shards], manifest
+
+
 def read_table(uri: str, columns: Optional[list[str]] = None,
                storage_cfg: Optional[StorageConfig] = None) -> pa.Table:
     """Read (some columns of) a prepared dataset into one Arrow table, in shard order.

@@ -1,6 +1,6 @@
 """The per-epoch collectives of the Train worker (``train._mean_over_workers`` and
-``train.validate``'s gathering) under a process group set up as Ray Train sets it up: gloo on
-CPU (world size 1 and 2), NCCL on a GPU node (world size 1, and 2 with two GPUs)."""
+``multimix.validate.validate``'s gathering) under a process group set up as Ray Train sets it
+up: gloo on CPU (world size 1 and 2), NCCL on a GPU node (world size 1, and 2 with two GPUs)."""
 
 from __future__ import annotations
 

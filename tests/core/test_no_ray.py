@@ -7,13 +7,14 @@ import subprocess
 import sys
 
 CORE = ["multimix.variants", "multimix.model", "multimix.objective", "multimix.engine",
-        "multimix.metrics", "multimix.data.augment", "multimix.data.images", "multimix.bench.step"]
+        "multimix.metrics", "multimix.validate", "multimix.data.augment", "multimix.data.images",
+        "multimix.data.decode", "multimix.data.pools", "multimix.bench.step"]
 
 
 def test_core_imports_without_ray():
     present = [m for m in CORE if importlib.util.find_spec(m) is not None]
-    assert {"multimix.variants", "multimix.model", "multimix.objective",
-            "multimix.engine"} <= set(present)
+    assert {"multimix.variants", "multimix.model", "multimix.objective", "multimix.engine",
+            "multimix.validate", "multimix.data.decode", "multimix.data.pools"} <= set(present)
     code = (
         "import sys\n"
         "sys.modules['ray'] = None\n"

@@ -228,3 +228,43 @@ def test_evaluate_refuses_a_dataset_whose_class_order_differs(known, tmp_path):
                                 classes=("PNEUMONIA", "NORMAL"), source="swapped")
     with pytest.raises(UserError, match="PNEUMONIA.*NORMAL"):
         evaluate_checkpoint(known["ckpt"], cls_data=[swapped], out_dir=str(tmp_path / "sw"))
+
+
+def test_training_validation_and_evaluate_are_one_path(known, tmp_path):
+    """What the training loop records each epoch (``validate(...).flat()`` on the held-out
+    pools) equals what ``multimix evaluate`` reports for the same ids, and both equal the
+    numbers computed here; the model's mode is restored; a rank scores its stride only."""
+    from multimix.checkpoint import load_model
+    from multimix.data.pools import load_labeled_pool
+    from multimix.evaluate import evaluate_checkpoint
+    from multimix.metrics import val_score
+    from multimix.validate import validate
+
+    model, cfg, _ = load_model(known["ckpt"])
+    cls_pool = load_labeled_pool(known["own_cls"], CLS_VAL, cfg)
+    seg_pool = load_labeled_pool(known["own_seg"], SEG_VAL, cfg)
+    model.train()
+    res = validate(model, "cpu", cls=cls_pool, seg=seg_pool, classes=CLASSES, batch_size=3)
+    assert model.training  # restored
+    flat = res.flat()
+    report = json.loads(Path(evaluate_checkpoint(
+        known["ckpt"], cls_data=[known["own_cls"]], seg_data=[known["own_seg"]],
+        out_dir=str(tmp_path / "eval"))["json"]).read_text())
+    exp = _expected_cls(OWN_CLS, CLS_VAL)
+    for k in ("accuracy", "auc", "f1_pneumonia"):
+        assert flat[f"val_cls_{k}"] == pytest.approx(exp[k], abs=1e-9)
+        assert flat[f"val_cls_{k}"] == report["cls"]["own-cls"][k]
+    for k in ("dice_mean", "hausdorff_mean", "ssim_mean"):
+        assert flat[f"val_seg_{k}"] == report["seg"]["own-seg"][k]
+    assert flat["val_score"] == pytest.approx(val_score(res.cls.metrics, res.seg.metrics))
+    assert flat["val_score"] == pytest.approx(
+        (exp["auc"] + np.mean([_expected_seg(known["seg_rows"][i])["dice"]
+                               for i in SEG_VAL])) / 2, abs=1e-6)
+    assert res.cls.ids == CLS_VAL and res.seg.ids == SEG_VAL
+    np.testing.assert_allclose(res.cls.probs[:, 1], [OWN_CLS[i][1] / 255 for i in CLS_VAL],
+                               atol=1e-5)
+    assert res.cls.labels.tolist() == [OWN_CLS[i][0] for i in CLS_VAL]
+    # without a process group a rank scores its own stride (the gather is a no-op)
+    part = validate(model, "cpu", cls=cls_pool, classes=CLASSES, rank=1, world_size=2)
+    assert part.cls.ids == CLS_VAL[1::2] and part.seg is None
+    assert "val_seg_dice_mean" not in part.flat()
