@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from multimix.config import Config, load_config
+from multimix.config import Config, load_config, without_removed_keys
 from multimix.errors import UserError
 from multimix.model import unwrap
 
@@ -148,7 +148,7 @@ def load_model(ref: str, storage_cfg=None, which: str = "best", device: str = "c
     from multimix.model import create_model
 
     state = load(ref, storage_cfg, which)
-    cfg = load_config(state["config"])
+    cfg = load_config(without_removed_keys(state["config"]))  # older checkpoints: data.reader
     model = create_model(cfg.model)
     model.load_state_dict(state["model"])
     model.to(device).eval()

@@ -72,18 +72,6 @@ class DataConfig:
     #: pool the unlabeled segmentation stream is drawn from: the unlabeled classification
     #: images ("cls", the paper's cross-dataset setting) or the seg images beyond the budget ("seg")
     unlabeled_seg_from: Literal["cls", "seg"] = "cls"
-    #: how the unlabeled pools are read: "row_groups" (multimix's row-group reader: footers
-    #: read once, one Ray Data execution spans many epochs) or "read_parquet"
-    #: (``ray.data.read_parquet`` fused with the decode/augment map: Ray lists and bin-packs
-    #: the shards, one execution per pass)
-    reader: Literal["read_parquet", "row_groups"] = "row_groups"
-    #: how the unlabeled streams reach the Train workers: "streaming_split" (one dataset per
-    #: stream, split across the workers by Ray Train's DataConfig; its executor runs in a
-    #: split-coordinator actor) or "per_worker" (each worker iterates its own dataset over its
-    #: part of the pool, running the Ray Data executor in the training process: no coordinator,
-    #: but Ray 2.60's scheduling loop spins while the consumer is slower than the data, which
-    #: took the GIL from training (the demo trained ~4x slower); for data-bound consumers)
-    sharding: Literal["per_worker", "streaming_split"] = "streaming_split"
     #: rows of a local shuffle buffer in each Train worker that also mixes the blocks of
     #: concurrent data tasks; 0 (default): none, batches are cut from whole blocks, whose rows
     #: each task already shuffled (row groups a seeded permutation scatters over the pool,
@@ -268,9 +256,34 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"unsupported annotation {tp!r} for {key}")  # programming error
 
 
+#: keys that existed once: setting one is an error that says what is used now
+REMOVED_KEYS = {
+    "data.reader": "was removed: the unlabeled pools are always read by multimix's row-group "
+                   "reader (the former data.reader=row_groups); drop the key",
+    "data.sharding": "was removed: the unlabeled streams are always split across the Train "
+                     "workers by Ray Train (the former data.sharding=streaming_split); drop "
+                     "the key",
+}
+
+
+def without_removed_keys(data: dict) -> dict:
+    """A copy of a stored config dict (``Config.to_dict()`` of an older checkpoint) without
+    the keys in :data:`REMOVED_KEYS`, which then held the values used now."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for key in REMOVED_KEYS:
+        section, name = key.split(".")
+        if isinstance(out.get(section), dict):
+            out[section].pop(name, None)
+    return out
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    for name in data:
+        key = f"{prefix}.{name}" if prefix else name
+        if key in REMOVED_KEYS:
+            raise ConfigError(f"{key} {REMOVED_KEYS[key]}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

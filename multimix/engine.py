@@ -68,20 +68,12 @@ def autocast(device: Union[str, torch.device], precision: str = "none"):
     return contextlib.nullcontext()
 
 
-def _split_cfg(cfg):
-    """Config | (OptimConfig, ObjectiveConfig) | OptimConfig | ObjectiveConfig → (optim, objective)."""
-    if hasattr(cfg, "optim") and hasattr(cfg, "objective"):
-        return cfg.optim, cfg.objective
-    optim, objective = OptimConfig(), ObjectiveConfig()
-    items = cfg if isinstance(cfg, (tuple, list)) else [cfg]
-    for item in items:
-        if isinstance(item, OptimConfig):
-            optim = item
-        elif isinstance(item, ObjectiveConfig):
-            objective = item
-        elif item is not None:
-            raise TypeError(f"cfg: expected Config, OptimConfig or ObjectiveConfig, got {item!r}")
-    return optim, objective
+def _split_cfg(cfg) -> tuple[OptimConfig, ObjectiveConfig]:
+    """``(cfg.optim, cfg.objective)`` of a :class:`~multimix.config.Config`."""
+    if not (isinstance(getattr(cfg, "optim", None), OptimConfig)
+            and isinstance(getattr(cfg, "objective", None), ObjectiveConfig)):
+        raise TypeError(f"cfg: expected a multimix.config.Config, got {type(cfg).__name__}")
+    return cfg.optim, cfg.objective
 
 
 def prepare_model(model: nn.Module, cfg, device) -> nn.Module:
@@ -136,8 +128,8 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
     kl, accept_rate}`` as floats.
 
     ``model`` may be the bare :class:`MultiMixNet` or its DDP wrapper; ``variant`` defaults to the
-    network's own. ``cfg`` is a Config (``.optim``, ``.objective``) or OptimConfig/ObjectiveConfig
-    (either, or a tuple of both). bf16 autocast and channels_last follow ``cfg.optim``. The
+    network's own. ``cfg`` is the run's :class:`~multimix.config.Config` (``.optim``,
+    ``.objective``). bf16 autocast and channels_last follow ``cfg.optim``. The
     streams go through one forward call (weak branch under no_grad, saliency and decoder on the
     segmentation images only); the loss is computed in float32 outside autocast. One host sync,
     at the end.

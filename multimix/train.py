@@ -3,7 +3,7 @@
 The driver resolves the splits, builds the Ray Data streams and the small in-memory pools, and
 starts a :class:`ray.train.torch.TorchTrainer`. Each worker runs :func:`train_loop_per_worker`:
 the pure-torch :func:`multimix.engine.train_step` over the batches of
-:class:`multimix.data.pipeline.TrainBatches`, then validation on the held-out labeled data of both
+:class:`multimix.data.batches.TrainBatches`, then validation on the held-out labeled data of both
 tasks (:func:`multimix.validate.validate`, the path ``multimix evaluate`` scores with; metrics
 gathered over workers), then one checkpoint written by rank 0 while every rank reports.
 
@@ -29,7 +29,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,78 +88,35 @@ class TrainResult:
     best_value: float
 
 
-def _needs(cfg: Config) -> tuple[bool, bool]:
-    from multimix.variants import variant_flags
+@dataclass(frozen=True)
+class WorkerInputs:
+    """What the driver hands every Train worker (``train_loop_config={"inputs": ...}``).
 
-    flags = variant_flags(cfg.model.variant)
-    return flags.has_cls, flags.has_seg
+    ``config``: ``Config.to_dict()`` without secrets (workers rebuild the typed config);
+    ``splits``: ``{"cls"|"seg": {"labeled", "val", "unlabeled": [ids]}}`` (stored in the
+    checkpoints); ``classes``: class names in label order; ``pools``: object ref of
+    ``{"cls_labeled", "cls_val", "seg_labeled", "seg_val"} → LabeledPool``; ``state``: the
+    pipeline's state actor; ``datasets``: names of the Train datasets this worker reads
+    (``ray.train.get_dataset_shard``); ``steps``: global steps per epoch; ``extra``: what a
+    replacement loop needs besides (``multimix bench train``).
+    """
 
-
-def prepare_inputs(cfg: Config) -> dict:
-    """Driver-side work before the trainer starts: splits, pools, streams. Returns a dict with
-    ``splits``, ``classes``, ``pools`` (small in-memory arrays) and ``datasets`` (Ray Data)."""
-    from multimix.data import pipeline, splits as splits_mod
-    from multimix.data.prepare import read_manifest
-    from multimix.variants import streams_for
-
-    has_cls, has_seg = _needs(cfg)
-    if has_cls and not cfg.data.cls_data:
-        raise ConfigError(f"data.cls_data: variant {cfg.model.variant!r} needs a prepared "
-                          "classification dataset (multimix prepare ...)")
-    if has_seg and not cfg.data.seg_data:
-        raise ConfigError(f"data.seg_data: variant {cfg.model.variant!r} needs a prepared "
-                          "segmentation dataset (multimix prepare ...)")
-    out: dict[str, Any] = {"splits": {}, "classes": [], "pools": {}}
-    if has_cls:
-        man = read_manifest(cfg.data.cls_data, cfg.storage)
-        _check_size(man, cfg, "data.cls_data")
-        out["classes"] = list(man["classes"])
-        if len(out["classes"]) != cfg.model.num_classes:
-            raise ConfigError(f"model.num_classes: is {cfg.model.num_classes} but "
-                              f"{cfg.data.cls_data} has classes {out['classes']}")
-        out["splits"]["cls"] = splits_mod.ensure_split(
-            cfg.data.cls_data, cfg.data.cls_labeled, cfg.data.val_fraction, cfg.data.split_seed,
-            cfg.storage, budget_key="data.cls_labeled")
-    if has_seg:
-        man = read_manifest(cfg.data.seg_data, cfg.storage)
-        _check_size(man, cfg, "data.seg_data")
-        out["splits"]["seg"] = splits_mod.ensure_split(
-            cfg.data.seg_data, cfg.data.seg_labeled, cfg.data.val_fraction, cfg.data.split_seed,
-            cfg.storage, budget_key="data.seg_labeled")
-    state = pipeline.create_state()
-    out["data_state"] = state
-    per_worker = cfg.data.sharding == "per_worker"
-    out["datasets"] = pipeline.build_datasets(
-        cfg, out["splits"], state=state,
-        world_size=cfg.scaling.num_workers if per_worker else None)
-    out["pools"] = load_pools(cfg, out["splits"])
-    n_unl = len(out["splits"]["cls"].unlabeled) if "weak" in streams_for(cfg.model.variant) else 0
-    lab = out["splits"].get("cls") or out["splits"].get("seg")
-    out["steps"] = pipeline.steps_per_epoch(cfg, n_unl, cfg.scaling.num_workers,
-                                            n_labeled=len(lab.labeled))
-    return out
+    config: dict
+    splits: dict
+    classes: list
+    pools: Any
+    state: Any
+    datasets: tuple
+    steps: int
+    extra: dict = field(default_factory=dict)
 
 
-def load_pools(cfg: Config, splits: dict) -> dict:
-    """The small in-memory pools: labeled training images and held-out validation images."""
-    from multimix.data.pools import load_labeled_pool
+def prepare_inputs(cfg: Config):
+    """Driver-side work before the trainer starts (splits, pools, streams):
+    :func:`multimix.data.pipeline.build_data`."""
+    from multimix.data.pipeline import build_data
 
-    pools = {}
-    for task, uri in (("cls", cfg.data.cls_data), ("seg", cfg.data.seg_data)):
-        if task not in splits:
-            continue
-        pools[f"{task}_labeled"] = load_labeled_pool(uri, splits[task].labeled, cfg)
-        if splits[task].val:
-            pools[f"{task}_val"] = load_labeled_pool(uri, splits[task].val, cfg)
-    return pools
-
-
-def _check_size(manifest: dict, cfg: Config, key: str) -> None:
-    if int(manifest["image_size"]) != cfg.data.image_size:
-        raise ConfigError(
-            f"data.image_size: is {cfg.data.image_size} but {key} was prepared at "
-            f"{manifest['image_size']}² (prepare it again with --size {cfg.data.image_size}, or "
-            f"--set data.image_size={manifest['image_size']})")
+    return build_data(cfg)
 
 
 def _split_dict(split) -> dict:
@@ -167,11 +124,12 @@ def _split_dict(split) -> dict:
             "unlabeled": list(split.unlabeled)}
 
 
-def build_trainer(cfg: Config, inputs: dict, callbacks: list | None = None, loop=None,
+def build_trainer(cfg: Config, inputs, callbacks: list | None = None, loop=None,
                   extra: dict | None = None):
-    """The :class:`TorchTrainer` for ``cfg`` (exposed so Ray Tune trials can run it).
-    ``loop`` replaces :func:`train_loop_per_worker` and ``extra`` adds to its config
-    (``multimix bench train``)."""
+    """The :class:`TorchTrainer` for ``cfg`` and the driver's
+    :class:`~multimix.data.pipeline.DataInputs` (exposed so Ray Tune trials can run it).
+    ``loop`` replaces :func:`train_loop_per_worker` and ``extra`` goes to
+    :attr:`WorkerInputs.extra` (``multimix bench train``)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -200,30 +158,24 @@ def build_trainer(cfg: Config, inputs: dict, callbacks: list | None = None, loop
         callbacks=callbacks or [],
         worker_runtime_env={"env_vars": env_vars} if env_vars else None,
     )
-    loop_config = {
-        "config": cfg.to_dict(include_secrets=False),
-        "splits": {k: _split_dict(v) for k, v in inputs["splits"].items()},
-        "classes": inputs["classes"],
-        "pools": ray.put(inputs["pools"]),
-        "data_state": inputs["data_state"],
-        "datasets": sorted(inputs["datasets"]),
-        "steps": inputs["steps"],
-        **(extra or {}),
-    }
-    datasets = inputs["datasets"]
-    if cfg.data.sharding == "per_worker":
-        # each worker iterates its own datasets (multimix.data.pipeline.build_datasets)
-        loop_config["worker_datasets"] = ray.put(datasets)
-        trainer_data: dict = {}
-    else:
-        trainer_data = dict(datasets=datasets, dataset_config=pipeline.dataset_config(datasets))
+    worker_inputs = WorkerInputs(
+        config=cfg.to_dict(include_secrets=False),
+        splits={k: _split_dict(v) for k, v in inputs.splits.items()},
+        classes=list(inputs.classes),
+        pools=ray.put(inputs.pools),
+        state=inputs.state,
+        datasets=tuple(sorted(inputs.datasets)),
+        steps=inputs.steps,
+        extra=dict(extra or {}),
+    )
     return TorchTrainer(
         loop or train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"inputs": worker_inputs},
         scaling_config=scaling,
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
-        **trainer_data,
+        datasets=inputs.datasets,
+        dataset_config=pipeline.dataset_config(inputs.datasets),
     )
 
 
@@ -347,19 +299,21 @@ def _mean_over_workers(values: dict[str, float]) -> dict[str, float]:
 
 
 def train_loop_per_worker(loop_cfg: dict) -> None:
+    """One Train worker: ``loop_cfg["inputs"]`` is the driver's :class:`WorkerInputs`."""
     import ray
     import ray.train
     import ray.train.torch
     import torch
 
     from multimix import checkpoint as ckpt_mod
-    from multimix.data import pipeline
+    from multimix.data.batches import TrainBatches, open_streams
     from multimix.engine import build_optimizer, prepare_model, train_step
     from multimix.model import create_model, unwrap
     from multimix.validate import validate
     from multimix.variants import images_per_step
 
-    cfg = load_config(loop_cfg["config"])
+    inputs: WorkerInputs = loop_cfg["inputs"]
+    cfg = load_config(inputs.config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -393,24 +347,18 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         start_epoch, history = state["epoch"] + 1, list(state["history"])
         _log(rank, f"[multimix] resumed from epoch {state['epoch']} ({source})")
 
-    pools = ray.get(loop_cfg["pools"])
-    if "worker_datasets" in loop_cfg:  # data.sharding=per_worker: this rank's own datasets
-        shards = {name: per_rank[rank]
-                  for name, per_rank in ray.get(loop_cfg["worker_datasets"]).items()}
-    else:  # streaming_split: this worker's share of datasets all workers read together
-        shards = {name: ray.train.get_dataset_shard(name) for name in loop_cfg["datasets"]}
+    pools = ray.get(inputs.pools)
+    shards = {name: ray.train.get_dataset_shard(name) for name in inputs.datasets}
     # one cursor per stream for the whole run: a Ray Data execution spans epochs
-    streams = pipeline.open_streams(cfg, shards, rank, start_epoch, state=loop_cfg["data_state"],
-                                    world_size=world, shared="worker_datasets" not in loop_cfg)
-    steps = loop_cfg["steps"]
+    streams = open_streams(cfg, shards, rank, start_epoch, state=inputs.state)
+    steps = inputs.steps
     n_img = images_per_step(cfg.model.variant, cfg.data)  # the streams the variant consumes
     for epoch in range(start_epoch, cfg.optim.epochs):
         model.train()
         sums: dict[str, float] = {}
         t0 = time.perf_counter()
-        batches = pipeline.TrainBatches(cfg, streams, pools.get("cls_labeled"),
-                                        pools.get("seg_labeled"), rank, world, epoch,
-                                        state=loop_cfg["data_state"], steps_per_epoch=steps)
+        batches = TrainBatches(cfg, streams, pools.get("cls_labeled"), pools.get("seg_labeled"),
+                               rank, epoch, steps_per_epoch=steps)
         for step, batch in enumerate(batches):
             _maybe_inject_fault(rank, epoch, step)
             terms = train_step(model, batch, optimizer, cfg, device)
@@ -426,7 +374,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         train_means = _mean_over_workers({f"train_{k}": v / max(steps, 1)
                                           for k, v in sums.items()})
         val = validate(model, device, cls=pools.get("cls_val"), seg=pools.get("seg_val"),
-                       classes=loop_cfg["classes"], batch_size=cfg.data.eval_batch, rank=rank,
+                       classes=inputs.classes, batch_size=cfg.data.eval_batch, rank=rank,
                        world_size=world).flat()
         metrics = {"epoch": epoch, **train_means, **val,
                    "img_per_s": steps * n_img * world / max(train_time, 1e-9),
@@ -439,7 +387,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 state = ckpt_mod.build_state(
                     model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
-                    config=cfg, splits=loop_cfg["splits"], classes=loop_cfg["classes"],
+                    config=cfg, splits=inputs.splits, classes=inputs.classes,
                     history=history)
                 ckpt_mod.save(state, os.path.join(d, ckpt_mod.FILENAME))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),

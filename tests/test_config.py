@@ -161,3 +161,29 @@ def test_storage_takes_endpoint_and_region_but_never_keys_from_the_environment(m
     assert "envsecret" not in repr(cfg) and "envsecret" not in str(cfg.to_dict(True))
     explicit = load_config(None, ["storage.region=us-west-2"])
     assert explicit.storage.region == "us-west-2"  # the config wins over the environment
+
+
+@pytest.mark.parametrize("key,value,now", [("reader", "read_parquet", "row-group reader"),
+                                           ("reader", "row_groups", "row-group reader"),
+                                           ("sharding", "per_worker", "split across")])
+def test_removed_data_keys_are_one_clear_error(tmp_path, key, value, now):
+    """data.reader / data.sharding were removed: setting one (even to the value now always
+    used), by --set or in a YAML file, is one line naming the key and what is used now."""
+    with pytest.raises(ConfigError, match=f"^data.{key} was removed: .*{now}") as err:
+        load_config("cpu-small", [f"data.{key}={value}"])
+    assert "\n" not in str(err.value)
+    path = tmp_path / "old.yaml"
+    path.write_text(f"base: paper\ndata:\n  {key}: {value}\n")
+    with pytest.raises(ConfigError, match=f"^data.{key} was removed"):
+        load_config(str(path))
+
+
+def test_a_stored_config_with_removed_keys_still_loads():
+    """Checkpoints written before data.reader / data.sharding were removed hold them (with
+    the values now always used): a checkpoint's config drops them and loads."""
+    from multimix.config import without_removed_keys
+
+    old = load_config("cpu-small").to_dict()
+    old["data"].update(reader="row_groups", sharding="streaming_split")
+    assert load_config(without_removed_keys(old)) == load_config("cpu-small")
+    assert old["data"]["reader"] == "row_groups"  # the input is left as it was

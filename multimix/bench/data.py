@@ -14,31 +14,27 @@ at ``../shared/data``, else synthetic phantoms), at ``--size`` (256 by default):
    PNGs stored at ``--png-level`` (default: ``multimix prepare``'s, 0 = uncompressed);
 4. ``object_store_put_ms_per_img``: ``ray.put`` of one output block (both views), per row;
    ``e2e_img_per_s_per_core``: the Ray Data pipeline read Parquet → decode → augment → batches
-   with the default reader (``data.reader=row_groups``) from a temporary local Parquet set
-   in ``multimix prepare``'s row order, ``--e2e-passes`` passes (default 6) consumed as a Train
-   worker does (``--e2e-sharding``, default streaming_split: through a split coordinator, as
-   training does; ``per_worker``: the consumer runs the execution itself; through the
-   pipeline's batch cursor, with a local shuffle buffer only when ``--e2e-shuffle-rows`` is
-   set; row_groups runs all passes in one execution, read_parquet one per pass): rows/s
-   divided by the CPUs the pipeline used (wall time: other load on the machine lowers it);
-   ``e2e_img_per_cpu_s``: rows per CPU-second that this process and its Ray processes used
-   (robust to other load); ``e2e_first_batch_s``: seconds from the start to the first batch
-   (an execution's start-up: Ray's execution start, for read_parquet also its file listing);
+   (:func:`multimix.data.readers.stream_dataset`, the reader training uses) from a temporary
+   local Parquet set in ``multimix prepare``'s row order, ``--e2e-passes`` passes (default 6)
+   in one execution, consumed as a Train worker does (through a ``streaming_split`` of one and
+   the worker's :class:`~multimix.data.batches.StreamCursor`, with a local shuffle buffer only
+   when ``--e2e-shuffle-rows`` is set): rows/s divided by the CPUs the pipeline used (wall
+   time: other load on the machine lowers it); ``e2e_img_per_cpu_s``: rows per CPU-second that
+   this process and its Ray processes used (robust to other load); ``e2e_first_batch_s``:
+   seconds from the start to the first batch (an execution's start-up);
    ``e2e_steady_img_per_s_per_core``: the rate after the first batch; a pass is
    ``--e2e-rows`` rows (default 4,096: about one epoch over Kermany's unlabeled pool);
-   ``e2e_read_parquet_*``: the same with ``data.reader=read_parquet``; ``e2e_transport_*``:
-   the default pipeline with augmentation replaced by nothing (:class:`Unaugmented`: both
-   views are the decoded image), i.e. the pipeline's own cost, the most any augmentation
-   could reach end to end here;
+   ``e2e_transport_*``: the same pipeline with augmentation replaced by nothing
+   (:class:`Unaugmented`: both views are the decoded image), i.e. the pipeline's own cost, the
+   most any augmentation could reach end to end here;
    ``e2e_*_consumer_cpu_ms_per_img``: CPU of the consuming process per row (a Train worker's
    share: the batches cut from blocks, or ``--e2e-shuffle-rows``' local shuffle buffer);
    ``e2e_s3_*`` the same from an S3 server when ``--s3-endpoint`` is given;
 5. ``e2e_vs_bare`` = e2e / 1, ``e2e_vs_decode_augment`` = e2e / 3 (wall), and
-   ``e2e_cpu_s_vs_decode_augment`` (CPU-time based); ``e2e_read_parquet_vs_bare``;
-   ``e2e_steady_vs_bare`` and ``e2e_read_parquet_steady_vs_bare`` (after the first batch);
-   ``e2e_transport_vs_bare``.
+   ``e2e_cpu_s_vs_decode_augment`` (CPU-time based); ``e2e_steady_vs_bare`` (after the first
+   batch); ``e2e_transport_vs_bare``.
 
-The helpers that write small prepared datasets (DESIGN §1) live here too; tests use them.
+The Parquet sets it measures are written by :mod:`multimix.testing`.
 """
 
 from __future__ import annotations
@@ -54,111 +50,7 @@ import time
 import numpy as np
 
 from multimix.bench import ratio
-
-# ---------------------------------------------------------------------------------------------
-# small prepared datasets, written directly with pyarrow (bench + tests)
-
-
-def write_dataset(root: str, rows: list[dict], task: str, size: int, shards: int = 2,
-                  row_group_rows: int | None = None, png_level: int | None = None) -> str:
-    """rows: dicts with id, image (uint8 HxW), and label (cls) or mask/ignore (seg) arrays, or
-    ``image_bytes`` to store raw bytes (e.g. a corrupt PNG). Rows are written in the given order
-    in ``row_group_rows``-row groups, images at zlib level ``png_level`` (defaults: what
-    ``multimix prepare`` writes); the manifest records ``row_order`` when that order is
-    :func:`~multimix.data.prepare.row_order_key`'s."""
-    from multimix.data.prepare import COMPRESSION, ROW_GROUP_ROWS, ROW_ORDER, row_order_key
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from multimix.data.images import IMAGE_PNG_LEVEL, MASK_PNG_LEVEL, encode_png
-
-    level = IMAGE_PNG_LEVEL if png_level is None else png_level
-    os.makedirs(os.path.join(root, "data"), exist_ok=True)
-    recs = []
-    for r in rows:
-        img = r.get("image_bytes")
-        if img is None:
-            img = encode_png(r["image"], level)
-        recs.append({
-            "id": r["id"], "source": "test", "task": task, "image": img,
-            "mask": (encode_png(r["mask"] * 255, MASK_PNG_LEVEL)
-                     if r.get("mask") is not None else None),
-            "ignore": (encode_png(r["ignore"] * 255, MASK_PNG_LEVEL)
-                       if r.get("ignore") is not None else None),
-            "label": r.get("label"), "hash": r["id"], "path": r["id"],
-            "orig_height": size, "orig_width": size,
-        })
-    schema = pa.schema([("id", pa.string()), ("source", pa.string()), ("task", pa.string()),
-                        ("image", pa.binary()), ("mask", pa.binary()), ("ignore", pa.binary()),
-                        ("label", pa.int32()), ("hash", pa.string()), ("path", pa.string()),
-                        ("orig_height", pa.int32()), ("orig_width", pa.int32())])
-    names = []
-    for k, part in enumerate(np.array_split(np.arange(len(recs)), shards)):
-        name = f"data/part-{k:05d}.parquet"
-        pq.write_table(pa.Table.from_pylist([recs[i] for i in part], schema=schema),
-                       os.path.join(root, name), row_group_size=row_group_rows or ROW_GROUP_ROWS,
-                       compression={n: COMPRESSION.get(n, "SNAPPY") for n in schema.names})
-        names.append(name)
-    manifest = {"format": "multimix-prepared/1", "num_rows": len(recs), "image_size": size,
-                **({"row_order": ROW_ORDER} if [r["id"] for r in rows] == sorted(
-                    (r["id"] for r in rows), key=row_order_key) else {}),
-                "source": "test", "task": task, "shards": names, "skipped": 0,
-                "duplicate_groups": [], "report": "report.json", "parameters": {},
-                "created": "2026-01-01T00:00:00"}
-    if task == "cls":
-        manifest["classes"] = ["NORMAL", "PNEUMONIA"]
-        manifest["counts"] = {"cls": {}}
-    else:
-        manifest["counts"] = {"seg": len(recs), "with_ignore": 0}
-    with open(os.path.join(root, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
-    return root
-
-
-def kermany_rows(data_root, n: int, size: int) -> list[dict]:
-    from pathlib import Path
-
-    from multimix.data.images import load_grey, resize_image
-
-    out = []
-    for cls, name in enumerate(("NORMAL", "PNEUMONIA")):
-        files = sorted((Path(data_root) / "kermany-cxr" / "train" / name).glob("*.jpeg"))
-        for f in files[: n // 2]:
-            out.append({"id": f"{name}/{f.stem}", "image": resize_image(load_grey(f), size),
-                        "label": cls})
-    return out
-
-
-def v7_rows(data_root, n: int, size: int) -> list[dict]:
-    from pathlib import Path
-
-    from multimix.data.images import load_grey, resize_image, resize_mask
-
-    root = Path(data_root) / "v7-covid-lungs"
-    out = []
-    for f in sorted((root / "images").glob("*.png"))[:n]:
-        ign = root / "ignore" / f.name
-        out.append({
-            "id": f.stem,
-            "image": resize_image(load_grey(f), size),
-            "mask": resize_mask(load_grey(root / "masks" / f.name), size),
-            "ignore": resize_mask(load_grey(ign), size) if ign.exists() else None,
-        })
-    return out
-
-
-def synthetic_rows(n: int, size: int, seed: int = 0) -> list[dict]:
-    from multimix.data.synthetic import phantom
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        img, _ = phantom(size, np.random.default_rng(rng.integers(1 << 62)), bool(i % 2))
-        out.append({"id": f"{'PNEUMONIA' if i % 2 else 'NORMAL'}/syn-{i:05d}", "image": img,
-                    "label": i % 2})
-    return out
-
+from multimix.testing import kermany_rows, synthetic_rows, write_dataset
 
 # ---------------------------------------------------------------------------------------------
 # the benchmark
@@ -170,11 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=64, help="augmentation batch (default 64)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions (best is kept)")
     p.add_argument("--e2e-passes", type=int, default=6, help="timed passes over the e2e set "
-                   "(default 6; row_groups runs them in one execution, as training does)")
-    p.add_argument("--e2e-sharding", default="streaming_split",
-                   choices=("per_worker", "streaming_split"),
-                   help="how the e2e stream reaches its consumer (data.sharding; default "
-                        "streaming_split, as training does)")
+                   "(default 6; run in one execution, as training does)")
     p.add_argument("--e2e-shuffle-rows", type=int, default=0, metavar="N",
                    help="data.shuffle_buffer_rows of the e2e consumer (default 0: batches cut "
                         "from whole blocks; N > 0: Ray Data's local shuffle buffer of N rows)")
@@ -277,36 +165,31 @@ class Unaugmented:
 
 
 def _e2e(uri: str, ids: list[str], cfg, passes: int, cpus: int, augmenter=None) -> dict:
-    """``cfg.data.reader``'s stream over ``passes`` passes, consumed as a Train worker does
-    (``data.sharding``: per_worker iterates the dataset itself, streaming_split through a
-    split of one; batches (and a local shuffle buffer with ``data.shuffle_buffer_rows``)
-    and restarts from the pipeline's cursor;
-    ``passes_per_execution`` passes per execution): ``wall`` rows/s/CPU, ``cpu`` rows per
-    CPU-second used by the driver + Ray processes, ``first_batch_s`` (seconds from the start
-    to the first batch: one execution's start-up), ``steady`` (rows/s/CPU after it) and
-    ``consumer_ms`` (CPU milliseconds per row of this process, the consumer: a Train worker's
-    share). ``augmenter``: see :func:`multimix.data.pipeline.stream_dataset`."""
-    import dataclasses
+    """The ``unl_cls`` stream over ``passes`` passes in one execution, consumed as a Train
+    worker does (a ``streaming_split`` of one, the worker's
+    :class:`~multimix.data.batches.StreamCursor`, a local shuffle buffer with
+    ``data.shuffle_buffer_rows``): ``wall`` rows/s/CPU, ``cpu`` rows per CPU-second used by
+    the driver + Ray processes, ``first_batch_s`` (seconds from the start to the first batch:
+    one execution's start-up), ``steady`` (rows/s/CPU after it) and ``consumer_ms`` (CPU
+    milliseconds per row of this process, the consumer: a Train worker's share).
+    ``augmenter``: see :func:`multimix.data.readers.stream_dataset`."""
+    from multimix.data.batches import StreamCursor
+    from multimix.data.readers import configure_data_context, stream_dataset
 
-    from multimix.data import pipeline as P
-
-    P.configure_data_context()
-    per_exec = P.passes_per_execution(dataclasses.replace(
-        cfg, optim=dataclasses.replace(cfg.optim, epochs=passes)))
+    configure_data_context()
 
     def source(n_passes: int):
-        ds = P.stream_dataset(uri, ids, cfg, mode="pair", stream="unl_cls", passes=n_passes,
-                              augmenter=augmenter)
-        return ds if cfg.data.sharding == "per_worker" else ds.streaming_split(1, equal=True)[0]
+        ds = stream_dataset(uri, ids, cfg, stream="unl_cls", passes=n_passes,
+                            augmenter=augmenter)
+        return ds.streaming_split(1, equal=True)[0]
 
     b = cfg.data.unlabeled_batch
     shuffle = cfg.data.shuffle_buffer_rows
-    warm = P._Cycler(source(1), b, "unl_cls", None, 0, 0, 0, shuffle_rows=shuffle)
+    warm = StreamCursor(source(1), b, "unl_cls", shuffle_rows=shuffle)
     for _ in range(max(1, len(ids) // b)):  # warm-up pass (worker processes, imports)
         warm.next()
     warm.close()
-    cursor = P._Cycler(source(per_exec), b, "unl_cls", None, 0, 0, 0, passes=per_exec,
-                       shuffle_rows=shuffle)
+    cursor = StreamCursor(source(passes), b, "unl_cls", passes=passes, shuffle_rows=shuffle)
     steps = max(2, passes * len(ids) // b)
     c0, t0 = _tree_cpu(), time.perf_counter()
     cursor.next()
@@ -325,18 +208,7 @@ def _e2e(uri: str, ids: list[str], cfg, passes: int, cpus: int, augmenter=None) 
             "steady": (rows - b) / (end - t_first) / cpus if end > t_first else float("nan")}
 
 
-def _reader_cfg(cfg, reader: str):
-    import dataclasses
-
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, reader=reader))
-
-
-#: the readers ``bench data`` measures end to end; the first is the default (data.reader)
-_READERS = ("row_groups", "read_parquet")
-
-
-def _e2e_fields(out: dict, res: dict, reader: str, where: str) -> None:
-    tag = "" if reader == _READERS[0] else f"_{reader}"
+def _e2e_fields(out: dict, res: dict, tag: str, where: str) -> None:
     out[f"e2e{where}{tag}_img_per_s_per_core"] = round(res["wall"], 1)
     out[f"e2e{where}{tag}_img_per_cpu_s"] = round(res["cpu"], 1)
     out[f"e2e{where}{tag}_first_batch_s"] = round(res["first_batch_s"], 2)
@@ -350,9 +222,9 @@ def _put_ms_per_row(size: int) -> float:
     on top of decode + augment (best of 5)."""
     import ray
 
-    from multimix.data import pipeline as P
+    from multimix.data.readers import block_rows
 
-    rows = P._yield_rows(size)
+    rows = block_rows(size)
     block = {k: np.full((rows, size, size), 7, np.uint8) for k in ("weak_img", "strong_img")}
     best = float("inf")
     for _ in range(5):
@@ -420,8 +292,7 @@ def run(args) -> int:
         import ray
         import ray.data  # configures Ray Data's logging on import
 
-        # with --e2e-sharding per_worker this process runs the executions: keep Ray Data's
-        # per-execution INFO lines out of the report
+        # keep Ray Data's per-execution INFO lines out of the report
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
         cpus = args.cpus or os.cpu_count() or 1
@@ -433,7 +304,6 @@ def run(args) -> int:
         try:
             cpus = int(ray.cluster_resources().get("CPU", cpus))
             over = {"data": {"image_size": size, "unlabeled_batch": b,
-                             "sharding": args.e2e_sharding,
                              "shuffle_buffer_rows": args.e2e_shuffle_rows},
                     "scaling": {"data_cpus_per_task": 1.0, "data_concurrency": cpus}}
             e2e_rows = [dict(r, id=f"{r['id']}#{k}") for k in range(max(1, -(-args.e2e_rows // n)))
@@ -444,19 +314,14 @@ def run(args) -> int:
                 uri = write_dataset(os.path.join(tmp, "cls"), e2e_rows, "cls", size,
                                     shards=max(2, cpus), png_level=args.png_level)
                 cfg = load_config(None, over)
-                for reader in _READERS:
-                    _e2e_fields(out, _e2e(uri, ids, _reader_cfg(cfg, reader), args.e2e_passes,
-                                          cpus), reader, "")
-                _e2e_fields(out, _e2e(uri, ids, _reader_cfg(cfg, _READERS[0]), args.e2e_passes,
-                                      cpus, augmenter=Unaugmented()), "transport", "")
+                _e2e_fields(out, _e2e(uri, ids, cfg, args.e2e_passes, cpus), "", "")
+                _e2e_fields(out, _e2e(uri, ids, cfg, args.e2e_passes, cpus,
+                                      augmenter=Unaugmented()), "_transport", "")
                 out["object_store_put_ms_per_img"] = round(_put_ms_per_row(size), 3)
                 out["e2e_cpus"] = cpus
-                out["e2e_sharding"] = args.e2e_sharding
                 out["e2e_shuffle_buffer_rows"] = args.e2e_shuffle_rows
                 if args.s3_endpoint:
-                    for reader in _READERS:
-                        _e2e_fields(out, _s3_e2e(args, uri, ids, over, cpus, reader), reader,
-                                    "_s3")
+                    _e2e_fields(out, _s3_e2e(args, uri, ids, over, cpus), "", "_s3")
                 else:
                     out["e2e_s3"] = "skipped: no --s3-endpoint given"
         finally:
@@ -466,11 +331,8 @@ def run(args) -> int:
                 ("e2e_vs_bare", "e2e_img_per_s_per_core", ours),
                 ("e2e_vs_decode_augment", "e2e_img_per_s_per_core", dec),
                 ("e2e_cpu_s_vs_decode_augment", "e2e_img_per_cpu_s", dec),
-                ("e2e_read_parquet_vs_bare", "e2e_read_parquet_img_per_s_per_core", ours),
                 ("e2e_transport_vs_bare", "e2e_transport_img_per_s_per_core", ours),
-                ("e2e_steady_vs_bare", "e2e_steady_img_per_s_per_core", ours),
-                ("e2e_read_parquet_steady_vs_bare", "e2e_read_parquet_steady_img_per_s_per_core",
-                 ours)):
+                ("e2e_steady_vs_bare", "e2e_steady_img_per_s_per_core", ours)):
             out[key] = ratio(out[num], den)
     if args.json:
         print(json.dumps(out))
@@ -488,17 +350,14 @@ _LABELS = {
     "png_level": "zlib level of the stored images",
     "png_kb_per_img": "stored PNG size (KB/img)",
     "object_store_put_ms_per_img": "object-store put of an output block (ms/img)",
-    "e2e_vs_bare": "e2e row_groups (wall) / bare augmentation",
-    "e2e_vs_decode_augment": "e2e row_groups (wall) / decode + augment",
-    "e2e_cpu_s_vs_decode_augment": "e2e row_groups (CPU-s) / decode + augment",
-    "e2e_read_parquet_vs_bare": "e2e read_parquet (wall) / bare augmentation",
+    "e2e_vs_bare": "e2e (wall) / bare augmentation",
+    "e2e_vs_decode_augment": "e2e (wall) / decode + augment",
+    "e2e_cpu_s_vs_decode_augment": "e2e (CPU-s) / decode + augment",
     "e2e_transport_vs_bare": "e2e unaugmented (wall) / bare augmentation",
-    "e2e_steady_vs_bare": "e2e row_groups after 1st batch / bare",
-    "e2e_read_parquet_steady_vs_bare": "e2e read_parquet after 1st batch / bare",
+    "e2e_steady_vs_bare": "e2e after 1st batch / bare",
 }
 for _where, _w in (("", "local"), ("_s3", "S3")):
-    for _tag, _r in (("", "row_groups"), ("_read_parquet", "read_parquet"),
-                     ("_transport", "unaugmented")):
+    for _tag, _r in (("", "augmented"), ("_transport", "unaugmented")):
         _LABELS[f"e2e{_where}{_tag}_img_per_s_per_core"] = f"e2e {_r}, {_w} (img/s / CPUs, wall)"
         _LABELS[f"e2e{_where}{_tag}_img_per_cpu_s"] = f"e2e {_r}, {_w} (img per CPU-s used)"
         _LABELS[f"e2e{_where}{_tag}_first_batch_s"] = f"e2e {_r}, {_w}: start → 1st batch (s)"
@@ -517,7 +376,7 @@ def _table(out: dict) -> None:
         print(f"  {_LABELS.get(k, k):44s} {v}")
 
 
-def _s3_e2e(args, local_uri: str, ids, over: dict, cpus: int, reader: str) -> dict:
+def _s3_e2e(args, local_uri: str, ids, over: dict, cpus: int) -> dict:
     import pyarrow.fs as pafs
 
     from multimix.config import load_config
@@ -535,7 +394,7 @@ def _s3_e2e(args, local_uri: str, ids, over: dict, cpus: int, reader: str) -> di
                         destination_filesystem=fs)
     try:
         return _e2e(uri, ids, load_config(None, {**over, "storage": st, "data": {
-            **over["data"], "cls_data": uri, "reader": reader}}), args.e2e_passes, cpus)
+            **over["data"], "cls_data": uri}}), args.e2e_passes, cpus)
     finally:
         storage.delete_dir(uri, cfg.storage)
 

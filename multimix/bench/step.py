@@ -98,11 +98,11 @@ def naive_train_step(model, batch, optimizer, cfg, device, variant=None) -> dict
     view with its graph kept; same loss and optimizer as :func:`multimix.engine.train_step`."""
     import torch
 
-    from multimix.engine import _split_cfg, autocast, to_input
+    from multimix.engine import autocast, to_input
     from multimix.model import unwrap
     from multimix.objective import TERM_KEYS, multimix_loss
 
-    optim_cfg, obj_cfg = _split_cfg(cfg)
+    optim_cfg, obj_cfg = cfg.optim, cfg.objective
     net = unwrap(model)
     variant = variant or net.variant
     model.train()

@@ -2,7 +2,7 @@
 
 Runs the real training path on one Train worker (``cpu`` or ``cuda``): Ray Data reads the
 prepared Parquet shards, decodes and renders the weak/strong views on CPU tasks, the Train
-worker cuts its batches (:class:`multimix.data.pipeline.TrainBatches`, which also augments the
+worker cuts its batches (:class:`multimix.data.batches.TrainBatches`, which also augments the
 labeled pool in process) and runs :func:`multimix.engine.train_step`; ``--warmup`` untimed
 steps, then ``--steps`` timed ones. In the same worker it then times the bare step on the same
 device with the last batches already in memory. Data: the synthetic demo set prepared at
@@ -76,12 +76,13 @@ def bench_loop(loop_cfg: dict) -> None:
 
     from multimix.bench.data import _tree_cpu, _cpu_used
     from multimix.config import load_config
-    from multimix.data import pipeline
+    from multimix.data.batches import TrainBatches, open_streams
     from multimix.engine import build_optimizer, prepare_model, train_step
     from multimix.model import create_model
     from multimix.variants import images_per_step
 
-    cfg = load_config(loop_cfg["config"])
+    inputs = loop_cfg["inputs"]  # multimix.train.WorkerInputs
+    cfg = load_config(inputs.config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -91,16 +92,13 @@ def bench_loop(loop_cfg: dict) -> None:
     model = prepare_model(create_model(cfg.model), cfg, device)
     model = ray.train.torch.prepare_model(model)
     optimizer, _ = build_optimizer(model, cfg)
-    pools = ray.get(loop_cfg["pools"])
-    shards = {name: ray.train.get_dataset_shard(name) for name in loop_cfg["datasets"]}
-    streams = pipeline.open_streams(cfg, shards, rank, 0, state=loop_cfg["data_state"],
-                                    world_size=world, shared=True)
-    warm, n = loop_cfg["warmup"], loop_cfg["timed"]
+    pools = ray.get(inputs.pools)
+    shards = {name: ray.train.get_dataset_shard(name) for name in inputs.datasets}
+    streams = open_streams(cfg, shards, rank, 0, state=inputs.state)
+    warm, n = inputs.extra["warmup"], inputs.extra["timed"]
     n_img = images_per_step(cfg.model.variant, cfg.data)  # the streams the variant consumes
-    batches = iter(pipeline.TrainBatches(cfg, streams, pools.get("cls_labeled"),
-                                         pools.get("seg_labeled"), rank, world, 0,
-                                         state=loop_cfg["data_state"],
-                                         steps_per_epoch=warm + n))
+    batches = iter(TrainBatches(cfg, streams, pools.get("cls_labeled"),
+                                pools.get("seg_labeled"), rank, 0, steps_per_epoch=warm + n))
 
     def sync():
         if device.type == "cuda":
@@ -109,7 +107,7 @@ def bench_loop(loop_cfg: dict) -> None:
     for _ in range(warm):
         train_step(model, next(batches), optimizer, cfg, device)
     sync()
-    me, root = os.getpid(), loop_cfg["driver_pid"]
+    me, root = os.getpid(), inputs.extra["driver_pid"]
     kept: list = []
     wait = 0.0
     c0 = _tree_cpu(root)
@@ -160,7 +158,8 @@ def augment_rate(size: int, n: int = 64, reps: int = 3) -> float:
     images (two per pair) per CPU-second, best of ``reps``."""
     import numpy as np
 
-    from multimix.bench.data import _cpu_rate, synthetic_rows
+    from multimix.bench.data import _cpu_rate
+    from multimix.testing import synthetic_rows
     from multimix.data.augment import Augmenter, row_keys
 
     rows = synthetic_rows(n, size)

@@ -55,12 +55,14 @@ def test_train_step_returns_all_terms(variant):
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
-def test_train_step_accepts_split_configs_and_missing_key_error():
+def test_train_step_takes_a_config_and_names_a_missing_key():
     cfg = small_cfg("umtl")
     model = create_model(cfg.model)
     opt, _ = build_optimizer(model, cfg)
-    terms = train_step(model, make_batch(), opt, (OptimConfig(), ObjectiveConfig()), "cpu")
+    terms = train_step(model, make_batch(), opt, cfg, "cpu")
     assert terms["kl"] == 0.0 and terms["ce_pseudo"] == 0.0
+    with pytest.raises(TypeError, match="expected a multimix.config.Config, got tuple"):
+        train_step(model, make_batch(), opt, (OptimConfig(), ObjectiveConfig()), "cpu")
     b = make_batch()
     del b["seg_mask"]
     with pytest.raises(KeyError, match="seg_mask"):

@@ -31,16 +31,15 @@ def test_bench_data_e2e_local(ray_local, capsys):
     assert bench.run(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["e2e_img_per_s_per_core"] > 0 and out["e2e_s3"].startswith("skipped")
-    assert out["e2e_sharding"] == "streaming_split"  # as training reads (data.sharding default)
     for key in ("decode_augment_img_per_s_per_core", "e2e_vs_bare", "e2e_vs_decode_augment",
                 "e2e_img_per_cpu_s", "object_store_put_ms_per_img",
-                "e2e_steady_img_per_s_per_core", "e2e_read_parquet_steady_img_per_s_per_core",
-                "e2e_read_parquet_img_per_cpu_s", "e2e_transport_img_per_s_per_core",
+                "e2e_steady_img_per_s_per_core", "e2e_transport_img_per_s_per_core",
                 "e2e_transport_img_per_cpu_s", "e2e_transport_vs_bare"):
         assert out[key] > 0, key
     assert out["e2e_shuffle_buffer_rows"] == 0  # data.shuffle_buffer_rows default
     assert all(out[f"e2e{t}_consumer_cpu_ms_per_img"] >= 0
-               for t in ("", "_read_parquet", "_transport"))
+               for t in ("", "_transport"))
+    assert not any("read_parquet" in k or "sharding" in k for k in out)  # one reader, one mode
     assert out["png_level"] == 0 and out["png_kb_per_img"] > 64 * 65 / 1024  # stored, as prepare
 
 

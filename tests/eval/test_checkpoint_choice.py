@@ -138,11 +138,11 @@ def test_best_json_names_a_checkpoint_ray_kept(ray_local, tmp_path):
     from ray.train import ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
+    from multimix.data.pipeline import DataInputs
     from multimix.train import build_trainer, read_run
 
     cfg = _cfg("val_score", mode, f"run.storage_path={tmp_path / 'runs'}", "run.name=scripted")
-    inputs = {"splits": {}, "classes": [], "pools": {}, "data_state": None, "datasets": {},
-              "steps": 1}
+    inputs = DataInputs(steps=1)
     run_config = build_trainer(cfg, inputs).run_config  # the run's own CheckpointConfig
     # the workers cannot import this test module: ship its functions by value
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

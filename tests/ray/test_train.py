@@ -70,10 +70,9 @@ def test_train_evaluate_predict_real_data(ray_local, kermany_prepared, v7_prepar
     from multimix.cli import main
     from multimix.train import train
 
-    # read_parquet (the default is row_groups, in the other tests), split across the 2 DDP
-    # workers by Ray Train's DataConfig (data.sharding's default)
+    # the streams split across the 2 DDP workers by Ray Train's DataConfig
     cfg = _cfg(tmp_path, kermany_prepared, v7_prepared, "real",
-               "data.cls_labeled=100", "data.seg_labeled=10", "data.reader=read_parquet")
+               "data.cls_labeled=100", "data.seg_labeled=10")
     result = train(cfg)
 
     # every epoch reported, validated on both tasks, checkpointed
