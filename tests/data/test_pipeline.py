@@ -202,7 +202,7 @@ def test_steps_per_epoch_rule():
     with pytest.raises(DataError, match="needs a labeled cls pool"):
         TrainBatches(_cfg(model={"variant": "enc"}), {}, None, None, 0, 0, 1)
     with pytest.raises(DataError, match="needs the dataset shard 'unl_seg'"):
-        TrainBatches(_cfg(), {"unl_cls": None}, object(), object(), 0, 0, 1)
+        TrainBatches(_cfg(), {"unl_cls": None}, [1], [1], 0, 0, 1)  # pools: anything with len
 
 
 def _classes(batch) -> set:
