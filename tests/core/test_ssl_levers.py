@@ -168,3 +168,32 @@ def test_config_keys_default_to_the_paper_and_are_checked():
             load_config("cpu-small", [bad])
     with pytest.raises(ConfigError, match="objective.decision"):
         load_config("cpu-small", ["objective.decision=youden", "model.num_classes=3"])
+
+
+def test_checkpoint_keeps_ema_student_labeler_and_threshold(tmp_path):
+    from multimix import checkpoint
+
+    cfg = load_config("cpu-small", ["objective.ema_decay=0.5", "objective.decision=youden"])
+    torch.manual_seed(0)
+    model = nn.Linear(2, 2)
+    ema = ModelEMA(model, 0.5)
+    with torch.no_grad():
+        model.weight.add_(2.0)
+    ema.update(model)
+    lab = PseudoLabeler(2, 0.7, mode="freematch", momentum=0.5)
+    lab(_logits([[0.9, 0.1], [0.2, 0.8]]))
+    state = checkpoint.build_state(model=model, optimizer=None, scheduler=None, epoch=1,
+                                   config=cfg, splits={}, classes=["a", "b"], history=[],
+                                   ema=ema, labeler=lab, threshold=0.6)
+    checkpoint.save(state, str(tmp_path / checkpoint.FILENAME))
+    back = checkpoint.load_bytes((tmp_path / checkpoint.FILENAME).read_bytes())  # weights_only
+    torch.testing.assert_close(back["model"]["weight"], ema.module.weight)  # evaluated: EMA
+    torch.testing.assert_close(back["student"]["weight"], model.weight)
+    assert back["ema_decay"] == 0.5 and checkpoint.decision_threshold(back) == 0.6
+    again = PseudoLabeler(2, 0.7, mode="freematch", momentum=0.5)
+    again.load_state_dict(back["labeler"])
+    torch.testing.assert_close(again.thresholds(), lab.thresholds())
+    plain = checkpoint.build_state(model=model, optimizer=None, scheduler=None, epoch=1,
+                                   config=load_config("cpu-small"), splits={}, classes=[],
+                                   history=[], threshold=0.6)
+    assert "student" not in plain and checkpoint.decision_threshold(plain) is None
