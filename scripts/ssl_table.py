@@ -4,11 +4,12 @@
         --epochs 4 --steps 30
 
 Runs ``multimix train`` (preset cpu-small, 64²) once per (config, seed) on the prepared Kermany
-and V7 sets in ``--data`` (``kermany64``, ``v7_64``; ``gb64`` for the cross-domain Dice), ``--lanes``
-runs at a time, then ``multimix evaluate`` of the last checkpoint on GB. Writes ``runs.json`` (one
-row per run: the last epoch's validation numbers, the number of epochs whose validation predicted
-a single class, GB Dice, wall time) and prints the mean ± std table (Markdown). A run already in
-``runs.json`` is not repeated.
+and V7 sets in ``--data`` (``kermany64``, ``v7_64``; ``gb64`` for the cross-domain Dice),
+``--lanes`` runs at a time, then ``multimix evaluate`` of the last checkpoint on GB. Writes
+``runs.json`` (one row per run: the last epoch's validation numbers, the number of epochs whose
+validation predicted a single class, GB Dice, wall time) and prints the mean ± std (sample std, ddof 1) table
+(Markdown; ``--table`` prints it from ``runs.json`` alone). A run already in ``runs.json`` is not
+repeated.
 """
 
 from __future__ import annotations
@@ -33,16 +34,19 @@ CONFIGS = {
     "freematch": ["objective.pl_threshold=freematch"],
 }
 
-#: table columns: (label, key in a run row)
+#: table columns: (label, key in a run row); "thr" = at the threshold chosen on the same split
 COLUMNS = [
-    ("val BA", "val_cls_decision_balanced_accuracy"),
-    ("val acc", "val_cls_accuracy"),
-    ("val macro-F1", "val_cls_macro_f1"),
-    ("val AUC", "val_cls_auc"),
-    ("resample BA (argmax)", "val_cls_res_balanced_accuracy"),
-    ("BA at val threshold", "val_cls_thr_balanced_accuracy"),
+    ("BA argmax", "val_cls_balanced_accuracy"),
+    ("BA thr", "val_cls_thr_balanced_accuracy"),
+    ("acc argmax", "val_cls_accuracy"),
+    ("macro-F1 argmax", "val_cls_macro_f1"),
+    ("AUC", "val_cls_auc"),
+    ("resample acc argmax", "val_cls_res_accuracy"),
+    ("resample macro-F1 argmax", "val_cls_res_macro_f1"),
+    ("resample acc thr", "val_cls_thr_res_accuracy"),
     ("V7 val Dice", "val_seg_dice_mean"),
     ("GB Dice", "gb_dice_mean"),
+    ("accept normal / pneumonia", "train_accept_rate_c0|train_accept_rate_c1"),
     ("single-class epochs", "single_class_epochs"),
 ]
 
@@ -61,7 +65,8 @@ def run_one(name: str, seed: int, args) -> dict:
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
-        rc = subprocess.run(["nice", "-n", "5", *cmd], stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(["nice", "-n", "5", *cmd], stdout=f,
+                            stderr=subprocess.STDOUT).returncode
     wall = time.time() - t0
     if rc != 0:
         return {"config": name, "seed": seed, "error": f"train exit {rc}, see {log}"}
@@ -91,11 +96,16 @@ def table(rows: list[dict]) -> str:
             continue
         cells = []
         for _, key in COLUMNS:
+            if "|" in key:
+                cells.append(" / ".join(f"{np.nanmean([float(r.get(k, np.nan)) for r in rs]):.2f}"
+                                        for k in key.split("|")))
+                continue
             v = np.array([float(r.get(key, np.nan)) for r in rs])
             if key == "single_class_epochs":
                 cells.append(f"{int(v.sum())} of {sum(r['epochs'] for r in rs)}")
             else:
-                cells.append(f"{np.nanmean(v):.3f} ± {np.nanstd(v, ddof=1) if len(v) > 1 else 0:.3f}")
+                sd = np.nanstd(v, ddof=1) if len(v) > 1 else 0.0
+                cells.append(f"{np.nanmean(v):.3f} ± {sd:.3f}")
         lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -112,8 +122,12 @@ def main() -> int:
     p.add_argument("--cls-labeled", default="100")
     p.add_argument("--seg-labeled", default="10")
     p.add_argument("--multimix", default=str(Path(sys.executable).with_name("multimix")))
+    p.add_argument("--table", action="store_true", help="only print the table of runs.json")
     args = p.parse_args()
     out = Path(args.out)
+    if args.table:
+        print(table(json.loads((out / "runs.json").read_text())))
+        return 0
     (out / "logs").mkdir(parents=True, exist_ok=True)
     results = out / "runs.json"
     rows = json.loads(results.read_text()) if results.exists() else []
