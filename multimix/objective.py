@@ -194,11 +194,13 @@ class PseudoLabeler:
             process group is up), so the state stays identical on every rank.
 
     State (:meth:`state_dict`, float64 CPU tensors): ``marginal`` (C,) running mean of the
-    (unaligned) weak-view probabilities (ReMixMatch's p̃, also FreeMatch's p̃_t); ``tau`` (0-dim,
-    FreeMatch τ_t); ``sigma`` (C,) running fraction predicted as c with confidence ≥ τ
-    (FlexMatch's σ, normalised by the batch size); ``steps``. Initial values follow the papers:
-    p̃ = 1/C, τ_0 = 1/C (FreeMatch), σ = 0 (FlexMatch: every threshold starts at 0, rising as
-    classes are learnt).
+    (unaligned) weak-view probabilities (FreeMatch's p̃_t); ``da_marginal`` (C,) the same for
+    distribution alignment (ReMixMatch's p̃); ``tau`` (0-dim, FreeMatch τ_t); ``sigma`` (C,)
+    running fraction predicted as c with confidence ≥ τ (FlexMatch's σ, normalised by the batch
+    size); ``steps``. Initial values follow the papers: p̃_0 = 1/C and τ_0 = 1/C (FreeMatch),
+    σ = 0 (FlexMatch: every threshold starts at 0, rising as classes are learnt); the alignment's
+    p̃ starts at the first batch's mean (as USB's ``DistAlignEMAHook``: a uniform start would
+    push the first ~1/(1−m) batches toward the prior's majority class).
 
     FlexMatch counts σ over the *whole* unlabeled set (each sample's latest prediction); the
     unlabeled stream here carries no stable sample index, so σ is the running mean of the
@@ -228,6 +230,7 @@ class PseudoLabeler:
             self.target = torch.full((c,), 1.0 / c, dtype=torch.float64)
         self.reduce = reduce or _reduce_mean
         self.marginal = torch.full((c,), 1.0 / c, dtype=torch.float64)
+        self.da_marginal = self.marginal.clone()
         self.tau = torch.tensor(1.0 / c, dtype=torch.float64)
         self.sigma = torch.zeros(c, dtype=torch.float64)
         self.steps = 0
@@ -238,11 +241,13 @@ class PseudoLabeler:
         return self.mode != "fixed" or self.dist_align != "none"
 
     def state_dict(self) -> dict:
-        return {"marginal": self.marginal.clone(), "tau": self.tau.clone(),
+        return {"marginal": self.marginal.clone(), "da_marginal": self.da_marginal.clone(),
+                "tau": self.tau.clone(),
                 "sigma": self.sigma.clone(), "steps": int(self.steps)}
 
     def load_state_dict(self, state: dict) -> None:
         self.marginal = state["marginal"].to(torch.float64).clone()
+        self.da_marginal = state.get("da_marginal", state["marginal"]).to(torch.float64).clone()
         self.tau = state["tau"].to(torch.float64).clone()
         self.sigma = state["sigma"].to(torch.float64).clone()
         self.steps = int(state["steps"])
@@ -267,6 +272,10 @@ class PseudoLabeler:
         stats = self.reduce(stats).cpu()
         c, m = self.num_classes, self.momentum
         self.marginal = m * self.marginal + (1 - m) * stats[:c]
+        if self.steps == 0:
+            self.da_marginal = stats[:c].clone()
+        else:
+            self.da_marginal = m * self.da_marginal + (1 - m) * stats[:c]
         self.tau = m * self.tau + (1 - m) * stats[c]
         self.sigma = m * self.sigma + (1 - m) * stats[c + 1:]
         self.steps += 1
@@ -283,7 +292,7 @@ class PseudoLabeler:
                 self.update_stats(probs)
             if self.dist_align != "none":
                 probs = distribution_align(probs, self.target.to(probs.device),
-                                           self.marginal.to(probs.device)).float()
+                                           self.da_marginal.to(probs.device)).float()
             thr = self.thresholds().to(device=probs.device, dtype=torch.float32)
             conf, targets = probs.max(dim=1)
             mask = (conf >= thr[targets]).to(torch.float32)

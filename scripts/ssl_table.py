@@ -61,16 +61,19 @@ def run_one(name: str, seed: int, args) -> dict:
             f"optim.seed={seed}", f"run.storage_path={out / 'runs'}", f"run.name={run_name}",
             *CONFIGS[name]]
     cmd = [args.multimix, "train", "-c", "cpu-small"] + [x for s in sets for x in ("-s", s)]
-    t0 = time.time()
-    with open(log, "w") as f:
-        f.write(" ".join(cmd) + "\n")
-        f.flush()
-        rc = subprocess.run(["nice", "-n", "5", *cmd], stdout=f,
-                            stderr=subprocess.STDOUT).returncode
-    wall = time.time() - t0
-    if rc != 0:
-        return {"config": name, "seed": seed, "error": f"train exit {rc}, see {log}"}
     run_dir = out / "runs" / run_name
+    t0 = time.time()
+    if _finished(run_dir, args.epochs):  # trained already (e.g. by an interrupted driver)
+        t0 = float("nan")
+    else:
+        with open(log, "w") as f:
+            f.write(" ".join(cmd) + "\n")
+            f.flush()
+            rc = subprocess.run(["nice", "-n", "5", *cmd], stdout=f,
+                                stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            return {"config": name, "seed": seed, "error": f"train exit {rc}, see {log}"}
+    wall = time.time() - t0
     hist = json.loads((run_dir / "history.json").read_text())
     last = json.loads((run_dir / "last.json").read_text())
     ev = subprocess.run(["nice", "-n", "5", args.multimix, "evaluate", "--checkpoint",
@@ -85,6 +88,13 @@ def run_one(name: str, seed: int, args) -> dict:
            "gb_dice_mean": gb, "epochs": len(hist)}
     row.update({k: v for k, v in hist[-1].items() if k.startswith(("val_", "train_accept"))})
     return row
+
+
+def _finished(run_dir: Path, epochs: int) -> bool:
+    try:
+        return json.loads((run_dir / "last.json").read_text())["epoch"] == epochs - 1
+    except (OSError, ValueError, KeyError):
+        return False
 
 
 def table(rows: list[dict]) -> str:

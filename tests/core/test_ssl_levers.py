@@ -72,12 +72,15 @@ def test_labeler_running_stats_and_thresholds_by_hand():
 def test_labeler_alignment_uniform_and_labeled_prior():
     weak = _logits([[0.9, 0.1], [0.2, 0.8]])
     lab = PseudoLabeler(2, 0.7, dist_align="uniform", momentum=0.5)
-    targets, mask, probs, _ = lab(weak)
-    m = torch.tensor([0.525, 0.475])
+    lab(weak)  # the alignment's p̃ starts at the first batch mean (0.55, 0.45)
+    torch.testing.assert_close(lab.da_marginal, torch.tensor([0.55, 0.45], dtype=torch.float64))
+    _, mask, probs, _ = lab(weak)  # then EMA: still (0.55, 0.45)
+    m = torch.tensor([0.55, 0.45])
     want = torch.tensor([[0.9, 0.1], [0.2, 0.8]]) * (0.5 / m)
     want = want / want.sum(1, keepdim=True)
     torch.testing.assert_close(probs, want)
     assert mask.tolist() == [float(want[0].max() >= 0.7), float(want[1].max() >= 0.7)]
+    torch.testing.assert_close(lab.marginal, torch.tensor([0.5375, 0.4625], dtype=torch.float64))
     # labeled prior from counts (+1 smoothing): 1 normal, 3 pneumonia → (2, 4) / 6
     objective = load_config(None, ["objective.dist_align=labeled"]).objective
     lab = make_labeler(objective, 2, [0, 1, 1, 1])
