@@ -306,8 +306,8 @@ def make_labeler(objective, num_classes: int, labeled_labels=None) -> PseudoLabe
     if objective.dist_align == "labeled":
         if labeled_labels is None or len(labeled_labels) == 0:
             raise ValueError("objective.dist_align=labeled needs the labeled classification labels")
-        counts = torch.bincount(torch.as_tensor(labeled_labels).long().reshape(-1),
-                                minlength=num_classes).to(torch.float64)
+        labels = torch.tensor([int(v) for v in labeled_labels], dtype=torch.long)  # a copy
+        counts = torch.bincount(labels, minlength=num_classes).to(torch.float64)
         prior = (counts + 1.0).tolist()  # +1: no class has prior 0 (it could never be predicted)
     return PseudoLabeler(num_classes, objective.threshold, mode=objective.pl_threshold,
                          dist_align=objective.dist_align, prior=prior,

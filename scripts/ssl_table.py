@@ -5,11 +5,12 @@
 
 Runs ``multimix train`` (preset cpu-small, 64²) once per (config, seed) on the prepared Kermany
 and V7 sets in ``--data`` (``kermany64``, ``v7_64``; ``gb64`` for the cross-domain Dice),
-``--lanes`` runs at a time, then ``multimix evaluate`` of the last checkpoint on GB. Writes
-``runs.json`` (one row per run: the last epoch's validation numbers, the number of epochs whose
-validation predicted a single class, GB Dice, wall time) and prints the mean ± std (sample
-std, ddof 1) table (Markdown; ``--table`` prints it from ``runs.json`` alone; ``--crossfit``
-first adds an out-of-sample score of the validation-chosen threshold). A run already in
+``--lanes`` runs at a time. Writes ``runs.json`` (one row per run: the last epoch's validation
+numbers, the number of epochs whose validation predicted a single class, wall time) and prints
+the mean ± std (sample std, ddof 1) table (Markdown; ``--table`` prints it from ``runs.json``
+alone; ``--crossfit`` first runs ``multimix evaluate`` of each last checkpoint on GB and on the
+validation ids and adds GB Dice and an out-of-sample score of the validation-chosen
+threshold). A run already in
 ``runs.json`` is not repeated.
 """
 
@@ -67,6 +68,10 @@ def run_one(name: str, seed: int, args) -> dict:
     cmd = [args.multimix, "train", "-c", "cpu-small"] + [x for s in sets for x in ("-s", s)]
     run_dir = out / "runs" / run_name
     t0 = time.time()
+    # a run an interrupted driver left training goes on by itself: wait for it
+    while run_dir.exists() and not _finished(run_dir, args.epochs) and time.time() - t0 < 2400 \
+            and time.time() - log.stat().st_mtime < 600:
+        time.sleep(20)
     if _finished(run_dir, args.epochs):  # trained already (e.g. by an interrupted driver)
         t0 = float("nan")
     else:
@@ -83,23 +88,17 @@ def run_one(name: str, seed: int, args) -> dict:
     wall = time.time() - t0
     hist = json.loads((run_dir / "history.json").read_text())
     last = json.loads((run_dir / "last.json").read_text())
-    ev = subprocess.run(["nice", "-n", "5", args.multimix, "evaluate", "--checkpoint",
-                         str(run_dir / last["checkpoint"]), "--seg-data", str(data / "gb64"),
-                         "--out", str(out / "eval" / run_name)], capture_output=True, text=True)
-    gb = float("nan")
-    if ev.returncode == 0:
-        rep = json.loads((out / "eval" / run_name / "report.json").read_text())
-        gb = next(iter(rep["seg"].values()))["dice_mean"]
     row = {"config": name, "seed": seed, "cmd": " ".join(cmd), "wall_s": round(wall, 1),
            "single_class_epochs": sum(1 for h in hist if h.get("val_cls_pred_classes") == 1),
-           "gb_dice_mean": gb, "epochs": len(hist)}
+           "epochs": len(hist), "checkpoint": str(run_dir / last["checkpoint"])}
     row.update({k: v for k, v in hist[-1].items() if k.startswith(("val_", "train_accept"))})
     return row
 
 
 def crossfit(row: dict, args) -> dict:
-    """Out-of-sample score of the validation-chosen threshold: ``multimix evaluate`` of the last
-    checkpoint on the validation ids (its held-out split), then 2-fold cross-fitting (fixed
+    """GB Dice and an out-of-sample score of the validation-chosen threshold: ``multimix
+    evaluate`` of the last checkpoint on GB and on the validation ids (its held-out split; the
+    report's ``images_cls.csv`` holds their probabilities), then 2-fold cross-fitting (fixed
     seed): the threshold chosen on one half scores the other, the two halves' balanced accuracy
     averaged (``xfit_thr_balanced_accuracy``; ``xfit_argmax_balanced_accuracy`` on the same
     halves)."""
@@ -114,9 +113,12 @@ def crossfit(row: dict, args) -> dict:
     dest = out / "eval" / f"{run_name}-cls"
     ev = subprocess.run(["nice", "-n", "5", args.multimix, "evaluate", "--checkpoint",
                          str(run_dir / last["checkpoint"]), "--cls-data", str(data / "kermany64"),
-                         "--out", str(dest)], capture_output=True, text=True)
+                         "--seg-data", str(data / "gb64"), "--out", str(dest)],
+                        capture_output=True, text=True)
     if ev.returncode != 0:
         return {"xfit_error": ev.stderr[-300:]}
+    rep = json.loads((dest / "report.json").read_text())
+    gb = next(iter(rep["seg"].values()))["dice_mean"]
     with open(dest / "images_cls.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     p1 = np.array([float(r["prob_PNEUMONIA"]) for r in rows])
@@ -129,7 +131,7 @@ def crossfit(row: dict, args) -> dict:
         t, _ = choose_threshold(p1[a], y[a])
         thr_ba.append(classification_metrics(probs[b], y[b], threshold=t)["balanced_accuracy"])
         arg_ba.append(classification_metrics(probs[b], y[b])["balanced_accuracy"])
-    return {"xfit_thr_balanced_accuracy": float(np.mean(thr_ba)),
+    return {"gb_dice_mean": float(gb), "xfit_thr_balanced_accuracy": float(np.mean(thr_ba)),
             "xfit_argmax_balanced_accuracy": float(np.mean(arg_ba)), "xfit_n": int(len(y))}
 
 
@@ -198,6 +200,8 @@ def main() -> int:
     done = {(r["config"], r["seed"]) for r in rows if "error" not in r}
     # seed-major order: an interrupted measurement still has every config at the first seeds
     todo = [(c, s) for s in args.seeds for c in args.configs if (c, s) not in done]
+    # runs an interrupted driver left behind last (they finish by themselves meanwhile)
+    todo.sort(key=lambda cs: (out / "runs" / f"{cs[0]}-s{cs[1]}").exists())
     with ThreadPoolExecutor(args.lanes) as pool:
         for row in pool.map(lambda cs: run_one(cs[0], cs[1], args), todo):
             rows.append(row)
