@@ -111,12 +111,14 @@ def crossfit(row: dict, args) -> dict:
     run_dir = out / "runs" / run_name
     last = json.loads((run_dir / "last.json").read_text())
     dest = out / "eval" / f"{run_name}-cls"
-    ev = subprocess.run(["nice", "-n", "5", args.multimix, "evaluate", "--checkpoint",
-                         str(run_dir / last["checkpoint"]), "--cls-data", str(data / "kermany64"),
-                         "--seg-data", str(data / "gb64"), "--out", str(dest)],
-                        capture_output=True, text=True)
-    if ev.returncode != 0:
-        return {"xfit_error": ev.stderr[-300:]}
+    if not (dest / "report.json").exists() or \
+            (dest / "report.json").stat().st_mtime < (run_dir / "last.json").stat().st_mtime:
+        ev = subprocess.run(["nice", "-n", "5", args.multimix, "evaluate", "--checkpoint",
+                             str(run_dir / last["checkpoint"]), "--cls-data",
+                             str(data / "kermany64"), "--seg-data", str(data / "gb64"),
+                             "--out", str(dest)], capture_output=True, text=True)
+        if ev.returncode != 0:
+            return {"xfit_error": ev.stderr[-300:]}
     rep = json.loads((dest / "report.json").read_text())
     gb = next(iter(rep["seg"].values()))["dice_mean"]
     with open(dest / "images_cls.csv", newline="") as f:
@@ -178,8 +180,11 @@ def main() -> int:
     p.add_argument("--seg-labeled", default="10")
     p.add_argument("--multimix", default=str(Path(sys.executable).with_name("multimix")))
     p.add_argument("--table", action="store_true", help="only print the table of runs.json")
+    p.add_argument("--collect-only", action="store_true",
+                   help="add the runs already trained to the end to runs.json; train nothing")
     p.add_argument("--crossfit", action="store_true",
-                   help="add the cross-fitted threshold score to every run in runs.json")
+                   help="add GB Dice and the cross-fitted threshold score to every run in "
+                        "runs.json (reuses an evaluation newer than the run's last checkpoint)")
     args = p.parse_args()
     out = Path(args.out)
     if args.crossfit:
@@ -200,6 +205,9 @@ def main() -> int:
     done = {(r["config"], r["seed"]) for r in rows if "error" not in r}
     # seed-major order: an interrupted measurement still has every config at the first seeds
     todo = [(c, s) for s in args.seeds for c in args.configs if (c, s) not in done]
+    if args.collect_only:  # only runs already trained to the end
+        todo = [(c, s) for c, s in todo
+                if _finished(out / "runs" / f"{c}-s{s}", args.epochs)]
     # runs an interrupted driver left behind last (they finish by themselves meanwhile)
     todo.sort(key=lambda cs: (out / "runs" / f"{cs[0]}-s{cs[1]}").exists())
     with ThreadPoolExecutor(args.lanes) as pool:
