@@ -161,9 +161,12 @@ def test_train_step_teacher_makes_the_pseudo_labels():
 
 
 def test_config_keys_default_to_the_paper_and_are_checked():
-    o = load_config("paper").objective
+    o = load_config(None).objective  # the dataclass defaults: the paper's behaviour
     assert (o.pl_threshold, o.dist_align, o.ema_decay, o.decision) == \
         ("fixed", "none", 0.0, "argmax")
+    o = load_config("paper").objective  # the presets: only the measured gain (docs/RESULTS.md)
+    assert (o.pl_threshold, o.dist_align, o.ema_decay, o.decision) == \
+        ("fixed", "none", 0.0, "balanced_accuracy")
     assert load_config("paper").run.checkpoint_metric == "val_score_balanced"
     for bad in ("objective.ema_decay=1.0", "objective.ssl_momentum=-0.1",
                 "objective.pl_threshold=softmatch"):
@@ -197,6 +200,7 @@ def test_checkpoint_keeps_ema_student_labeler_and_threshold(tmp_path):
     again.load_state_dict(back["labeler"])
     torch.testing.assert_close(again.thresholds(), lab.thresholds())
     plain = checkpoint.build_state(model=model, optimizer=None, scheduler=None, epoch=1,
-                                   config=load_config("cpu-small"), splits={}, classes=[],
+                                   config=load_config("cpu-small", ["objective.decision=argmax"]),
+                                   splits={}, classes=[],
                                    history=[], threshold=0.6)
     assert "student" not in plain and checkpoint.decision_threshold(plain) is None
