@@ -357,8 +357,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     from multimix import checkpoint as ckpt_mod
     from multimix.data import pipeline
     from multimix.engine import build_optimizer, prepare_model, train_step
-    from multimix.model import create_model, unwrap
     from multimix.metrics import val_score_balanced, validation_cls_metrics
+    from multimix.model import create_model, unwrap
     from multimix.objective import TERM_KEYS, class_rates, make_labeler
     from multimix.validate import validate
     from multimix.variants import images_per_step
