@@ -154,16 +154,17 @@ def table(rows: list[dict]) -> str:
             continue
         cells = []
         for _, key in COLUMNS:
-            if "|" in key:
-                cells.append(" / ".join(f"{np.nanmean([float(r.get(k, np.nan)) for r in rs]):.2f}"
-                                        for k in key.split("|")))
+            if "|" in key:  # "none": no image was pseudo-labelled as that class
+                means = [[float(r.get(k, np.nan)) for r in rs] for k in key.split("|")]
+                cells.append(" / ".join("none" if np.all(np.isnan(m)) else
+                                        f"{np.nanmean(m):.2f}" for m in means))
                 continue
             v = np.array([float(r.get(key, np.nan)) for r in rs])
             if key == "single_class_epochs":
                 cells.append(f"{int(v.sum())} of {sum(r['epochs'] for r in rs)}")
             else:
-                sd = np.nanstd(v, ddof=1) if len(v) > 1 else 0.0
-                cells.append(f"{np.nanmean(v):.3f} ± {sd:.3f}")
+                sd = f" ± {np.nanstd(v, ddof=1):.3f}" if len(v) > 1 else ""
+                cells.append(f"{np.nanmean(v):.3f}{sd}")
         lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
