@@ -11,6 +11,15 @@ Contents (plain containers of tensors, numbers and strings only):
 - ``classes``: class names of the classification head (index = label)
 - ``history``: list of per-epoch metric dicts, so a resumed run's history has no gap
 
+Issue #20 additions (absent in older checkpoints, which load as before):
+
+- ``student``: with an EMA teacher (``objective.ema_decay > 0``), the trained weights; ``model``
+  then holds the EMA weights (the model validated, evaluated and predicted with); ``ema_decay``
+- ``labeler``: the running statistics of :class:`multimix.objective.PseudoLabeler`
+- ``threshold``: the decision threshold on p(class 1) chosen on the validation split at this
+  epoch (None for more than two classes), and ``decision`` (``objective.decision``): evaluate and
+  predict use the threshold when ``decision`` is not ``"argmax"``
+
 A checkpoint reference may be the file, a directory holding it (a Ray checkpoint directory), or a
 run directory (``<storage>/<name>``: its ``best`` checkpoint is used unless ``which="last"``);
 local or ``s3://``.
@@ -70,10 +79,22 @@ def build_state(
     splits: dict,
     classes: list[str],
     history: list[dict],
+    ema=None,
+    labeler=None,
+    threshold: float | None = None,
 ) -> dict:
+    """The checkpoint dict (see the module docstring); ``ema`` is a
+    :class:`multimix.ema.ModelEMA` or None, ``labeler`` a
+    :class:`multimix.objective.PseudoLabeler` or None."""
+    extra: dict = {"threshold": None if threshold is None else float(threshold),
+                   "decision": config.objective.decision}
+    if ema is not None:
+        extra.update(student=unwrap(model).state_dict(), ema_decay=float(ema.decay))
+    if labeler is not None:
+        extra["labeler"] = labeler.state_dict()
     return {
         "format": FORMAT,
-        "model": unwrap(model).state_dict(),
+        "model": ema.state_dict() if ema is not None else unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "epoch": int(epoch),
@@ -82,7 +103,16 @@ def build_state(
         "splits": splits,
         "classes": list(classes),
         "history": history,
+        **extra,
     }
+
+
+def decision_threshold(state: dict) -> float | None:
+    """The threshold on p(class 1) that evaluate / predict decide with: the stored one when the
+    checkpoint's ``decision`` is not ``"argmax"``, else None (argmax)."""
+    if state.get("decision", "argmax") == "argmax" or state.get("threshold") is None:
+        return None
+    return float(state["threshold"])
 
 
 def save(state: dict, path: str) -> None:

@@ -105,6 +105,20 @@ class ObjectiveConfig:
     alpha: float = 5.0
     #: β, weight of the segmentation KL consistency term
     beta: float = 0.01
+    # --- stable semi-supervised levers (issue #20, docs/RESULTS.md); defaults = the paper ---
+    #: pseudo-label acceptance: "fixed" (FixMatch, every class at t), "flexmatch" (Zhang et
+    #: al. 2021, class-wise from t) or "freematch" (Wang et al. 2023, self-adaptive)
+    pl_threshold: Literal["fixed", "flexmatch", "freematch"] = "fixed"
+    #: distribution alignment of the weak-view probabilities (ReMixMatch): "none", "labeled"
+    #: (toward the labeled split's class prior) or "uniform"
+    dist_align: Literal["none", "labeled", "uniform"] = "none"
+    #: momentum of the running statistics of dist_align / flexmatch / freematch
+    ssl_momentum: float = 0.99
+    #: EMA teacher decay (makes the pseudo-labels, is validated and checkpointed); 0 = none
+    ema_decay: float = 0.0
+    #: classification decision of evaluate / predict: "argmax" (the paper) or a threshold on
+    #: p(class 1) chosen on the validation split by "balanced_accuracy" or "youden"
+    decision: Literal["argmax", "balanced_accuracy", "youden"] = "argmax"
 
 
 @dataclass
@@ -172,8 +186,10 @@ class RunConfig:
     name: str = "multimix"
     #: where runs (checkpoints, results) are written: a directory or s3://bucket/prefix
     storage_path: str = "./runs"
-    #: validation metric that selects the "best" checkpoint, and whether higher is better
-    checkpoint_metric: str = "val_score"
+    #: validation metric that selects the "best" checkpoint, and whether higher is better;
+    #: default: balanced accuracy of the decision + Dice (metrics.val_score_balanced), robust to
+    #: a decision collapsed to the majority class; "val_score" = AUC + Dice (before issue #20)
+    checkpoint_metric: str = "val_score_balanced"
     checkpoint_mode: Literal["max", "min"] = "max"
     log_every: int = 10
 
@@ -349,6 +365,12 @@ def _validate(cfg: Config) -> None:
     for key in ("lambda_u", "alpha", "beta"):
         _check(getattr(o, key) >= 0.0, f"objective.{key}", "must be >= 0 (a loss weight)",
                getattr(o, key))
+    _check(0.0 <= o.ssl_momentum < 1.0, "objective.ssl_momentum", "must be in [0, 1)",
+           o.ssl_momentum)
+    _check(0.0 <= o.ema_decay < 1.0, "objective.ema_decay", "must be in [0, 1) (0: no EMA)",
+           o.ema_decay)
+    _check(o.decision == "argmax" or m.num_classes == 2, "objective.decision",
+           "a threshold decision needs model.num_classes = 2", o.decision)
 
     _check(op.lr > 0, "optim.lr", "must be > 0", op.lr)
     _check(op.weight_decay >= 0, "optim.weight_decay", "must be >= 0", op.weight_decay)

@@ -123,7 +123,8 @@ def _needed_streams(variant: str) -> list[str]:
 
 
 def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, cfg,
-               device: Union[str, torch.device], variant: Optional[str] = None) -> dict[str, float]:
+               device: Union[str, torch.device], variant: Optional[str] = None,
+               teacher: Optional[nn.Module] = None, labeler=None) -> dict[str, float]:
     """One optimizer step on one batch (DESIGN §3); returns ``{loss, ce_sup, ce_pseudo, dice,
     kl, accept_rate}`` as floats.
 
@@ -133,6 +134,11 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
     streams go through one forward call (weak branch under no_grad, saliency and decoder on the
     segmentation images only); the loss is computed in float32 outside autocast. One host sync,
     at the end.
+
+    Issue #20 hooks: ``teacher`` (e.g. :attr:`multimix.ema.ModelEMA.module`) makes the weak-view
+    logits in eval mode instead of the student; ``labeler``
+    (:class:`multimix.objective.PseudoLabeler`) turns them into pseudo-labels and adds per-class
+    terms to the result.
     """
     optim_cfg, obj_cfg = _split_cfg(cfg)
     variant = variant or unwrap(model).variant
@@ -151,14 +157,26 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
         for k in _needed_streams(variant)
     }
     targets = move_batch(batch, device, ("cls_label", "seg_mask", "seg_ignore"))
+    weak = streams.pop("weak", None) if teacher is not None else None
     with autocast(device, optim_cfg.precision):
         out = model(**streams)
-    loss, terms = multimix_loss(out, targets, obj_cfg, variant)
+        if weak is not None:
+            out["weak_logits"] = _teacher_logits(teacher, weak)
+    loss, terms = multimix_loss(out, targets, obj_cfg, variant, labeler=labeler)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    values = torch.stack([terms[k] for k in TERM_KEYS]).tolist()
-    return dict(zip(TERM_KEYS, values))
+    keys = list(TERM_KEYS) + [k for k in terms if k not in TERM_KEYS]
+    values = torch.stack([terms[k] for k in keys]).tolist()
+    return dict(zip(keys, values))
+
+
+@torch.no_grad()
+def _teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Classification logits (B, C) of the teacher network in eval mode (no dropout)."""
+    net = unwrap(teacher)
+    net.eval()
+    return net.cls_head(net.encoder(x)[-1])
 
 
 @torch.no_grad()

@@ -16,6 +16,12 @@ Outputs in ``--out``: ``report.json``, ``report.md``, ``roc.png`` (classificatio
 ``images_cls.csv`` (set, id, label, predicted, ``prob_<class>``) and ``images_seg.csv`` (set, id
 and the per-image scores).
 Hausdorff distances are in pixels at the model's input size (``data.image_size``).
+
+Operating point (issue #20): a checkpoint trained with ``objective.decision`` other than
+``argmax`` carries a threshold on p(class 1) chosen on its validation split; the classification
+scores (and the ``predicted`` column) then use it, and the argmax scores are reported beside them
+as ``argmax_*`` (``predicted_argmax``). Every set reports ``balanced_accuracy`` and
+``recall_<class>``.
 """
 
 from __future__ import annotations
@@ -146,18 +152,19 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
     from multimix.data.pools import load_labeled_pool
     from multimix.data.prepare import read_manifest, read_table
     from multimix.errors import UserError
-    from multimix.metrics import roc_curve
+    from multimix.metrics import classification_metrics, roc_curve
     from multimix.validate import validate
     from multimix.variants import variant_flags
 
     model, cfg, state = checkpoint.load_model(ckpt, storage_cfg, device=device)
+    threshold = checkpoint.decision_threshold(state)
     if storage_cfg is not None:
         cfg.storage = storage_cfg
     flags = variant_flags(cfg.model.variant)
     classes = state.get("classes") or []
     bs = cfg.data.eval_batch
     report: dict = {"checkpoint": ckpt, "epoch": state["epoch"], "variant": cfg.model.variant,
-                    "image_size": cfg.data.image_size,
+                    "image_size": cfg.data.image_size, "decision_threshold": threshold,
                     "hausdorff_unit": f"pixels at {cfg.data.image_size}x{cfg.data.image_size}",
                     "cls": {}, "seg": {}, "plots": {}}
     rocs, dices = {}, {}
@@ -190,11 +197,21 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
                 res = validate(model, device, cls=pool, classes=classes, batch_size=bs).cls
                 probs = res.probs
                 m = dict(res.metrics)
+                if threshold is not None:  # decide at the stored threshold, argmax beside it
+                    m = classification_metrics(probs, res.labels, classes or None,
+                                               threshold=threshold)
+                    m.update({f"argmax_{k}": v for k, v in res.metrics.items()
+                              if k in ("accuracy", "balanced_accuracy", "macro_f1")
+                              or k.startswith(("f1_", "recall_"))})
+                    m["threshold"] = threshold
                 m.update(dataset=uri, rows=what, n=int(len(res.labels)))
                 report["cls"][name] = m
                 names = list(classes) or [f"class{k}" for k in range(probs.shape[1])]
                 per_image["cls"] += [
-                    {"set": name, "id": i, "label": names[y], "predicted": names[int(p.argmax())],
+                    {"set": name, "id": i, "label": names[y],
+                     "predicted": names[_decide(p, threshold)],
+                     **({"predicted_argmax": names[int(p.argmax())]} if threshold is not None
+                        else {}),
                      **{f"prob_{c}": float(v) for c, v in zip(names, p)}}
                     for i, y, p in zip(res.ids, res.labels, probs)]
                 if len(np.unique(res.labels)) > 1:
@@ -246,6 +263,11 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
             "markdown_text": markdown, "sets": {"cls": report["cls"], "seg": report["seg"]}}
 
 
+def _decide(p: np.ndarray, threshold) -> int:
+    """Class index for probabilities ``p`` (C,): argmax, or ``p[1] >= threshold`` (C = 2)."""
+    return int(p.argmax()) if threshold is None else int(p[1] >= threshold)
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name).strip("_") or "set"
 
@@ -261,7 +283,10 @@ def _json_default(o):
 def _markdown(r: dict) -> str:
     lines = ["# MultiMix evaluation", "",
              f"Checkpoint `{r['checkpoint']}` (epoch {r['epoch'] + 1}, variant `{r['variant']}`, "
-             f"input {r['image_size']}²).", ""]
+             f"input {r['image_size']}²)."
+             + (f" Classification decided at p(class 1) ≥ {r['decision_threshold']:.4f} (chosen "
+                "on the validation split); `argmax_*` = the argmax decision."
+                if r.get("decision_threshold") is not None else ""), ""]
     if r["cls"]:
         lines += ["## Pneumonia classification", ""]
         keys = [k for k in next(iter(r["cls"].values())) if k not in

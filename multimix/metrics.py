@@ -20,8 +20,15 @@ Accumulators
     :meth:`merge` (after :func:`all_gather_state`), so a distributed evaluation yields exactly
     the numbers one process would on the same data.
 
+Operating point (issue #20)
+    ``balanced_accuracy`` and ``recall_<class>`` in :func:`classification_metrics` (which also
+    takes a decision ``threshold``); :func:`choose_threshold` (balanced accuracy / Youden's J on
+    the validation split); :func:`balanced_resample` (equal classes, fixed seed: a proxy for test
+    sets whose class ratio differs); :func:`validation_cls_metrics` (all of it, flat).
+
 Model selection
-    :func:`val_score` is the scalar that picks the "best" checkpoint.
+    :func:`val_score` and :func:`val_score_balanced` are the scalars that pick the "best"
+    checkpoint (``run.checkpoint_metric``).
 
 Conventions shared by everything here: inputs may be numpy arrays or (CPU or GPU) torch tensors;
 outputs are Python floats / numpy arrays; nothing is ever silently dropped — undefined values are
@@ -50,6 +57,10 @@ __all__ = [
     "SegAccumulator",
     "all_gather_state",
     "val_score",
+    "val_score_balanced",
+    "choose_threshold",
+    "balanced_resample",
+    "validation_cls_metrics",
     "as_bhw",
 ]
 
@@ -143,8 +154,9 @@ def classification_metrics(
     labels: Any,
     class_names: Optional[Sequence[str]] = KERMANY_CLASSES,
     pos_label: int = 1,
+    threshold: Optional[float] = None,
 ) -> dict:
-    """Accuracy, per-class F1, ROC AUC and the confusion matrix.
+    """Accuracy, balanced accuracy, per-class recall and F1, ROC AUC and the confusion matrix.
 
     Args:
         probs: (N, C) float class probabilities (softmax output; rows need not sum exactly to
@@ -155,10 +167,17 @@ def classification_metrics(
             empty: Kermany's names when C = 2, else ``class0 … class{C-1}``.
         pos_label: the positive class for ROC AUC (default 1 = PNEUMONIA); its score is
             ``probs[:, pos_label]`` and the other classes together are the negatives.
+        threshold: None (argmax decision) or, for C = 2 only, the operating point: the positive
+            class is predicted where ``probs[:, pos_label] >= threshold`` (see
+            :func:`choose_threshold`).
 
     Returns:
         dict with
             - ``accuracy`` (float in [0, 1]),
+            - ``balanced_accuracy``: mean of the per-class recalls over the classes present in
+              the labels (sklearn's definition; = (TPR + TNR) / 2 for two classes),
+            - ``recall_<name>`` for each class: TP / (TP + FN); NaN for a class absent from the
+              labels,
             - ``f1_<name>`` for each class, ``name`` lower-cased (``f1_normal``,
               ``f1_pneumonia``): one-vs-rest F1 = 2TP / (2TP + FP + FN). **Rule**: a class that is
               neither in the labels nor in the predictions (denominator 0) scores 1.0 (nothing
@@ -189,12 +208,24 @@ def classification_metrics(
     if n and (y.dtype.kind not in "iub" or y.min() < 0 or y.max() >= c):
         raise ValueError(f"labels must be integers in [0, {c}), got {np.unique(y)[:10]}")
     y = y.astype(np.int64)
-    pred = p.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
+    if threshold is not None:
+        if c != 2:
+            raise ValueError(f"threshold needs two classes, probs has {c}")
+        pred = np.where(p[:, pos_label] >= threshold, pos_label, 1 - pos_label).astype(np.int64)
+    else:
+        pred = p.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
     confusion = np.zeros((c, c), dtype=np.int64)
     np.add.at(confusion, (y, pred), 1)
 
     out: dict = {}
     out["accuracy"] = float(np.trace(confusion) / n) if n else float("nan")
+    support = confusion.sum(axis=1)
+    recalls = [float(confusion[k, k] / support[k]) if support[k] else float("nan")
+               for k in range(c)]
+    present = [r for r, m in zip(recalls, support) if m]
+    out["balanced_accuracy"] = float(np.mean(present)) if present else float("nan")
+    for name, r in zip(names, recalls):
+        out[f"recall_{name.lower()}"] = r
     f1s = []
     for k, name in enumerate(names):
         tp = confusion[k, k]
@@ -659,4 +690,136 @@ def val_score(cls_metrics: Optional[Mapping] = None, seg_metrics: Optional[Mappi
         if _lookup(d, "seg", "n") != 0:
             parts.append(float(dice))
         break
+    return float(np.mean(parts)) if parts else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# operating point and class-ratio-independent validation (issue #20)
+
+
+def choose_threshold(scores: Any, labels: Any, criterion: str = "balanced_accuracy"
+                     ) -> tuple[float, float]:
+    """The decision threshold on ``scores`` that maximises ``criterion`` on these labels.
+
+    Args:
+        scores: (N,) float, p(positive) (e.g. ``probs[:, 1]``).
+        labels: (N,) {0, 1}; 1 = positive.
+        criterion: ``"balanced_accuracy"`` = (TPR + TNR) / 2 or ``"youden"`` = J = TPR − FPR
+            (Youden, Cancer 1950). For two classes J = 2·BA − 1, so both choose the same
+            threshold; the value returned is the criterion's own.
+
+    Returns:
+        ``(threshold, value)``: predict positive where ``score >= threshold``. The cut lies half
+        way between the last score called positive and the next lower distinct score (so the
+        same confusion matrix is reached with some margin), 0 ≤ threshold ≤ 1 for scores in
+        [0, 1] (``inf`` when calling nothing positive is best and a score is 1). Ties between
+        cuts with the same value go to the one nearest 0.5 (the argmax decision), then the
+        higher. ``(0.5, nan)`` when the labels hold one class only (no criterion is defined).
+    """
+    if criterion not in ("balanced_accuracy", "youden"):
+        raise ValueError(f"criterion: expected 'balanced_accuracy' or 'youden', got {criterion!r}")
+    fpr, tpr, thr = roc_curve(scores, labels)
+    if not (np.isfinite(fpr).all() and np.isfinite(tpr).all()):
+        return 0.5, float("nan")
+    j = tpr - fpr
+    best = j.max()
+    cuts = []
+    for i in np.nonzero(np.isclose(j, best, rtol=0, atol=1e-12))[0]:
+        if i == 0:  # nothing positive: above the highest score
+            cut = (thr[1] + 1.0) / 2.0 if thr[1] < 1.0 else float("inf")
+        elif i + 1 < len(thr):
+            cut = (thr[i] + thr[i + 1]) / 2.0
+        else:  # everything positive: below the lowest score
+            cut = thr[i] / 2.0 if thr[i] > 0 else 0.0
+        cuts.append(float(cut))
+    cut = min(cuts, key=lambda t: (abs(t - 0.5), -t))
+    value = float(best) if criterion == "youden" else float((best + 1.0) / 2.0)
+    return cut, value
+
+
+def balanced_resample(labels: Any, seed: int = 0) -> np.ndarray:
+    """Indices of a class-balanced subsample: every class present is drawn down (without
+    replacement, ``numpy.random.default_rng(seed)``) to the size of the smallest one.
+
+    Deterministic for a fixed seed and label vector; sorted (C_present · n_min,) int64. Scoring
+    it estimates what a test set with equal classes would show, whatever the ratio of the
+    validation split.
+    """
+    y = _np(labels).astype(np.int64).reshape(-1)
+    classes, counts = np.unique(y, return_counts=True)
+    if classes.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    n_min = int(counts.min())
+    rng = np.random.default_rng(seed)
+    picks = [rng.choice(np.nonzero(y == c)[0], size=n_min, replace=False) for c in classes]
+    return np.sort(np.concatenate(picks)).astype(np.int64)
+
+
+def validation_cls_metrics(probs: Any, labels: Any,
+                           class_names: Optional[Sequence[str]] = KERMANY_CLASSES,
+                           decision: str = "argmax", seed: int = 0) -> dict:
+    """Every classification number validation reports, as one flat dict of floats.
+
+    * the argmax scores of :func:`classification_metrics` (``accuracy``, ``balanced_accuracy``,
+      ``macro_f1``, ``f1_<c>``, ``recall_<c>``, ``auc``, ``n``) and ``pred_classes`` (how many
+      classes the argmax predicts at all: 1 = collapsed to a single class);
+    * ``res_*``: the same scores on :func:`balanced_resample` of the split (``seed``);
+    * two classes only: ``threshold`` chosen here by :func:`choose_threshold` (criterion
+      ``decision``, or balanced accuracy when ``decision="argmax"``), ``thr_*`` the scores at
+      it and ``thr_res_*`` those on the balanced resample. Chosen and scored on the same split:
+      in-sample, optimistic for the split itself.
+    * ``decision_balanced_accuracy``: the balanced accuracy of the decision in force (argmax, or
+      the threshold) — the classification part of :func:`val_score_balanced`.
+    """
+    p = _np(probs).astype(np.float64)
+    y = _np(labels).astype(np.int64).reshape(-1)
+    keep = ("accuracy", "balanced_accuracy", "macro_f1", "auc", "n")
+
+    def scalars(m: dict) -> dict:
+        return {k: float(v) for k, v in m.items()
+                if k in keep or k.startswith(("f1_", "recall_"))}
+
+    base = classification_metrics(p, y, class_names)
+    out = scalars(base)
+    pred = p.argmax(axis=1) if len(y) else np.zeros(0, dtype=np.int64)
+    out["pred_classes"] = float(np.unique(pred).size)
+    idx = balanced_resample(y, seed)
+    out.update({f"res_{k}": v for k, v in
+                scalars(classification_metrics(p[idx], y[idx], class_names)).items()})
+    out["decision_balanced_accuracy"] = out["balanced_accuracy"]
+    if p.shape[1] == 2 and len(y):
+        crit = "balanced_accuracy" if decision == "argmax" else decision
+        thr, _ = choose_threshold(p[:, 1], y, crit)
+        out["threshold"] = float(thr)
+        out.update({f"thr_{k}": v for k, v in
+                    scalars(classification_metrics(p, y, class_names, threshold=thr)).items()})
+        out.update({f"thr_res_{k}": v for k, v in scalars(
+            classification_metrics(p[idx], y[idx], class_names, threshold=thr)).items()})
+        if decision != "argmax":
+            out["decision_balanced_accuracy"] = out["thr_balanced_accuracy"]
+    return out
+
+
+def val_score_balanced(metrics: Mapping) -> float:
+    """The class-ratio-robust selection score (``run.checkpoint_metric = "val_score_balanced"``,
+    the default): mean over the tasks present of
+
+    - classification: ``decision_balanced_accuracy`` (balanced accuracy of the decision in force,
+      :func:`validation_cls_metrics`), else ``balanced_accuracy``;
+    - segmentation: ``dice_mean``.
+
+    ``metrics`` is the flat validation dict (``val_cls_*``, ``val_seg_*`` keys, or ``cls_*`` /
+    ``seg_*``). A task with ``n`` = 0 is left out. NaN when no task is present. Unlike
+    :func:`val_score` (AUC + Dice), it drops when the decision collapses to the majority class
+    (a collapsed argmax scores 0.5 whatever the class ratio).
+    """
+    parts = []
+    ba = _lookup(metrics, "cls", "decision_balanced_accuracy")
+    if ba is None:
+        ba = _lookup(metrics, "cls", "balanced_accuracy")
+    if ba is not None and _lookup(metrics, "cls", "n") != 0 and np.isfinite(float(ba)):
+        parts.append(float(ba))
+    dice = _lookup(metrics, "seg", "dice_mean")
+    if dice is not None and _lookup(metrics, "seg", "n") != 0:
+        parts.append(float(dice))
     return float(np.mean(parts)) if parts else float("nan")

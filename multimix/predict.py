@@ -8,7 +8,10 @@ resized back to the original size. For ``IMAGE`` named ``x.png`` it writes into 
 - ``x_saliency.png``  |∂ max class score / ∂ input|, scaled to 0..255, at the original size
 - ``x_overlay.png``   the image with the lung boundary and the saliency overlaid (RGB)
 
-and ``predictions.json`` with one entry per image. A file that is not an image (or is truncated)
+and ``predictions.json`` with one entry per image: the class probabilities, the ``predicted``
+class (argmax, or — for a checkpoint trained with ``objective.decision`` other than argmax — the
+threshold on p(class 1) chosen on its validation split, given as ``threshold``, with the argmax
+class beside it as ``predicted_argmax``). A file that is not an image (or is truncated)
 gets a clear error line and the others are still processed; the exit code is then 1.
 """
 
@@ -85,17 +88,21 @@ def run(args) -> int:
     storage_cfg = load_config(args.config, args.set).storage
     model, cfg, state = checkpoint.load_model(args.checkpoint, storage_cfg, device=args.device)
     classes = state.get("classes") or [f"class{i}" for i in range(cfg.model.num_classes)]
+    threshold = checkpoint.decision_threshold(state)
     with storage.staged_output(args.out, storage_cfg) as out_dir:
         results, failed = _predict_all(args, model, cfg, classes, out_dir,
-                                       lambda p: storage.output_uri(args.out, out_dir, p))
+                                       lambda p: storage.output_uri(args.out, out_dir, p),
+                                       threshold)
     print(f"wrote {len(results) - failed} prediction(s) to {args.out}"
           + (f"; {failed} file(s) failed" if failed else ""))
     return 1 if failed else 0
 
 
-def _predict_all(args, model, cfg, classes: list, out_dir: Path, dest) -> tuple[list, int]:
+def _predict_all(args, model, cfg, classes: list, out_dir: Path, dest,
+                 threshold: float | None = None) -> tuple[list, int]:
     """Predict every image into the local folder ``out_dir``; ``dest`` maps a written file to
-    its final place (a path under ``--out``, also ``s3://``)."""
+    its final place (a path under ``--out``, also ``s3://``). ``threshold``: the decision on
+    p(class 1) (None: argmax)."""
     from PIL import Image
 
     from multimix.data.images import load_grey
@@ -118,6 +125,13 @@ def _predict_all(args, model, cfg, classes: list, out_dir: Path, dest) -> tuple[
             entry["probabilities"] = {c: float(p) for c, p in zip(classes, pred["probs"])}
             if "PNEUMONIA" in classes:
                 entry["pneumonia_probability"] = float(pred["probs"][classes.index("PNEUMONIA")])
+            arg = int(np.argmax(pred["probs"]))
+            if threshold is None:
+                entry["predicted"] = classes[arg]
+            else:
+                entry["predicted"] = classes[int(pred["probs"][1] >= threshold)]
+                entry["predicted_argmax"] = classes[arg]
+                entry["threshold"] = threshold
         if pred["mask"] is not None:
             Image.fromarray((pred["mask"] * 255).astype(np.uint8)).save(out_dir / f"{stem}_mask.png")
             entry["mask"] = dest(out_dir / f"{stem}_mask.png")
@@ -135,6 +149,8 @@ def _predict_all(args, model, cfg, classes: list, out_dir: Path, dest) -> tuple[
             summary.append(f"P(pneumonia)={entry['pneumonia_probability']:.3f}")
         elif "probabilities" in entry:
             summary.append(" ".join(f"P({c})={p:.3f}" for c, p in entry["probabilities"].items()))
+        if "predicted" in entry:
+            summary.append(f"-> {entry['predicted']}")
         if "lung_fraction" in entry:
             summary.append(f"lung area={100 * entry['lung_fraction']:.1f}%")
         print(" ".join(summary))

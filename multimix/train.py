@@ -43,7 +43,9 @@ FAULT_ENV = "MULTIMIX_FAULT_INJECT"
 #: metrics shown in the one-line epoch summary (every metric is in history.json)
 SUMMARY_KEYS = ("train_loss", "train_ce_sup", "train_ce_pseudo", "train_dice", "train_kl",
                 "train_accept_rate", "val_cls_accuracy", "val_cls_auc", "val_cls_f1_pneumonia",
-                "val_seg_dice_mean", "val_seg_hausdorff_mean", "val_score", "img_per_s")
+                "val_seg_dice_mean", "val_seg_hausdorff_mean", "val_score",
+                "val_cls_balanced_accuracy", "val_cls_pred_classes", "val_score_balanced",
+                "img_per_s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +310,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     from multimix import checkpoint as ckpt_mod
     from multimix.data.batches import TrainBatches, open_streams
     from multimix.engine import build_optimizer, prepare_model, train_step
+    from multimix.metrics import val_score_balanced, validation_cls_metrics
     from multimix.model import create_model, unwrap
+    from multimix.objective import TERM_KEYS, class_rates, make_labeler
     from multimix.validate import validate
     from multimix.variants import images_per_step
 
@@ -338,8 +342,15 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     last, last_source = _read_last_checkpoint(storage_ctx)
     if last is not None and (state is None or last["epoch"] > state["epoch"]):
         state, source = last, last_source
+    ema = None
+    if cfg.objective.ema_decay > 0:  # issue #20: EMA teacher (pseudo-labels, validated, saved)
+        from multimix.ema import ModelEMA
+
+        ema = ModelEMA(unwrap(model), cfg.objective.ema_decay)
     if state is not None:
-        unwrap(model).load_state_dict(state["model"])
+        unwrap(model).load_state_dict(state.get("student", state["model"]))
+        if ema is not None:
+            ema.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ckpt_mod.set_rng_state(state["rng"])
@@ -348,6 +359,11 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         _log(rank, f"[multimix] resumed from epoch {state['epoch']} ({source})")
 
     pools = ray.get(inputs.pools)
+    labeler = None
+    if "cls_labeled" in pools:  # per-class pseudo-label statistics; DA / adaptive thresholds
+        labeler = make_labeler(cfg.objective, cfg.model.num_classes, pools["cls_labeled"].labels)
+        if state is not None and state.get("labeler"):
+            labeler.load_state_dict(state["labeler"])
     shards = {name: ray.train.get_dataset_shard(name) for name in inputs.datasets}
     # one cursor per stream for the whole run: a Ray Data execution spans epochs
     streams = open_streams(cfg, shards, rank, start_epoch, state=inputs.state)
@@ -361,21 +377,33 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                                rank, epoch, steps_per_epoch=steps)
         for step, batch in enumerate(batches):
             _maybe_inject_fault(rank, epoch, step)
-            terms = train_step(model, batch, optimizer, cfg, device)
+            terms = train_step(model, batch, optimizer, cfg, device,
+                               teacher=ema.module if ema is not None else None, labeler=labeler)
+            if ema is not None:
+                ema.update(unwrap(model))
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             if (step + 1) % cfg.run.log_every == 0 or step + 1 == steps:
                 rate = (step + 1) * n_img * world / (time.perf_counter() - t0)
                 _log(rank, f"[multimix] epoch {epoch + 1}/{cfg.optim.epochs} step {step + 1}/"
-                           f"{steps} " + " ".join(f"{k}={v:.4f}" for k, v in terms.items())
+                           f"{steps} " + " ".join(f"{k}={v:.4f}" for k, v in terms.items()
+                                                  if k in TERM_KEYS)
                      + f" img/s={rate:.1f}")
         train_time = time.perf_counter() - t0
         scheduler.step()
         train_means = _mean_over_workers({f"train_{k}": v / max(steps, 1)
                                           for k, v in sums.items()})
-        val = validate(model, device, cls=pools.get("cls_val"), seg=pools.get("seg_val"),
-                       classes=inputs.classes, batch_size=cfg.data.eval_batch, rank=rank,
-                       world_size=world).flat()
+        train_means.update(class_rates(train_means))
+        vres = validate(ema.module if ema is not None else model, device,
+                        cls=pools.get("cls_val"), seg=pools.get("seg_val"),
+                        classes=inputs.classes, batch_size=cfg.data.eval_batch, rank=rank,
+                        world_size=world)
+        val = vres.flat()
+        if vres.cls is not None:  # issue #20: balanced scores, resample, val-chosen threshold
+            val.update({f"val_cls_{k}": v for k, v in validation_cls_metrics(
+                vres.cls.probs, vres.cls.labels, inputs.classes or None,
+                cfg.objective.decision).items()})
+        val["val_score_balanced"] = val_score_balanced(val)
         metrics = {"epoch": epoch, **train_means, **val,
                    "img_per_s": steps * n_img * world / max(train_time, 1e-9),
                    "lr": optimizer.param_groups[0]["lr"]}
@@ -388,7 +416,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 state = ckpt_mod.build_state(
                     model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
                     config=cfg, splits=inputs.splits, classes=inputs.classes,
-                    history=history)
+                    history=history, ema=ema, labeler=labeler,
+                    threshold=val.get("val_cls_threshold"))
                 ckpt_mod.save(state, os.path.join(d, ckpt_mod.FILENAME))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                                  checkpoint_dir_name=name)

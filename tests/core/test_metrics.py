@@ -42,7 +42,7 @@ def test_classification_by_hand():
     assert m["auc_defined"] is True
     assert m["n"] == 7
     assert set(m) == {"accuracy", "f1_normal", "f1_pneumonia", "macro_f1", "auc", "auc_defined",
-                      "confusion", "n"}
+                      "confusion", "n", "balanced_accuracy", "recall_normal", "recall_pneumonia"}
 
 
 def _brute_auc(scores, labels):
@@ -420,3 +420,80 @@ def test_metrics_imports_no_ray():
             "if sys.modules[m] is not None)\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60,
                    cwd=Path(__file__).resolve().parents[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# operating point, balanced accuracy, balanced resample (issue #20)
+
+DRIFT_P1 = np.array([0.55, 0.6, 0.62, 0.7, 0.8, 0.9, 0.95])  # every image "pneumonia" by argmax
+DRIFT_Y = np.array([0, 0, 0, 1, 1, 1, 1])
+
+
+def _two(p1):
+    p1 = np.asarray(p1, dtype=float)
+    return np.stack([1 - p1, p1], axis=1)
+
+
+def test_balanced_accuracy_recall_and_threshold_decision():
+    probs, y = _two([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])
+    m = M.classification_metrics(probs, y)  # argmax: predictions 0 0 0 1
+    assert (m["recall_normal"], m["recall_pneumonia"]) == (1.0, 0.5)
+    assert m["balanced_accuracy"] == pytest.approx(0.75)
+    t = M.classification_metrics(probs, y, threshold=0.3)  # predictions 0 1 1 1
+    assert (t["recall_normal"], t["recall_pneumonia"]) == (0.5, 1.0)
+    assert t["accuracy"] == pytest.approx(0.75) and t["balanced_accuracy"] == pytest.approx(0.75)
+    assert t["confusion"].tolist() == [[1, 1], [0, 2]]
+    # a class absent from the labels: its recall is undefined, BA averages the others
+    one = M.classification_metrics(_two([0.9, 0.2]), np.array([1, 1]))
+    assert math.isnan(one["recall_normal"]) and one["balanced_accuracy"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="two classes"):
+        M.classification_metrics(np.full((2, 3), 1 / 3), np.array([0, 1]), None, threshold=0.5)
+
+
+def test_choose_threshold_by_hand():
+    # ROC points (score >= cut): 0.8 → J=.5; 0.4 → 0; 0.35 → .5; 0.1 → 0. Two maxima: cuts
+    # (0.8+0.4)/2 = 0.6 and (0.35+0.1)/2 = 0.225; the one nearer 0.5 wins
+    s, y = np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])
+    assert M.choose_threshold(s, y) == (pytest.approx(0.6), pytest.approx(0.75))
+    assert M.choose_threshold(s, y, "youden") == (pytest.approx(0.6), pytest.approx(0.5))
+    # majority drift: argmax calls all pneumonia (BA 0.5); the ranking is perfect
+    cut, ba = M.choose_threshold(DRIFT_P1, DRIFT_Y)
+    assert cut == pytest.approx(0.66) and ba == 1.0
+    assert M.classification_metrics(_two(DRIFT_P1), DRIFT_Y, threshold=cut)["accuracy"] == 1.0
+    # ends: all-positive best → below the lowest score; one class only → (0.5, nan)
+    assert M.choose_threshold(np.array([0.3, 0.2]), np.array([1, 1]))[0] == 0.5
+    assert math.isnan(M.choose_threshold(np.array([0.3, 0.2]), np.array([1, 1]))[1])
+    cut, _ = M.choose_threshold(np.array([0.2, 0.3, 0.1]), np.array([1, 1, 0]))
+    assert cut == pytest.approx(0.15)
+
+
+def test_balanced_resample_is_deterministic_and_balanced():
+    y = np.array([1, 0, 1, 1, 1, 0, 1, 1, 0, 1])
+    a, b = M.balanced_resample(y, seed=3), M.balanced_resample(y, seed=3)
+    assert np.array_equal(a, b) and np.all(np.diff(a) > 0)
+    assert np.bincount(y[a]).tolist() == [3, 3]
+    assert set(np.nonzero(y == 0)[0]) <= set(a)  # the minority class is kept whole
+    assert any(not np.array_equal(M.balanced_resample(y, s), a) for s in range(4, 12))
+    assert M.balanced_resample(np.zeros(0, dtype=int)).size == 0
+
+
+def test_validation_cls_metrics_sees_the_collapse():
+    v = M.validation_cls_metrics(_two(DRIFT_P1), DRIFT_Y)
+    assert v["pred_classes"] == 1 and v["accuracy"] == pytest.approx(4 / 7)
+    assert v["balanced_accuracy"] == 0.5 and v["res_balanced_accuracy"] == 0.5
+    assert v["res_n"] == 6 and v["auc"] == 1.0
+    assert v["threshold"] == pytest.approx(0.66) and v["thr_balanced_accuracy"] == 1.0
+    assert v["thr_res_accuracy"] == 1.0
+    assert v["decision_balanced_accuracy"] == 0.5  # argmax is the decision in force
+    d = M.validation_cls_metrics(_two(DRIFT_P1), DRIFT_Y, decision="youden")
+    assert d["decision_balanced_accuracy"] == 1.0
+    assert all(isinstance(x, float) for x in v.values())
+
+
+def test_val_score_balanced():
+    flat = {"val_cls_decision_balanced_accuracy": 0.5, "val_cls_balanced_accuracy": 0.9,
+            "val_cls_n": 7, "val_seg_dice_mean": 0.9, "val_seg_n": 3}
+    assert M.val_score_balanced(flat) == pytest.approx(0.7)
+    assert M.val_score_balanced({"val_cls_balanced_accuracy": 0.8, "val_cls_n": 5}) == 0.8
+    assert M.val_score_balanced({"val_seg_dice_mean": 0.4, "val_seg_n": 2}) == 0.4
+    assert math.isnan(M.val_score_balanced({}))

@@ -268,3 +268,41 @@ def test_training_validation_and_evaluate_are_one_path(known, tmp_path):
     part = validate(model, "cpu", cls=cls_pool, classes=CLASSES, rank=1, world_size=2)
     assert part.cls.ids == CLS_VAL[1::2] and part.seg is None
     assert "val_seg_dice_mean" not in part.flat()
+
+
+def test_evaluate_and_predict_use_the_stored_threshold(known, tmp_path, capsys):
+    """A checkpoint trained with objective.decision=balanced_accuracy decides at its stored
+    threshold (issue #20); the argmax scores are reported beside it."""
+    from multimix import checkpoint
+    from multimix.cli import main
+    from multimix.evaluate import evaluate_checkpoint
+
+    state = checkpoint.load(known["ckpt"])
+    state["decision"], state["threshold"] = "balanced_accuracy", 0.45
+    ckpt = tmp_path / "thr" / checkpoint.FILENAME
+    ckpt.parent.mkdir()
+    checkpoint.save(state, str(ckpt))
+    assert checkpoint.decision_threshold(state) == 0.45
+    assert checkpoint.decision_threshold({**state, "decision": "argmax"}) is None
+    # P(PNEUMONIA) = v/255: k0 .04, k1 .78, k2 .47, k3 .98, k4 .67; labels 0 0 1 1 0
+    res = evaluate_checkpoint(str(ckpt), cls_data=[known["other_cls"]],
+                              out_dir=str(tmp_path / "ev"))
+    report = json.loads(Path(res["json"]).read_text())
+    m = report["cls"]["other-cls"]
+    assert m["threshold"] == 0.45 and report["decision_threshold"] == 0.45
+    assert m["confusion"] == [[1, 2], [0, 2]]  # k2 (.47) is pneumonia at 0.45
+    assert m["balanced_accuracy"] == pytest.approx((1 / 3 + 1) / 2)
+    assert m["argmax_accuracy"] == pytest.approx(2 / 5)
+    assert m["argmax_balanced_accuracy"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    rows = {r["id"]: r for r in _csv(report["per_image"]["cls"])}
+    assert (rows["k2"]["predicted"], rows["k2"]["predicted_argmax"]) == ("PNEUMONIA", "NORMAL")
+    # predict: the same decision, argmax beside it
+    img = tmp_path / "k2.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((SIZE, SIZE), 120, np.uint8)).save(img)
+    assert main(["predict", str(img), "--checkpoint", str(ckpt), "--out",
+                 str(tmp_path / "pred")]) == 0
+    entry = json.loads((tmp_path / "pred" / "predictions.json").read_text())[0]
+    assert (entry["predicted"], entry["predicted_argmax"], entry["threshold"]) == \
+        ("PNEUMONIA", "NORMAL", 0.45)

@@ -230,7 +230,7 @@ def test_jobs_on_a_ray_cluster_with_s3(cluster, shared_data, tmp_path):
     logs = ok("ray_jobs/tune.py", *TINY, *data, "--set", "optim.epochs=1", "--set",
               "run.name=e2etune", "--space", "objective.threshold=choice:0.6,0.9",
               "--num-samples", "2", "--concurrent", "1")
-    assert "best: val_score=" in logs
+    assert "best: val_score_balanced=" in logs
     t_jobs = time.time()
 
     # 5. predict (on the laptop, credentials from its environment) with --out on S3

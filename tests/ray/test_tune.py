@@ -55,5 +55,5 @@ def test_tune_two_trials(ray_local, tmp_path, capsys):
     for r in rows:
         assert 0.6 <= r["config"]["objective.threshold"] <= 0.9
         assert r["config"]["data.seg_labeled"] in (5, 10)
-        assert 0.0 <= r["val_score"] <= 1.0 and r["epochs"] == 1
-    assert "best: val_score=" in capsys.readouterr().out
+        assert 0.0 <= r["val_score_balanced"] <= 1.0 and r["epochs"] == 1
+    assert "best: val_score_balanced=" in capsys.readouterr().out
