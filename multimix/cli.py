@@ -21,7 +21,10 @@ COMMANDS = {
     "prepare": ("multimix.data.prepare", "public layouts -> sharded Parquet on disk or s3://"),
     "split": ("multimix.data.splits", "seeded, stratified label-budget splits (id lists)"),
     "train": ("multimix.train", "train MultiMix with Ray Train (DDP)"),
-    "tune": ("multimix.tune", "Ray Tune search over t, lambda, alpha, beta and label budgets"),
+    "tune": ("multimix.tune", "Ray Tune search: --space/--grid, ASHA, concurrency, resume, "
+                              "results + best.yaml"),
+    "experiment": ("multimix.experiment", "`experiment paper-table`: the paper's rows x budgets "
+                                          "x seeds, evaluated; one table"),
     "evaluate": ("multimix.evaluate", "score a checkpoint on labeled sets; JSON/Markdown + plots"),
     "predict": ("multimix.predict", "pneumonia probability, lung mask, saliency for images"),
     "bench": ("multimix.bench", "benchmarks: `bench step` (model step), `bench data` (augmentation)"),

@@ -34,6 +34,9 @@ __all__ = [
     "boundary_overlay",
     "overlay_png",
     "grid_shape",
+    "plot_tune_scores",
+    "plot_learning_curves",
+    "plot_metric_boxes",
 ]
 
 DPI = 100
@@ -280,4 +283,89 @@ def _image_grid(panels: list, path: Any, titles: Optional[Sequence[str]],
         fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
                    frameon=False)
     fig.subplots_adjust(left=0.01, right=0.99, top=0.93, bottom=0.06, wspace=0.04, hspace=0.12)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tune results and the paper table
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def plot_tune_scores(rows: Sequence[Mapping[str, Any]], params: Sequence[str], metric: str,
+                     path: Any) -> Path:
+    """Score vs each searched parameter: one panel per key of ``params`` (row keys, e.g.
+    ``param:objective.threshold``), one dot per trial with a finite ``metric``.
+
+    A parameter whose values are all numbers gets a numeric x axis (log when the values span more
+    than a factor 20 and are all > 0); any other (variants, ``"all"`` budgets) one tick per value
+    in first-seen order. 4×3 in (400×300 px) per panel, at most 3 panels a row.
+    """
+    rows = [r for r in rows if _is_number(r.get(metric))]
+    n = max(len(params), 1)
+    n_rows, n_cols = grid_shape(n, 3)
+    fig = Figure(figsize=(4 * n_cols, 3 * n_rows), dpi=DPI)
+    for i, key in enumerate(params):
+        ax = fig.add_subplot(n_rows, n_cols, i + 1)
+        xs = [r.get(key) for r in rows]
+        ys = [float(r[metric]) for r in rows]
+        if xs and all(_is_number(x) for x in xs):
+            ax.scatter(xs, ys, s=16)
+            if min(xs) > 0 and max(xs) / min(xs) > 20:
+                ax.set_xscale("log")
+        else:
+            labels = list(dict.fromkeys(str(x) for x in xs))
+            pos = {v: k for k, v in enumerate(labels)}
+            jitter = np.random.default_rng(0).uniform(-0.1, 0.1, len(xs))
+            ax.scatter([pos[str(x)] + j for x, j in zip(xs, jitter)], ys, s=16)
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels(labels, fontsize=8, rotation=30 if len(labels) > 4 else 0)
+        ax.set_xlabel(key.removeprefix("param:"))
+        ax.set_ylabel(metric)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_learning_curves(curves: Mapping[str, tuple], metric: str, path: Any) -> Path:
+    """``metric`` per epoch, one line per trial: ``curves`` maps a trial name to
+    ``(epochs (E,), values (E,))``. 6×4 in (600×400 px); the legend lists at most 12 trials."""
+    fig = Figure(figsize=(6, 4), dpi=DPI)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, (epochs, values) in curves.items():
+        ax.plot(_np(epochs) + 1, _np(values), marker="o", ms=3, lw=1, label=str(name))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per epoch ({len(curves)} trials)")
+    if 0 < len(curves) <= 12:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_metric_boxes(groups: Mapping[str, Any], path: Any, ylabel: str, title: str = "") -> Path:
+    """Box plot with the individual values as dots, one box per group (e.g. per model variant,
+    values over seeds); groups with no finite value are kept on the axis with no box.
+    Width 1.2 in per group (at least 6 in) × 4 in."""
+    names = list(groups)
+    data = [np.array([v for v in _np(groups[k]).astype(np.float64).reshape(-1)
+                      if math.isfinite(v)]) for k in names]
+    fig = Figure(figsize=(max(6.0, 1.2 * len(names)), 4), dpi=DPI)
+    ax = fig.add_subplot(1, 1, 1)
+    positions = np.arange(1, len(names) + 1)
+    nonempty = [i for i, d in enumerate(data) if d.size]
+    if nonempty:
+        ax.boxplot([data[i] for i in nonempty], positions=positions[nonempty], widths=0.5,
+                   showfliers=False)
+    rng = np.random.default_rng(0)
+    for i in nonempty:
+        ax.scatter(positions[i] + rng.uniform(-0.12, 0.12, data[i].size), data[i], s=10,
+                   alpha=0.7, color="tab:blue", linewidths=0)
+    ax.set_xticks(positions)
+    ax.set_xticklabels([f"{k}\n(n={d.size})" for k, d in zip(names, data)], fontsize=8)
+    ax.set_xlim(0.4, len(names) + 0.6)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
     return _save(fig, path)

@@ -11,6 +11,8 @@ config, keys in the config, missing bucket, wrong keys) are FAILED with one clea
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -253,18 +255,20 @@ def test_jobs_on_a_ray_cluster_with_s3(cluster, shared_data, tmp_path):
     for k in ("runs/e2e/history.json", "runs/e2e/best.json", "runs/e2e/last.json",
               "runs/e2e/config.json", "runs/e2e/eval/report.json", "runs/e2e/eval/report.md",
               "eval-e2e/report.json", "eval-e2e/report.md", "eval-e2e/roc.png",
-              "runs/e2etune-tune/tune_results.json", "runs/e2etune-tune/tuner.pkl",
+              "runs/e2etune/results.csv", "runs/e2etune/results.md", "runs/e2etune/best.yaml",
+              "runs/e2etune/tuner.pkl", "runs/e2etune/search.json",
               "pred/predictions.json", f"pred/{img.stem}_overlay.png"):
         assert k in ks, (k, sorted(ks)[:50])
     assert any(k.startswith("runs/e2e/checkpoint_epoch-") and k.endswith("checkpoint.pt")
                for k in keys)
-    assert any(k.startswith("runs/e2etune-tune/") and "experiment_state" in k for k in keys)
+    assert any(k.startswith("runs/e2etune/") and "experiment_state" in k for k in keys)
     hist = json.loads(client.get_object(Bucket=bucket, Key="runs/e2e/history.json")["Body"]
                       .read())
     assert [h["epoch"] for h in hist] == [0, 1]
-    rows = json.loads(client.get_object(Bucket=bucket, Key="runs/e2etune-tune/tune_results.json")
-                      ["Body"].read())
-    assert len(rows) == 2 and all(r["error"] is None and r["epochs"] == 1 for r in rows)
+    rows = list(csv.DictReader(io.StringIO(client.get_object(
+        Bucket=bucket, Key="runs/e2etune/results.csv")["Body"].read().decode())))
+    assert len(rows) == 2 and all(r["status"] == "done" and r["epochs"] == "1" for r in rows)
+    assert all(r["checkpoint"].startswith(f"{b}/runs/e2etune/trials/") for r in rows)
     rep = json.loads(client.get_object(Bucket=bucket, Key="eval-e2e/report.json")["Body"].read())
     assert rep["plots"]["roc"] == f"{b}/eval-e2e/roc.png"
     assert 0.0 <= rep["cls"][next(iter(rep["cls"]))]["accuracy"] <= 1.0

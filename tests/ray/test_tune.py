@@ -1,13 +1,25 @@
-"""multimix tune: search-space parsing and a 2-trial search that trains inside Tune trials."""
+"""multimix tune: search parsing/validation (Ray-free), a 2×2 grid with ASHA and 2 concurrent
+trials on the real data (results files, best.yaml retrains, no secret in the experiment), and a
+search resumed after a SIGKILL of its driver."""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import yaml
 
 from multimix.config import ConfigError, load_config
-from multimix.tune import check_space, parse_space
+from multimix.errors import UserError
+from multimix.tune import (Search, _diff, check_space, param_overrides, parse_grid,
+                           parse_space)
 
 
 def test_parse_space_kinds():
@@ -35,25 +47,230 @@ def test_check_space_validates_values_against_the_config():
         check_space(cfg, parse_space(["objective.nope=choice:1,2"]))
 
 
+def test_parse_grid_values_and_paired_budgets():
+    grid = parse_grid(["data.cls_labeled=100,1000,all", "model.variant=enc,enc-ssl,multimix",
+                       "optim.seed=0,1,2", "budget=100:10,all:all"])
+    assert grid == {"data.cls_labeled": [100, 1000, "all"],
+                    "model.variant": ["enc", "enc-ssl", "multimix"], "optim.seed": [0, 1, 2],
+                    "budget": ["100:10", "all:all"]}  # not YAML 1.1's base 60 (100:10 = 6010)
+    assert param_overrides({"budget": "100:10", "optim.seed": 1}) == [
+        "data.cls_labeled=100", "data.seg_labeled=10", "optim.seed=1"]
+    cfg = load_config("cpu-small", param_overrides({"budget": "all:50"}))
+    assert (cfg.data.cls_labeled, cfg.data.seg_labeled) == ("all", 50)
+
+
+@pytest.mark.parametrize("items,match", [
+    (["optim.seed"], "--grid"), (["optim.seed="], "--grid"), (["optim.seed=0,,1"], "--grid"),
+    (["optim.seed=0,0"], "repeated"), (["optim.seed=0", "optim.seed=1"], "given twice")])
+def test_parse_grid_rejects_malformed(items, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_grid(items)
+
+
+def test_grid_values_validated_once_naming_the_key():
+    cfg = load_config("cpu-small")
+    with pytest.raises(ConfigError, match="model.variant"):
+        check_space(cfg, {}, parse_grid(["model.variant=enc,umtl-xl"]))
+    with pytest.raises(ConfigError, match="data.seg_labeled"):
+        check_space(cfg, {}, parse_grid(["budget=100:0"]))
+    with pytest.raises(ConfigError, match="budget: expected CLS:SEG"):
+        check_space(cfg, {}, parse_grid(["budget=100"]))
+    with pytest.raises(ConfigError, match="optim.seed: both"):
+        check_space(cfg, parse_space(["optim.seed=choice:0,1"]), parse_grid(["optim.seed=2,3"]))
+
+
+def test_search_checks_scheduler_settings():
+    cfg = load_config("cpu-small", ["optim.epochs=3"])
+    Search(scheduler="asha", grace_period=3).check(cfg)
+    with pytest.raises(UserError, match="--grace-period"):
+        Search(scheduler="asha", grace_period=4).check(cfg)
+    with pytest.raises(UserError, match="--reduction-factor"):
+        Search(scheduler="asha", reduction_factor=1).check(cfg)
+    with pytest.raises(UserError, match="optim.epochs: cannot be searched"):
+        Search(scheduler="asha", grid={"optim.epochs": [1, 2]}).check(cfg)
+    with pytest.raises(UserError, match="--concurrent"):
+        Search(concurrent=0).check(cfg)
+
+
+def test_fingerprint_ignores_concurrency_and_run_location_not_the_search():
+    base = load_config("cpu-small").to_dict()
+    a = Search(grid={"optim.seed": [0, 1]}, concurrent=1).fingerprint(base)
+    moved = {**base, "run": {**base["run"], "storage_path": "/elsewhere"}}
+    assert _diff(a, Search(grid={"optim.seed": [0, 1]}, concurrent=4).fingerprint(moved)) == []
+    other = Search(grid={"optim.seed": [0, 1, 2]}).fingerprint(base)
+    assert _diff(a, other) == ["search.grid.optim.seed: [0, 1] -> [0, 1, 2]"]
+    lr = load_config("cpu-small", ["optim.lr=0.5"]).to_dict()
+    assert _diff(a, Search(grid={"optim.seed": [0, 1]}).fingerprint(lr)) == [
+        "config.optim.lr: 0.001 -> 0.5"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray: a 2x2 grid with ASHA on the real data, 2 trials at a time
+
+SECRET = "MMtuneSECRETdo-not-store-0123"
+KEY_ID = "MMtuneKEYIDdo-not-store"
+ENV_SECRET = "MMtuneENVSECRETdo-not-store"
+
+
+def _tiny(cls: Path, seg: Path, runs: Path, name: str) -> list[str]:
+    return ["-c", "cpu-small", "--set", f"data.cls_data={cls}", "--set", f"data.seg_data={seg}",
+            "--set", "optim.epochs=2", "--set", "optim.steps_per_epoch=2",
+            "--set", "data.val_fraction=0.05", "--set", "scaling.data_concurrency=1",
+            "--set", f"run.storage_path={runs}", "--set", f"run.name={name}"]
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def asha_grid(ray_local, kermany_prepared, v7_prepared, tmp_path_factory):
+    from multimix.cli import main
+
+    runs = tmp_path_factory.mktemp("tune") / "runs"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AWS_SECRET_ACCESS_KEY", ENV_SECRET)  # Tune would copy it into trial actors
+    t0 = time.time()
+    try:
+        code = main(["tune", *_tiny(kermany_prepared, v7_prepared, runs, "grid"),
+                     "--set", f"storage.access_key_id={KEY_ID}",
+                     "--set", f"storage.secret_access_key={SECRET}",
+                     "--grid", "optim.lr=0.001,0.003", "--grid", "optim.seed=0,1",
+                     "--scheduler", "asha", "--grace-period", "1", "--reduction-factor", "2",
+                     "--concurrent", "2"])
+    finally:
+        mp.undo()
+    return {"code": code, "exp": runs / "grid", "runs": runs, "wall": time.time() - t0,
+            "data": (kermany_prepared, v7_prepared)}
+
+
 @pytest.mark.slow
-def test_tune_two_trials(ray_local, tmp_path, capsys):
+@pytest.mark.realdata
+def test_grid_asha_results_files(asha_grid):
+    assert asha_grid["code"] == 0
+    exp = asha_grid["exp"]
+    rows = _read_csv(exp / "results.csv")
+    assert len(rows) == 4
+    assert sorted((r["param:optim.lr"], r["param:optim.seed"]) for r in rows) == [
+        ("0.001", "0"), ("0.001", "1"), ("0.003", "0"), ("0.003", "1")]
+    for r in rows:
+        # ASHA (grace 1 epoch, factor 2) lets a trial finish its 2 epochs or stops it after 1
+        assert (r["status"], r["epochs"]) in (("done", "2"), ("stopped", "1")), r
+        assert int(r["best_epoch"]) < int(r["epochs"])
+        for k in ("val_score", "val_cls_accuracy", "val_cls_auc", "val_cls_f1_pneumonia",
+                  "val_seg_dice_mean", "val_seg_hausdorff_mean"):
+            assert r[k] != "" and float(r[k]) == float(r[k]), (k, r)
+        assert float(r["time_s"]) > 0
+        ckpt = Path(r["checkpoint"])
+        assert ckpt == exp / "trials" / r["trial"] / f"checkpoint_epoch-{int(r['best_epoch']):04d}"
+        assert (ckpt / "checkpoint.pt").is_file()
+        hist = json.loads((exp / "trials" / r["trial"] / "history.json").read_text())
+        assert len(hist) == int(r["epochs"])
+        assert max(h["val_score"] for h in hist) == pytest.approx(float(r["val_score"]))
+    md = (exp / "results.md").read_text()
+    assert all(f"| {r['trial']} |" in md for r in rows)
+    for png in ("tune_scores.png", "learning_curves.png"):
+        assert (exp / png).stat().st_size > 5000
+    assert (exp / "search.json").is_file() and (exp / "tuner.pkl").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_grid_ran_at_most_concurrent_trials_at_once(asha_grid):
+    """Each trial's span from its own reports (last timestamp − total time; Tune's timestamps are
+    whole seconds, hence the 1 s margin): never 3 at once, and 2 at once at some point."""
+    spans = []
+    for d in (asha_grid["exp"]).iterdir():
+        if (d / "result.json").is_file():
+            last = json.loads((d / "result.json").read_text().strip().splitlines()[-1])
+            spans.append((last["timestamp"] - last["time_total_s"], last["timestamp"]))
+    assert len(spans) == 4
+    most = max(sum(1 for s, e in spans if s <= t < e - 1.0) for t in {s for s, _ in spans})
+    assert most == 2, spans
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_no_secret_in_any_tune_file(asha_grid):
+    found = [str(p) for p in asha_grid["exp"].rglob("*") if p.is_file()
+             for s in (SECRET, KEY_ID, ENV_SECRET) if s.encode() in p.read_bytes()]
+    assert found == []
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_best_yaml_retrains_the_best_trial(asha_grid):
+    from multimix.cli import main
+
+    exp = asha_grid["exp"]
+    rows = _read_csv(exp / "results.csv")
+    best = max((r for r in rows if r["status"] == "done"), key=lambda r: float(r["val_score"]))
+    assert f"best trial {best['trial']}" in (exp / "best.yaml").read_text()
+    cfg = load_config(str(exp / "best.yaml"))
+    assert cfg.run.name == "grid-best" and cfg.optim.lr == float(best["param:optim.lr"])
+    trial_cfg = json.loads((exp / "trials" / best["trial"] / "config.json").read_text())
+    for d in (trial_cfg, cfg.to_dict()):
+        d["run"].pop("name"), d["run"].pop("storage_path")
+    assert cfg.to_dict() == trial_cfg  # the trial's config, up to where it is written
+    assert main(["train", "--config", str(exp / "best.yaml")]) == 0
+    hist = json.loads((asha_grid["runs"] / "grid-best" / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# resume: SIGKILL the driver once a trial has finished, rerun the same command
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
     from multimix.cli import main
     from multimix.data.prepare import prepare_demo
 
     prepare_demo(str(tmp_path / "demo"), image_size=64)
-    code = main(["tune", "-c", "cpu-small",
-                 "--set", f"data.cls_data={tmp_path / 'demo' / 'cls'}",
-                 "--set", f"data.seg_data={tmp_path / 'demo' / 'seg'}",
-                 "--set", "data.cls_labeled=40", "--set", "optim.epochs=1",
-                 "--set", "optim.steps_per_epoch=2", "--set", f"run.storage_path={tmp_path / 'runs'}",
-                 "--set", "scaling.cpus_per_worker=0.5", "--set", "scaling.data_cpus_per_task=0.5",
-                 "--space", "objective.threshold=uniform:0.6,0.9",
-                 "--space", "data.seg_labeled=choice:5,10", "--num-samples", "2"])
-    assert code == 0
-    rows = json.loads((tmp_path / "runs" / "multimix-tune" / "tune_results.json").read_text())
-    assert len(rows) == 2 and all(r["error"] is None for r in rows)
-    for r in rows:
-        assert 0.6 <= r["config"]["objective.threshold"] <= 0.9
-        assert r["config"]["data.seg_labeled"] in (5, 10)
-        assert 0.0 <= r["val_score_balanced"] <= 1.0 and r["epochs"] == 1
-    assert "best: val_score_balanced=" in capsys.readouterr().out
+    runs = tmp_path / "runs"
+    argv = ["tune", *_tiny(tmp_path / "demo" / "cls", tmp_path / "demo" / "seg", runs, "res"),
+            "--set", "optim.epochs=1", "--set", "data.cls_labeled=40",
+            "--grid", "optim.seed=0,1", "--concurrent", "1"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    driver = subprocess.Popen([sys.executable, "-m", "multimix.cli", *argv], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    trials = runs / "res" / "trials"
+    try:
+        deadline = time.time() + 240
+        finished = []
+        while not finished and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.5)
+            finished = [d for d in trials.glob("*") if (d / "last.json").is_file()]
+        assert finished, f"no trial finished (driver exit {driver.poll()})"
+        os.kill(driver.pid, signal.SIGKILL)  # the driver only, mid-search
+        driver.wait(timeout=30)
+    finally:  # the driver and whatever of its local Ray is left (its own process group)
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        driver.wait(timeout=30)
+    first = finished[0]
+    done_hist = (first / "history.json").read_text()
+    assert main(argv) == 0  # the same command again: restored, not started over
+    rows = _read_csv(runs / "res" / "results.csv")
+    assert len(rows) == 2 and all(r["status"] == "done" for r in rows), rows
+    assert first.name in {r["trial"] for r in rows}  # the same trial ids, none added
+    assert (first / "history.json").read_text() == done_hist  # the finished trial not rerun
+    # another search under the same name: refused with what to do, until --restart
+    with pytest.raises(UserError, match="--restart"):
+        from multimix import tune
+
+        tune.run(tune_args(argv[1:] + ["--grid", "optim.lr=0.01,0.02"]))
+
+
+def tune_args(argv: list[str]):
+    import argparse
+
+    from multimix import tune
+
+    p = argparse.ArgumentParser()
+    tune.add_arguments(p)
+    return p.parse_args(argv)
