@@ -233,9 +233,9 @@ def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
             "--set", "optim.epochs=1", "--set", "data.cls_labeled=40",
             "--grid", "optim.seed=0,1", "--concurrent", "1"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    log = open(tmp_path / "driver.log", "wb")
     driver = subprocess.Popen([sys.executable, "-m", "multimix.cli", *argv], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     trials = runs / "res" / "trials"
     try:
         deadline = time.time() + 240
@@ -243,7 +243,8 @@ def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
         while not finished and time.time() < deadline and driver.poll() is None:
             time.sleep(0.5)
             finished = [d for d in trials.glob("*") if (d / "last.json").is_file()]
-        assert finished, f"no trial finished (driver exit {driver.poll()})"
+        assert finished, (f"no trial finished (driver exit {driver.poll()}): "
+                          + (tmp_path / "driver.log").read_text()[-3000:])
         os.kill(driver.pid, signal.SIGKILL)  # the driver only, mid-search
         driver.wait(timeout=30)
     finally:  # the driver and whatever of its local Ray is left (its own process group)
@@ -252,6 +253,7 @@ def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
         except ProcessLookupError:
             pass
         driver.wait(timeout=30)
+        log.close()
     first = finished[0]
     done_hist = (first / "history.json").read_text()
     assert main(argv) == 0  # the same command again: restored, not started over
