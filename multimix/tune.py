@@ -430,6 +430,11 @@ def collect(grid, cfg: Config, exp_uri: str) -> tuple[list[dict], dict]:
         df = r.metrics_dataframe
         hist = df.to_dict("records") if df is not None and len(df) else []
         hist = [h for h in hist if "epoch" in h and _finite(h.get("epoch"))]
+        # the Train run's own history: complete also when the driver died between an epoch's
+        # report and Tune's record of it (the restored trial then had nothing left to report)
+        run_hist = _run_history(trial_run_dir(exp_uri, tid), cfg)
+        if len(run_hist) > len(hist):
+            hist = run_hist
         scored = [h for h in hist if _finite(h.get(metric))]
         best = (max if mode == "max" else min)(scored, key=lambda h: h[metric]) if scored else None
         epochs = int(max(h["epoch"] for h in hist)) + 1 if hist else 0
@@ -459,6 +464,16 @@ def collect(grid, cfg: Config, exp_uri: str) -> tuple[list[dict], dict]:
             curves[tid] = ([int(h["epoch"]) for h in scored], [float(h[metric]) for h in scored])
     rows.sort(key=lambda row: row["trial"])
     return rows, curves
+
+
+def _run_history(run_dir: str, cfg: Config) -> list[dict]:
+    """``history.json`` of a trial's Train run (one metrics dict per finished epoch), or []."""
+    from multimix.data import storage
+
+    uri = storage.join(run_dir, "history.json")
+    if not storage.exists(uri, cfg.storage):
+        return []
+    return json.loads(storage.read_bytes(uri, cfg.storage))
 
 
 def storage_join(uri: str, *parts: str) -> str:

@@ -267,8 +267,8 @@ def measure(args) -> dict:
             "precision": cfg.optim.precision, "channels_last": cfg.optim.channels_last,
             "compile": cfg.optim.compile, "img_per_step": m["img_per_step"],
             "cpus": cpus, "cpus_per_worker": s.cpus_per_worker,
-            "worker_cpu_s": m.get("worker_cpu_s"), "reader": cfg.data.reader,
-            "sharding": cfg.data.sharding, "seconds": round(time.perf_counter() - t_start, 1),
+            "worker_cpu_s": m.get("worker_cpu_s"),
+            "seconds": round(time.perf_counter() - t_start, 1),
             "prepare_s": round(t_prep, 1), "fit_s": round(t_fit, 1),
         },
     }

@@ -89,3 +89,20 @@ def test_paper_table_end_to_end_tiny(ray_local, tmp_path, capsys):
     assert len(list((exp / "eval").glob("*/report.json"))) == 4
     assert list(exp.glob("box_40-5_*_dice.png")) and list(exp.glob("box_40-5_*_auc.png"))
     assert "Protocol: preset cpu-small" in text
+
+
+def test_tune_and_table_plots_sizes(tmp_path):
+    from PIL import Image
+
+    from multimix import plots
+
+    p = plots.plot_metric_boxes({"Enc": [80.0, 82.5], "MultiMix": [85.0, float("nan")],
+                                 "U-Net": []}, tmp_path / "box.png", ylabel="AUC (%)")
+    assert Image.open(p).size == (600, 400)  # 3 groups: the 6 in minimum width
+    rows = [{"param:lr": 0.001, "param:v": "enc", "val_score": 0.5},
+            {"param:lr": 0.1, "param:v": "all", "val_score": 0.7},
+            {"param:lr": 0.01, "param:v": "enc", "val_score": None}]
+    p = plots.plot_tune_scores(rows, ["param:lr", "param:v"], "val_score", tmp_path / "s.png")
+    assert Image.open(p).size == (800, 300)  # two 4x3 in panels
+    p = plots.plot_learning_curves({"t0": ([0, 1], [0.5, 0.6])}, "val_score", tmp_path / "c.png")
+    assert Image.open(p).size == (600, 400)

@@ -149,9 +149,9 @@ def test_worker_killed_mid_run_restarts_without_gaps_or_repeats(ray_local, demo_
 
     marker = tmp_path / "killed.txt"
     monkeypatch.setenv(FAULT_ENV, f"1:1:2:{marker}")  # rank 1 SIGKILLs itself at epoch 1 step 2
-    # per-worker datasets: the restarted worker group opens them again from the checkpoint
+    # the restarted worker group splits the datasets again and resumes from the checkpoint
     cfg = _cfg(tmp_path, *demo_data, "faulty", "optim.epochs=3", "scaling.max_failures=2",
-               "data.cls_labeled=40", "data.seg_labeled=10", "data.sharding=per_worker")
+               "data.cls_labeled=40", "data.seg_labeled=10")
     result = train(cfg)
     assert marker.exists(), "the fault was never injected"
     assert [h["epoch"] for h in result.history] == [0, 1, 2]

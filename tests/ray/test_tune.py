@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from multimix.config import ConfigError, load_config
+from multimix.config import ConfigError, RunConfig, load_config
 from multimix.errors import UserError
 from multimix.tune import (Search, _diff, check_space, param_overrides, parse_grid,
                            parse_space)
@@ -107,6 +107,8 @@ def test_fingerprint_ignores_concurrency_and_run_location_not_the_search():
 # ---------------------------------------------------------------------------------------------
 # Ray: a 2x2 grid with ASHA on the real data, 2 trials at a time
 
+#: the score Tune ranks trials by (the config default, run.checkpoint_metric)
+METRIC = RunConfig().checkpoint_metric
 SECRET = "MMtuneSECRETdo-not-store-0123"
 KEY_ID = "MMtuneKEYIDdo-not-store"
 ENV_SECRET = "MMtuneENVSECRETdo-not-store"
@@ -158,7 +160,7 @@ def test_grid_asha_results_files(asha_grid):
         # ASHA (grace 1 epoch, factor 2) lets a trial finish its 2 epochs or stops it after 1
         assert (r["status"], r["epochs"]) in (("done", "2"), ("stopped", "1")), r
         assert int(r["best_epoch"]) < int(r["epochs"])
-        for k in ("val_score", "val_cls_accuracy", "val_cls_auc", "val_cls_f1_pneumonia",
+        for k in (METRIC, "val_score", "val_cls_accuracy", "val_cls_auc", "val_cls_f1_pneumonia",
                   "val_seg_dice_mean", "val_seg_hausdorff_mean"):
             assert r[k] != "" and float(r[k]) == float(r[k]), (k, r)
         assert float(r["time_s"]) > 0
@@ -167,7 +169,7 @@ def test_grid_asha_results_files(asha_grid):
         assert (ckpt / "checkpoint.pt").is_file()
         hist = json.loads((exp / "trials" / r["trial"] / "history.json").read_text())
         assert len(hist) == int(r["epochs"])
-        assert max(h["val_score"] for h in hist) == pytest.approx(float(r["val_score"]))
+        assert max(h[METRIC] for h in hist) == pytest.approx(float(r[METRIC]))
     md = (exp / "results.md").read_text()
     assert all(f"| {r['trial']} |" in md for r in rows)
     for png in ("tune_scores.png", "learning_curves.png"):
@@ -205,7 +207,7 @@ def test_best_yaml_retrains_the_best_trial(asha_grid):
 
     exp = asha_grid["exp"]
     rows = _read_csv(exp / "results.csv")
-    best = max((r for r in rows if r["status"] == "done"), key=lambda r: float(r["val_score"]))
+    best = max((r for r in rows if r["status"] == "done"), key=lambda r: float(r[METRIC]))
     assert f"best trial {best['trial']}" in (exp / "best.yaml").read_text()
     cfg = load_config(str(exp / "best.yaml"))
     assert cfg.run.name == "grid-best" and cfg.optim.lr == float(best["param:optim.lr"])
@@ -233,9 +235,9 @@ def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
             "--set", "optim.epochs=1", "--set", "data.cls_labeled=40",
             "--grid", "optim.seed=0,1", "--concurrent", "1"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    log = open(tmp_path / "driver.log", "wb")
     driver = subprocess.Popen([sys.executable, "-m", "multimix.cli", *argv], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     trials = runs / "res" / "trials"
     try:
         deadline = time.time() + 240
@@ -243,7 +245,8 @@ def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
         while not finished and time.time() < deadline and driver.poll() is None:
             time.sleep(0.5)
             finished = [d for d in trials.glob("*") if (d / "last.json").is_file()]
-        assert finished, f"no trial finished (driver exit {driver.poll()})"
+        assert finished, (f"no trial finished (driver exit {driver.poll()}): "
+                          + (tmp_path / "driver.log").read_text()[-3000:])
         os.kill(driver.pid, signal.SIGKILL)  # the driver only, mid-search
         driver.wait(timeout=30)
     finally:  # the driver and whatever of its local Ray is left (its own process group)
@@ -252,6 +255,7 @@ def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
         except ProcessLookupError:
             pass
         driver.wait(timeout=30)
+        log.close()
     first = finished[0]
     done_hist = (first / "history.json").read_text()
     assert main(argv) == 0  # the same command again: restored, not started over
