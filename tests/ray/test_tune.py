@@ -140,7 +140,11 @@ def asha_grid(ray_local, kermany_prepared, v7_prepared, tmp_path_factory):
                      "--set", f"storage.secret_access_key={SECRET}",
                      "--grid", "optim.lr=0.001,0.003", "--grid", "optim.seed=0,1",
                      "--scheduler", "asha", "--grace-period", "1", "--reduction-factor", "2",
-                     "--concurrent", "2"])
+                     "--concurrent", "2",
+                     # two trials at once on a 2-CPU Ray: 2 x (worker 0.25 + 2 streams x 0.25)
+                     # = 1.5 CPUs, so one trial's data tasks cannot starve the other's worker
+                     "--set", "scaling.cpus_per_worker=0.25",
+                     "--set", "scaling.data_cpus_per_task=0.25"])
     finally:
         mp.undo()
     return {"code": code, "exp": runs / "grid", "runs": runs, "wall": time.time() - t0,
