@@ -49,6 +49,21 @@ BOTH_COLOUR = (255, 255, 0)
 MASK_COLOUR = (0, 255, 0)
 
 
+
+def _boxes_with_dots(ax, data: list, dot_size: float, dot_alpha: float):
+    """Box plots (no fliers) of the non-empty arrays in ``data`` at x = 1..len(data), each value
+    drawn as a jittered dot (fixed seed); returns the x positions (len(data),)."""
+    positions = np.arange(1, len(data) + 1)
+    nonempty = [i for i, d in enumerate(data) if d.size]
+    if nonempty:
+        ax.boxplot([data[i] for i in nonempty], positions=positions[nonempty], widths=0.5,
+                   showfliers=False)
+    rng = np.random.default_rng(0)
+    for i in nonempty:
+        ax.scatter(positions[i] + rng.uniform(-0.12, 0.12, data[i].size), data[i], s=dot_size,
+                   alpha=dot_alpha, color="tab:blue", linewidths=0)
+    return positions
+
 def _np(x: Any) -> np.ndarray:
     if hasattr(x, "detach") and hasattr(x, "cpu"):
         x = x.detach().cpu().float().numpy()
@@ -179,16 +194,7 @@ def plot_dice_box(per_set: Mapping[str, Any], path: Any, ylabel: str = "Dice",
     data = [_np(per_set[k]).astype(np.float64).reshape(-1) for k in names]
     fig = Figure(figsize=(6, 4), dpi=DPI)
     ax = fig.add_subplot(1, 1, 1)
-    positions = np.arange(1, len(names) + 1)
-    nonempty = [i for i, d in enumerate(data) if d.size]
-    if nonempty:
-        ax.boxplot([data[i] for i in nonempty], positions=positions[nonempty], widths=0.5,
-                   showfliers=False)
-    rng = np.random.default_rng(0)
-    for i in nonempty:
-        d = data[i]
-        ax.scatter(positions[i] + rng.uniform(-0.12, 0.12, d.size), d, s=6, alpha=0.5,
-                   color="tab:blue", linewidths=0)
+    positions = _boxes_with_dots(ax, data, dot_size=6, dot_alpha=0.5)
     ax.set_xticks(positions)
     ax.set_xticklabels([f"{k}\n(n={d.size})" for k, d in zip(names, data)], fontsize=8)
     ax.set_xlim(0.4, len(names) + 0.6)
@@ -353,15 +359,7 @@ def plot_metric_boxes(groups: Mapping[str, Any], path: Any, ylabel: str, title: 
                       if math.isfinite(v)]) for k in names]
     fig = Figure(figsize=(max(6.0, 1.2 * len(names)), 4), dpi=DPI)
     ax = fig.add_subplot(1, 1, 1)
-    positions = np.arange(1, len(names) + 1)
-    nonempty = [i for i, d in enumerate(data) if d.size]
-    if nonempty:
-        ax.boxplot([data[i] for i in nonempty], positions=positions[nonempty], widths=0.5,
-                   showfliers=False)
-    rng = np.random.default_rng(0)
-    for i in nonempty:
-        ax.scatter(positions[i] + rng.uniform(-0.12, 0.12, data[i].size), data[i], s=10,
-                   alpha=0.7, color="tab:blue", linewidths=0)
+    positions = _boxes_with_dots(ax, data, dot_size=10, dot_alpha=0.7)
     ax.set_xticks(positions)
     ax.set_xticklabels([f"{k}\n(n={d.size})" for k, d in zip(names, data)], fontsize=8)
     ax.set_xlim(0.4, len(names) + 0.6)
