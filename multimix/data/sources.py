@@ -79,7 +79,7 @@ class Source:
     problems: list[dict] = field(default_factory=list)
     other_files: list[str] = field(default_factory=list)
     fs: Optional[pafs.FileSystem] = field(default=None, repr=False, compare=False)
-    #: the folder that ``path``\ s are relative to (the CSV's folder for the ``csv`` layout)
+    #: the folder that record paths are relative to (the CSV's folder for the ``csv`` layout)
     root_uri: str = ""
 
     def file_uri(self, path: str) -> str:
