@@ -214,8 +214,9 @@ class DatasetWriter:
         # shards of an interrupted run (named by no manifest): ours by name, so safe to remove
         for rel in storage.list_files(storage.join(self.out_uri, "data"), self.st,
                                       recursive=False):
-            if (rel.startswith("part-") and rel.endswith(".parquet")
-                    and f"data/{rel}" not in keep):
+            stale = rel.startswith("part-") and rel.endswith(".parquet") and \
+                f"data/{rel}" not in keep
+            if stale or (rel.startswith(".part-") and rel.endswith(".tmp")):  # or a killed write
                 with storage.storage_errors(self.out_uri, self.st):
                     self.fs.delete_file(f"{self.root}/data/{rel}")
         # new shard names never collide with the old dataset's

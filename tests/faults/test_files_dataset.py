@@ -121,12 +121,14 @@ def test_a_killed_overwrite_keeps_the_old_dataset_and_the_next_run_cleans_up(tmp
     assert (out / "splits" / "s.json").exists()
     orphans = set(storage.list_files(str(out / "data"))) - {s[5:] for s in old["shards"]}
     assert orphans  # the killed run's shards, named by no manifest
+    (out / "data" / ".part-00001.parquet.k1ll3d.tmp").write_bytes(b"half a shard")
 
     monkeypatch.setattr(prep, "_results", real)
     new = _prepare(src_b, out, overwrite=True)
     assert new["num_rows"] == 11 and len(_ids(out)) == 11 and "NORMAL/extra" in _ids(out)
     assert not set(new["shards"]) & set(old["shards"])
-    # the old shards, the orphans and the old splits are gone; only the new shards remain
+    # the old shards, the orphans, the temp file and the old splits are gone; only the new
+    # shards remain
     assert sorted("data/" + f for f in storage.list_files(str(out / "data"))) == sorted(
         new["shards"])
     assert not (out / "splits").exists() and _no_temp_files(out) == []
