@@ -151,3 +151,21 @@ def test_a_failing_manifest_write_leaves_the_previous_manifest(tmp_path, monkeyp
         _prepare(_folder(tmp_path / "b", n=3, seed=4), out, overwrite=True)
     assert prep.read_manifest(str(out)) == old
     assert len(_ids(out)) == old["num_rows"] == 8
+
+
+def test_overwrite_on_s3_replaces_the_dataset_and_records_the_uploaded_bytes(s3_server,
+                                                                            tmp_path):
+    from multimix.config import StorageConfig
+
+    bucket = s3_server.make_bucket("mm-overwrite-faults")
+    st = StorageConfig(**s3_server.storage_overrides())
+    uri = f"s3://{bucket}/ds"
+    old = _prepare(_folder(tmp_path / "a", n=3, seed=5), uri, storage_cfg=st)
+    new = _prepare(_folder(tmp_path / "b", n=5, seed=6), uri, storage_cfg=st, overwrite=True)
+    assert prep.read_manifest(uri, st) == new and not set(new["shards"]) & set(old["shards"])
+    assert sorted(storage.list_files(uri, st)) == sorted(new["shards"] + ["manifest.json",
+                                                                          "report.json"])
+    for i in new["shard_info"]:
+        data = storage.read_bytes(storage.join(uri, i["path"]), st)
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (i["bytes"], i["sha256"])
+    assert len(prep.read_table(uri, ["id"], st)) == new["num_rows"] == 10
