@@ -20,6 +20,14 @@ Issue #20 additions (absent in older checkpoints, which load as before):
   epoch (None for more than two classes), and ``decision`` (``objective.decision``): evaluate and
   predict use the threshold when ``decision`` is not ``"argmax"``
 
+Integrity (issue #16): :func:`save` records ``weights_sha256``, the sha256 of the ``model`` (and
+``student``) tensors (names, dtypes, shapes and bytes, in name order), and writes the file
+atomically (a temporary name renamed over the target: a full disk or a killed process never
+leaves a truncated ``checkpoint.pt``). :func:`load_bytes` recomputes it: flipped bits in the
+weights are a :class:`DataError` ``<file>: checksum mismatch (weights corrupted)``; empty,
+truncated or foreign files are one-line ``DataError`` messages naming the file too. Checkpoints
+written before (no ``weights_sha256``) load as before.
+
 A checkpoint reference may be the file, a directory holding it (a Ray checkpoint directory), or a
 run directory (``<storage>/<name>``: its ``best`` checkpoint is used unless ``which="last"``);
 local or ``s3://``.
@@ -27,6 +35,7 @@ local or ``s3://``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -36,7 +45,7 @@ import numpy as np
 import torch
 
 from multimix.config import Config, load_config, without_removed_keys
-from multimix.errors import UserError
+from multimix.errors import DataError
 from multimix.model import unwrap
 
 FILENAME = "checkpoint.pt"
@@ -115,59 +124,129 @@ def decision_threshold(state: dict) -> float | None:
     return float(state["threshold"])
 
 
-def save(state: dict, path: str) -> None:
-    """Write ``state`` to a local file atomically enough for our use (write then rename)."""
-    import os
-
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+#: the parts of a checkpoint that :func:`weights_digest` covers
+CHECKSUM_KEYS = ("model", "student")
 
 
-def load_bytes(data: bytes) -> dict:
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+def weights_digest(state: dict) -> str:
+    """sha256 (hex) of the weights in ``state``: for ``model`` and ``student`` (when present),
+    every tensor's name, dtype, shape and raw bytes, in sorted name order. Independent of how
+    the file is serialised, so it checks what is loaded, not the container."""
+    h = hashlib.sha256()
+    for key in CHECKSUM_KEYS:
+        sd = state.get(key)
+        if sd is None:
+            continue
+        h.update(f"{key}\0".encode())
+        for name in sorted(sd):
+            t = sd[name]
+            if not isinstance(t, torch.Tensor):
+                h.update(f"{name}\0{t!r}\0".encode())
+                continue
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+            if t.numel():
+                h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def save(state: dict, path: str, storage_cfg=None) -> None:
+    """Write ``state`` with its ``weights_sha256`` to ``path`` (local or ``s3://``) atomically:
+    serialised in memory, written to a temporary name, renamed over ``path`` (one whole upload
+    on S3). A failure (disk full: :class:`StorageError` ``<path>: no space left on device``)
+    leaves the file that was at ``path`` as it was."""
+    from multimix.data import storage
+
+    buf = io.BytesIO()
+    torch.save({**state, "weights_sha256": weights_digest(state)}, buf)
+    storage.write_bytes(path, buf.getbuffer(), storage_cfg)
+
+
+def load_bytes(data: bytes, name: str | None = None) -> dict:
+    """Deserialise and check a checkpoint file's bytes (``weights_only``: no code runs).
+
+    Args:
+        name: how errors name the file (its URI).
+
+    Raises:
+        DataError: empty, truncated, foreign or corrupted file (``<name>: <reason>``).
+    """
+    where = f"{name}: " if name else ""
+    if len(data) == 0:
+        raise DataError(f"{where}empty file (0 bytes), not a checkpoint")
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch's unpickler errors are many kinds
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        if bytes(data[:4]) == b"PK\x03\x04":  # a zip archive: torch.save's format
+            raise DataError(f"{where}truncated or damaged checkpoint file ({first})") from None
+        raise DataError(f"{where}not a checkpoint file (torch.load: {first})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise UserError("not a MultiMix checkpoint (missing format marker)")
+        raise DataError(f"{where}not a MultiMix checkpoint (missing format marker)")
+    recorded = state.get("weights_sha256")
+    if recorded is not None and recorded != weights_digest(state):
+        raise DataError(f"{where}checksum mismatch (weights corrupted)")
     return state
 
 
 def resolve_checkpoint(ref: str, storage_cfg=None, which: str = "best") -> str:
     """Turn a checkpoint reference (file, checkpoint dir, run dir; local or s3://) into the URI
-    of a ``checkpoint.pt`` file."""
+    of a ``checkpoint.pt`` file.
+
+    Raises:
+        DataError: nothing there, no checkpoint in the folder, a broken ``best``/``last.json``.
+        StorageError: S3 trouble (access denied, missing bucket, unreachable endpoint).
+    """
+    import pyarrow.fs as pafs
+
     from multimix.data import storage
 
     fs, path = storage.resolve(ref, storage_cfg)
-    import pyarrow.fs as pafs
 
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
+    def kind(p: str):
+        with storage.storage_errors(ref, storage_cfg):
+            return fs.get_file_info(p).type
+
+    info = kind(path)
+    if info == pafs.FileType.File:
         return ref
-    if info.type == pafs.FileType.NotFound:
-        raise UserError(f"checkpoint {ref!r} does not exist")
-    direct = fs.get_file_info(f"{path}/{FILENAME}")
-    if direct.type == pafs.FileType.File:
+    if info == pafs.FileType.NotFound:
+        if storage.is_s3(ref):
+            storage.check_bucket(ref, storage_cfg)
+        raise DataError(f"{ref}: no such checkpoint (give a checkpoint file, a checkpoint "
+                        "directory or a run directory)")
+    if kind(f"{path}/{FILENAME}") == pafs.FileType.File:
         return storage.join(ref, FILENAME)
-    pointer = fs.get_file_info(f"{path}/{which}.json")
-    if pointer.type == pafs.FileType.File:
-        meta = json.loads(storage.read_bytes(storage.join(ref, f"{which}.json"), storage_cfg))
-        return storage.join(ref, meta["checkpoint"], FILENAME)
-    raise UserError(
+    pointer = storage.join(ref, f"{which}.json")
+    if kind(f"{path}/{which}.json") == pafs.FileType.File:
+        try:
+            meta = json.loads(storage.read_bytes(pointer, storage_cfg))
+            target = storage.join(ref, meta["checkpoint"], FILENAME)
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{pointer}: damaged (expected JSON with a \"checkpoint\" "
+                            "name)") from None
+        if kind(storage.resolve(target, storage_cfg)[1]) != pafs.FileType.File:
+            raise DataError(f"{pointer} names {meta['checkpoint']}, but {target} does not "
+                            "exist")
+        return target
+    raise DataError(
         f"{ref!r} holds no {FILENAME} and no {which}.json: give a checkpoint file, a checkpoint "
         "directory or a run directory written by `multimix train`"
     )
 
 
 def load(ref: str, storage_cfg=None, which: str = "best") -> dict:
-    """Load a checkpoint state dict from a reference (see module docstring)."""
+    """Load and check a checkpoint state dict from a reference (see the module docstring).
+
+    Raises:
+        DataError: missing, empty, truncated, foreign or corrupted (checksum) checkpoint; the
+            message names the file.
+        StorageError: S3 trouble while resolving or reading it.
+    """
     from multimix.data import storage
 
     uri = resolve_checkpoint(ref, storage_cfg, which)
-    try:
-        return load_bytes(storage.read_bytes(uri, storage_cfg))
-    except UserError as exc:
-        raise UserError(f"{uri}: {exc}") from None
-    except Exception as exc:  # torch's unpickler errors are many kinds
-        raise UserError(f"{uri}: cannot load checkpoint: {exc}") from None
+    return load_bytes(storage.read_bytes(uri, storage_cfg), name=uri)
 
 
 def load_model(ref: str, storage_cfg=None, which: str = "best", device: str = "cpu"):

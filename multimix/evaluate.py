@@ -256,7 +256,9 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
                 w.writerows(rows)
             report["per_image"] = {**report.get("per_image", {}),
                                    task: dest(out / f"images_{task}.csv")}
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    from multimix.data.storage import write_text  # atomic (issue #16)
+
+    write_text(str(out / "report.json"), json.dumps(report, indent=2, default=_json_default))
     markdown = _markdown(report)
     (out / "report.md").write_text(markdown)
     return {"json": dest(out / "report.json"), "markdown": dest(out / "report.md"),

@@ -1,8 +1,13 @@
 """``multimix predict --checkpoint CKPT IMAGE...``: pneumonia probability, lung mask, saliency.
 
-Any image Pillow reads: any size, grey or RGB(A), 8- or 16-bit. Each image is converted to 8-bit
-grey, resized to the model's input size (the same preprocessing as training), and the outputs are
-resized back to the original size. For ``IMAGE`` named ``x.png`` it writes into ``--out``:
+Any image Pillow reads: any size from 32 pixels a side, grey or RGB(A), 8- or 16-bit; an
+``IMAGE`` may be a directory (its images, recursively, sorted; the count is printed). Each image
+is converted to 8-bit grey, resized to the model's input size (the same preprocessing as
+training), and the outputs are resized back to the original size — for images over
+:data:`MAX_SIDE` pixels a side, to the size they were decoded at: they are decoded reduced by an
+integer factor (JPEG: by the decoder, ``Image.draft``; others: ``Image.reduce``), so memory stays
+bounded (an 8000x8000 image is never held at full size as floats). For ``IMAGE`` named ``x.png``
+it writes into ``--out``:
 
 - ``x_mask.png``      lung mask (0/255) at the original size
 - ``x_saliency.png``  |∂ max class score / ∂ input|, scaled to 0..255, at the original size
@@ -12,7 +17,8 @@ and ``predictions.json`` with one entry per image: the class probabilities, the 
 class (argmax, or — for a checkpoint trained with ``objective.decision`` other than argmax — the
 threshold on p(class 1) chosen on its validation split, given as ``threshold``, with the argmax
 class beside it as ``predicted_argmax``). A file that is not an image (or is truncated)
-gets a clear error line and the others are still processed; the exit code is then 1.
+gets a clear error line and the others are still processed; the exit code is then 1. So does an
+image smaller than :data:`MIN_SIDE` pixels on a side.
 """
 
 from __future__ import annotations
@@ -23,9 +29,16 @@ from pathlib import Path
 
 import numpy as np
 
+#: images with a side below this are refused (nothing meaningful to segment)
+MIN_SIDE = 32
+#: images with a longer side above this are decoded reduced to at most this (outputs too)
+MAX_SIDE = 2048
+
 
 def add_arguments(p) -> None:
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (png, jpeg, tiff, ...)")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files (png, jpeg, tiff, ...) or directories (their images, "
+                        "recursively)")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint.pt, a checkpoint directory, or a run directory (uses best)")
     p.add_argument("--out", default="predictions",
@@ -80,12 +93,48 @@ def predict_array(model, cfg, grey: np.ndarray, device: str = "cpu",
     return out
 
 
+def expand_inputs(paths: list[str]) -> tuple[list[str], list[str]]:
+    """``IMAGE`` arguments → ``(image files, error lines)``: a directory gives its image files
+    (extensions of :data:`multimix.data.images.IMAGE_EXTENSIONS`, recursively, sorted, hidden
+    ones left out) and prints their count; a missing path or an image-less directory is an error
+    line naming it."""
+    from multimix.data.images import IMAGE_EXTENSIONS
+
+    files, errors = [], []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            found = sorted(str(f) for f in path.rglob("*")
+                           if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(part.startswith(".")
+                                       for part in f.relative_to(path).parts))
+            if not found:
+                errors.append(f"{p}: directory holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            else:
+                print(f"{p}: {len(found)} image(s)")
+            files.extend(found)
+        elif path.is_file():
+            files.append(p)
+        else:
+            errors.append(f"{p}: no such file or directory")
+    return files, errors
+
+
 def run(args) -> int:
     from multimix import checkpoint
     from multimix.config import load_config
     from multimix.data import storage
 
     storage_cfg = load_config(args.config, args.set).storage
+    images, errors = expand_inputs(args.images)
+    if not images:
+        from multimix.errors import DataError
+
+        raise DataError(errors[0] if len(errors) == 1
+                        else "no images to predict: " + "; ".join(errors))
+    for line in errors:
+        print(f"multimix predict: error: {line}", file=sys.stderr)
+    args.images = images
     model, cfg, state = checkpoint.load_model(args.checkpoint, storage_cfg, device=args.device)
     classes = state.get("classes") or [f"class{i}" for i in range(cfg.model.num_classes)]
     threshold = checkpoint.decision_threshold(state)
@@ -93,7 +142,8 @@ def run(args) -> int:
         results, failed = _predict_all(args, model, cfg, classes, out_dir,
                                        lambda p: storage.output_uri(args.out, out_dir, p),
                                        threshold)
-    print(f"wrote {len(results) - failed} prediction(s) to {args.out}"
+    ok, failed = len(results) - failed, failed + len(errors)
+    print(f"wrote {ok} prediction(s) to {args.out}"
           + (f"; {failed} file(s) failed" if failed else ""))
     return 1 if failed else 0
 
@@ -105,22 +155,31 @@ def _predict_all(args, model, cfg, classes: list, out_dir: Path, dest,
     p(class 1) (None: argmax)."""
     from PIL import Image
 
-    from multimix.data.images import load_grey
+    from multimix.data.images import load_grey_bounded
     from multimix.errors import UserError
     from multimix.plots import overlay_png
 
     results, failed = [], 0
+    stems: set[str] = set()
     for path in args.images:
         try:
-            grey = load_grey(path)
+            grey, (h0, w0) = load_grey_bounded(path, max(MAX_SIDE, cfg.data.image_size),
+                                               MIN_SIDE)
         except (UserError, OSError) as exc:
             failed += 1
-            print(f"multimix predict: error: {path}: {exc}", file=sys.stderr)
-            results.append({"image": path, "error": str(exc)})
+            msg = str(exc) if path in str(exc) else f"{path}: {exc}"
+            print(f"multimix predict: error: {msg}", file=sys.stderr)
+            results.append({"image": path, "error": msg})
             continue
         pred = predict_array(model, cfg, grey, args.device, args.threshold)
-        stem = Path(path).stem
-        entry: dict = {"image": path, "height": int(grey.shape[0]), "width": int(grey.shape[1])}
+        stem, n = Path(path).stem, 1
+        while stem in stems:  # same name in two folders: x, x-2, x-3 ...
+            n += 1
+            stem = f"{Path(path).stem}-{n}"
+        stems.add(stem)
+        entry: dict = {"image": path, "height": h0, "width": w0}
+        if grey.shape != (h0, w0):
+            entry["output_height"], entry["output_width"] = map(int, grey.shape)
         if pred["probs"] is not None:
             entry["probabilities"] = {c: float(p) for c, p in zip(classes, pred["probs"])}
             if "PNEUMONIA" in classes:

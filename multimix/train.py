@@ -335,7 +335,8 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     state, source = None, None
     if restored is not None:
         with restored.as_directory() as d:
-            state = ckpt_mod.load_bytes((Path(d) / ckpt_mod.FILENAME).read_bytes())
+            state = ckpt_mod.load_bytes((Path(d) / ckpt_mod.FILENAME).read_bytes(),
+                                        name=f"{restored.path}/{ckpt_mod.FILENAME}")
         source = restored.path
     # An interruption between a checkpoint's upload and Ray's own bookkeeping leaves Ray an older
     # checkpoint (or none); last.json is written only after the checkpoint is persisted.
@@ -442,7 +443,7 @@ def _read_last_checkpoint(storage_ctx):
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None, None
     with fs.open_input_stream(path) as f:
-        return ckpt_mod.load_bytes(f.read()), path
+        return ckpt_mod.load_bytes(f.read(), name=path), path
 
 
 def _write_run_files(storage_ctx, cfg: Config, history: list[dict], name: str) -> None:
@@ -450,9 +451,10 @@ def _write_run_files(storage_ctx, cfg: Config, history: list[dict], name: str) -
     fs, root = storage_ctx.storage_filesystem, storage_ctx.experiment_fs_path
     metric, mode = cfg.run.checkpoint_metric, cfg.run.checkpoint_mode
 
-    def put(fname: str, obj) -> None:
-        with fs.open_output_stream(f"{root}/{fname}") as f:
-            f.write(json.dumps(obj, indent=1, default=float).encode())
+    def put(fname: str, obj) -> None:  # atomic: a kill never leaves a truncated last.json
+        from multimix.data.storage import write_file
+
+        write_file(fs, f"{root}/{fname}", json.dumps(obj, indent=1, default=float).encode())
 
     def at_least(a, b):
         return a >= b if mode == "max" else a <= b

@@ -27,10 +27,12 @@ from multimix.errors import DataError
 __all__ = [
     "IMAGE_EXTENSIONS",
     "load_grey",
+    "load_grey_bounded",
     "to_grey",
     "resize_image",
     "resize_mask",
     "binarize_mask",
+    "mask_levels",
     "encode_png",
     "decode_png",
     "decode_mask_png",
@@ -74,25 +76,73 @@ def load_grey(src: Source, name: str | None = None) -> np.ndarray:
     Raises:
         DataError: the file is missing, not an image, truncated or otherwise undecodable.
     """
+    return _open_grey(src, name, None)
+
+
+def load_grey_bounded(src: Source, max_side: int, min_side: int = 1,
+                      name: str | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`load_grey` with bounded memory for huge images (``multimix predict``).
+
+    Images whose longer side exceeds ``max_side`` are decoded reduced by the smallest integer
+    factor that brings it to ``max_side`` or below: JPEGs by the decoder itself
+    (``Image.draft``: 1/2, 1/4 or 1/8 scale, the full-size pixels are never held), other
+    formats with ``Image.reduce`` (a box filter) right after decoding, before any conversion.
+
+    Returns:
+        ``(grey uint8 (h, w), (H, W))``: the (possibly reduced) image and the file's size.
+
+    Raises:
+        DataError: as :func:`load_grey`; also when the image is smaller than ``min_side`` pixels
+            on a side (``<name>: image is 1x1 pixels, smaller than the 32-pixel minimum``).
+    """
+    return _open_grey(src, name, (max_side, min_side))
+
+
+def _open_grey(src: Source, name: str | None, bounds: Optional[tuple[int, int]]):
     if isinstance(src, (bytes, bytearray, memoryview)):
         label = name or "<bytes>"
+        if len(src) == 0:
+            raise DataError(f"{label}: empty file (0 bytes)")
         fp: object = io.BytesIO(bytes(src))
     else:
         label = name or os.fspath(src)
         fp = Path(src)
         if not fp.is_file():
             raise DataError(f"{label}: no such file")
+        if fp.stat().st_size == 0:
+            raise DataError(f"{label}: empty file (0 bytes)")
     # Truncated files must fail, not decode into a half-grey image (Pillow's global switch).
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with Image.open(fp) as im:  # type: ignore[arg-type]
-            im.load()
-            return to_grey(im)
+            if bounds is None:
+                im.load()
+                return to_grey(im)
+            return _bounded(im, label, *bounds)
     except DataError as exc:
         raise DataError(f"{label}: {exc}") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{label}: not a readable image (format not recognised)") from None
     except _DECODE_ERRORS as exc:
         reason = str(exc) or type(exc).__name__
         raise DataError(f"{label}: not a readable image ({reason})") from None
+
+
+def _bounded(im: Image.Image, label: str, max_side: int,
+             min_side: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode ``im`` (opened, not loaded) reduced so its longer side is ``<= max_side``."""
+    W, H = im.size
+    if min(W, H) < min_side:
+        raise DataError(f"image is {W}x{H} pixels, smaller than the {min_side}-pixel minimum")
+    factor = -(-max(W, H) // max_side)  # ceil
+    if factor > 1 and im.format == "JPEG":
+        # the decoder scales by 1/2, 1/4 or 1/8 while decoding (never below the size asked)
+        im.draft(None, (max(1, W // factor), max(1, H // factor)))  # None: keep the mode
+    im.load()
+    left = -(-max(im.size) // max_side)
+    if left > 1:
+        im = im.reduce(left)
+    return to_grey(im), (H, W)
 
 
 def to_grey(im: Image.Image) -> np.ndarray:
@@ -190,26 +240,46 @@ def resize_image(a: np.ndarray, size: int) -> np.ndarray:
     return np.array(im, dtype=np.uint8)
 
 
-def binarize_mask(a: np.ndarray) -> np.ndarray:
+#: default of :func:`binarize_mask` (``prepare --mask-threshold``): a pixel > 127 is foreground
+MASK_THRESHOLD = 127
+
+
+def binarize_mask(a: np.ndarray, threshold: int = MASK_THRESHOLD) -> np.ndarray:
     """Mask of any 8-bit encoding → ``uint8`` {0, 1}.
 
-    0/1 masks (maximum ≤ 1) are kept; anything else is thresholded at the middle of the 8-bit
-    range (``> 127``), so 0/255 masks and lossy-compressed masks with values near 0 and 255 both
-    come out clean.
+    0/1 masks (maximum ≤ 1) are kept; anything else is thresholded: a pixel is foreground when
+    its value is ``> threshold`` (default 127, the middle of the 8-bit range), so 0/255 masks and
+    lossy-compressed masks with values near 0 and 255 both come out clean.
     """
     a = _check_2d_u8(a, "binarize_mask")
     if a.max(initial=0) <= 1:
         return a.copy()
-    return (a > 127).astype(np.uint8)
+    return (a > threshold).astype(np.uint8)
 
 
-def resize_mask(a: np.ndarray, size: int) -> np.ndarray:
+def mask_levels(a: np.ndarray) -> Optional[dict]:
+    """``None`` for a binary mask (at most two grey levels, the lower one 0, or one level);
+    else ``{"levels": distinct values, "mid_fraction": share of pixels strictly between the
+    lowest and highest level}`` (a grey-level gradient, an anti-aliased or soft mask).
+
+    Args:
+        a: ``uint8 (H, W)`` as read from the file.
+    """
+    counts = np.bincount(np.asarray(a, np.uint8).ravel(), minlength=256)
+    levels = np.flatnonzero(counts)
+    if len(levels) <= 1 or (len(levels) == 2 and levels[0] == 0):
+        return None
+    mid = counts[levels[0] + 1:levels[-1]].sum()
+    return {"levels": int(len(levels)), "mid_fraction": round(float(mid / counts.sum()), 4)}
+
+
+def resize_mask(a: np.ndarray, size: int, threshold: int = MASK_THRESHOLD) -> np.ndarray:
     """Binarise (see :func:`binarize_mask`) and resize a mask to ``(size, size)``, nearest neighbour.
 
     Returns:
         ``uint8 (size, size)`` with values in {0, 1}.
     """
-    m = binarize_mask(a)
+    m = binarize_mask(a, threshold)
     if size < 1:
         raise ValueError(f"resize_mask: size must be >= 1, got {size}")
     if m.shape == (size, size):

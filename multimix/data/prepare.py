@@ -23,6 +23,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import secrets
 import sys
 import time
 from collections import Counter, defaultdict
@@ -38,8 +39,8 @@ import pyarrow.parquet as pq
 from multimix import __version__
 from multimix.config import StorageConfig
 from multimix.data import storage
-from multimix.data.images import (IMAGE_PNG_LEVEL, MASK_PNG_LEVEL, encode_png, load_grey,
-                                   resize_image, resize_mask)
+from multimix.data.images import (IMAGE_PNG_LEVEL, MASK_PNG_LEVEL, MASK_THRESHOLD, encode_png,
+                                   load_grey, mask_levels, resize_image, resize_mask)
 from multimix.data.sources import LAYOUTS, Record, discover
 from multimix.errors import DataError, UserError
 
@@ -183,6 +184,7 @@ class DatasetWriter:
         self.fs, self.root = storage.resolve(out_uri, storage_cfg)
         self._clear_previous(overwrite)
         self.shards: list[str] = []
+        self.shard_info: list[dict] = []
         self._buf: list[dict] = []
         self._buf_bytes = 0
         self.num_rows = 0
@@ -193,21 +195,47 @@ class DatasetWriter:
         self.with_ignore = 0
 
     def _clear_previous(self, overwrite: bool) -> None:
+        """Refuse an existing dataset unless ``overwrite``; remove leftovers of killed runs.
+
+        The previous dataset stays valid until :meth:`finish` has written the new manifest: new
+        shards get names the old manifest does not use, and the old shards are deleted only
+        after the new manifest is in place (:meth:`_drop_old`)."""
         m = storage.join(self.out_uri, "manifest.json")
+        self._old: Optional[dict] = None
         if storage.exists(m, self.st):
             if not overwrite:
                 raise DataError(f"{self.out_uri} already holds a prepared dataset; choose another "
                                 "--out or pass --overwrite")
-            with storage.storage_errors(self.out_uri, self.st):
-                self.fs.delete_file(storage.resolve(m, self.st)[1])
-            for sub in ("splits",):
-                storage.delete_dir(storage.join(self.out_uri, sub), self.st)
-        # stale shards of an interrupted run (no manifest): ours by name, so safe to remove
+            try:
+                self._old = read_manifest(self.out_uri, self.st)
+            except DataError:  # a damaged manifest: nothing of it is worth keeping
+                self._old = {"shards": []}
+        keep = set(self._old.get("shards") or []) if self._old else set()
+        # shards of an interrupted run (named by no manifest): ours by name, so safe to remove
         for rel in storage.list_files(storage.join(self.out_uri, "data"), self.st,
                                       recursive=False):
-            if rel.startswith("part-") and rel.endswith(".parquet"):
+            stale = rel.startswith("part-") and rel.endswith(".parquet") and \
+                f"data/{rel}" not in keep
+            if stale or (rel.startswith(".part-") and rel.endswith(".tmp")):  # or a killed write
                 with storage.storage_errors(self.out_uri, self.st):
                     self.fs.delete_file(f"{self.root}/data/{rel}")
+        # new shard names never collide with the old dataset's
+        self._prefix = "part-" if not keep else f"part-{secrets.token_hex(4)}-"
+
+    def _drop_old(self) -> None:
+        """After the new manifest is written: delete the old dataset's shards and its splits
+        (made for other rows)."""
+        if self._old is None:
+            return
+        for rel in set(self._old.get("shards") or []) - set(self.shards):
+            if rel.startswith("data/part-") and "/" not in rel[len("data/"):]:
+                with storage.storage_errors(self.out_uri, self.st):
+                    try:
+                        self.fs.delete_file(f"{self.root}/{rel}")
+                    except FileNotFoundError:
+                        pass
+        storage.delete_dir(storage.join(self.out_uri, "splits"), self.st)
+        self._old = None
 
     def add(self, row: dict) -> None:
         self._buf.append(row)
@@ -223,27 +251,32 @@ class DatasetWriter:
             self._flush()
 
     def _flush(self) -> None:
+        """Write the buffered rows as the next shard: serialised in memory, then written whole
+        (:func:`storage.write_file`: atomic rename locally, one upload on S3), and recorded in
+        ``shard_info`` with the row count, byte size and sha256 of exactly those bytes."""
         if not self._buf:
             return
         cols = {name: [r.get(name) for r in self._buf] for name in SCHEMA.names}
         table = pa.Table.from_pydict(cols, schema=SCHEMA)
-        rel = f"data/part-{len(self.shards):05d}.parquet"
+        rel = f"data/{self._prefix}{len(self.shards):05d}.parquet"
         uri = storage.join(self.out_uri, rel)
-        with storage.storage_errors(uri, self.st):
-            if isinstance(self.fs, pafs.LocalFileSystem):
-                self.fs.create_dir(f"{self.root}/data", recursive=True)
-            with self.fs.open_output_stream(f"{self.root}/{rel}") as f:
-                pq.write_table(table, f, row_group_size=ROW_GROUP_ROWS,
-                               compression=COMPRESSION, use_dictionary=["source", "task"])
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS,
+                       compression=COMPRESSION, use_dictionary=["source", "task"])
+        data = memoryview(sink.getvalue())
+        storage.write_file(self.fs, f"{self.root}/{rel}", data, uri=uri, storage_cfg=self.st)
         self.shards.append(rel)
+        self.shard_info.append({"path": rel, "rows": table.num_rows, "bytes": data.nbytes,
+                                "sha256": hashlib.sha256(data).hexdigest()})
         self._buf, self._buf_bytes = [], 0
 
     def abort(self) -> None:
-        """Remove the shards written so far (no manifest was written: the set is incomplete)."""
+        """Remove the shards written so far (no manifest was written: the set is incomplete;
+        a previous dataset at ``out_uri`` is left as it was)."""
         for rel in self.shards:
             with storage.storage_errors(self.out_uri, self.st):
                 self.fs.delete_file(f"{self.root}/{rel}")
-        self.shards, self._buf = [], []
+        self.shards, self.shard_info, self._buf = [], [], []
 
     def duplicate_groups(self) -> list[list[int]]:
         """Row indices of byte-identical files, groups of ≥ 2, sorted by first id."""
@@ -255,8 +288,13 @@ class DatasetWriter:
 
     def finish(self, *, source: str, task: str, image_size: int,
                classes: Optional[list[str]], skipped: list[dict], parameters: dict,
-               ignored_files: Iterable[str] = (), synthetic: bool = False) -> dict:
-        """Flush the last shard, write ``report.json`` and ``manifest.json``; return the manifest."""
+               ignored_files: Iterable[str] = (), synthetic: bool = False,
+               non_binary: Iterable[dict] = ()) -> dict:
+        """Flush the last shard, write ``report.json`` and ``manifest.json`` (the commit point),
+        then delete a replaced dataset's shards; return the manifest.
+
+        ``non_binary``: masks with more than two grey levels (``{"path", "kind", "levels",
+        "mid_fraction"}``), listed in the report and counted in the manifest (seg only)."""
         self._flush()
         if self.num_rows == 0:
             raise DataError(f"no rows to write to {self.out_uri}: every file was skipped "
@@ -276,8 +314,10 @@ class DatasetWriter:
             counts = {"cls": {c: int(counts_by_label.get(i, 0)) for i, c in enumerate(classes)}}
         else:
             counts = {"seg": self.num_rows, "with_ignore": int(self.with_ignore)}
+        non_binary = list(non_binary)
         report = {"source": source, "num_rows": self.num_rows, "skipped": skipped,
-                  "duplicates": dup_report, "ignored_files": sorted(ignored_files)}
+                  "duplicates": dup_report, "ignored_files": sorted(ignored_files),
+                  **({"non_binary_masks": non_binary} if task == "seg" else {})}
         storage.write_text(storage.join(self.out_uri, "report.json"),
                            json.dumps(report, indent=1) + "\n", self.st)
         manifest = {
@@ -289,17 +329,21 @@ class DatasetWriter:
             **({"classes": list(classes)} if task == "cls" else {}),
             "counts": counts,
             "shards": list(self.shards),
+            "shard_info": [dict(i) for i in self.shard_info],
             "row_order": ROW_ORDER,
             "duplicate_groups": [[self.ids[i] for i in g] for g in groups],
             "skipped": len(skipped),
+            **({"non_binary_masks": len(non_binary)} if task == "seg" else {}),
             "report": "report.json",
             "synthetic": bool(synthetic),
             "parameters": parameters,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "multimix_version": __version__,
         }
+        # the commit point: until this rename/upload, readers see the previous dataset (if any)
         storage.write_text(storage.join(self.out_uri, "manifest.json"),
                            json.dumps(manifest, indent=1) + "\n", self.st)
+        self._drop_old()
         return manifest
 
 
@@ -342,15 +386,19 @@ def _load(fs, path: str, rel: str, what: str) -> tuple[Optional[bytes], Optional
 
 
 def process_record(rec: Record, image_size: int, source: str, task: str,
-                   fs: pafs.FileSystem, png_level: int = IMAGE_PNG_LEVEL) -> tuple[str, dict]:
+                   fs: pafs.FileSystem, png_level: int = IMAGE_PNG_LEVEL,
+                   mask_threshold: int = MASK_THRESHOLD) -> tuple[str, dict]:
     """Decode, check, resize and encode one record (the image at zlib level ``png_level``,
-    masks at :data:`~multimix.data.images.MASK_PNG_LEVEL`).
+    masks at :data:`~multimix.data.images.MASK_PNG_LEVEL`, binarised with ``> mask_threshold``
+    unless they are 0/1 masks).
 
-    Returns ``("row", row_dict)`` or ``("skip", {"path", "reason"})``.
+    Returns ``("row", row_dict)`` or ``("skip", {"path", "reason", "file"})``; a row whose mask
+    or ignore mask is not binary (:func:`~multimix.data.images.mask_levels`) carries
+    ``row["_non_binary"]``: ``[{"path", "kind", "levels", "mid_fraction"}]`` (not a column).
     """
     data, img, why = _load(fs, rec.image_file, rec.path, "image")
     if why:
-        return "skip", {"path": rec.path, "reason": why}
+        return "skip", {"path": rec.path, "reason": why, "file": rec.image_file}
     h, w = img.shape
     row = {
         "id": rec.id, "source": source, "task": task,
@@ -364,18 +412,23 @@ def process_record(rec: Record, image_size: int, source: str, task: str,
             continue
         _, m, why = _load(fs, file, rel, kind)
         if why:
-            return "skip", {"path": rec.path, "reason": f"{why} ({rel})"}
+            return "skip", {"path": rec.path, "reason": f"{why} ({rel})", "file": file}
         if m.shape != (h, w):
             return "skip", {"path": rec.path,
                             "reason": f"{kind} {rel} is {m.shape[1]}x{m.shape[0]} but the image "
-                                      f"is {w}x{h} (width x height)"}
-        row[kind] = encode_png(resize_mask(m, image_size) * np.uint8(255), MASK_PNG_LEVEL)
+                                      f"is {w}x{h} (width x height)", "file": file}
+        levels = mask_levels(m)
+        if levels is not None:
+            row.setdefault("_non_binary", []).append({"path": rel, "kind": kind, **levels})
+        row[kind] = encode_png(resize_mask(m, image_size, mask_threshold) * np.uint8(255),
+                               MASK_PNG_LEVEL)
     return "row", row
 
 
 def _process_chunk(recs: list[Record], image_size: int, source: str,
-                   task: str, png_level: int) -> list[tuple[str, dict]]:
-    return [process_record(r, image_size, source, task, _WORKER_FS, png_level) for r in recs]
+                   task: str, png_level: int, mask_threshold: int) -> list[tuple[str, dict]]:
+    return [process_record(r, image_size, source, task, _WORKER_FS, png_level, mask_threshold)
+            for r in recs]
 
 
 def default_workers() -> int:
@@ -387,14 +440,14 @@ def default_workers() -> int:
 
 
 def _results(records: list[Record], image_size: int, source: str, task: str,
-             fs: pafs.FileSystem, workers: int,
-             png_level: int = IMAGE_PNG_LEVEL) -> Iterator[tuple[str, dict]]:
+             fs: pafs.FileSystem, workers: int, png_level: int = IMAGE_PNG_LEVEL,
+             mask_threshold: int = MASK_THRESHOLD) -> Iterator[tuple[str, dict]]:
     """Process all records; yield results in record order. At most ``4 × workers`` chunks are in
     flight, so memory stays bounded on large sets."""
     chunks = [records[i:i + _CHUNK] for i in range(0, len(records), _CHUNK)]
     if workers <= 1 or len(chunks) <= 1:
         for rec in records:
-            yield process_record(rec, image_size, source, task, fs, png_level)
+            yield process_record(rec, image_size, source, task, fs, png_level, mask_threshold)
         return
     ctx = multiprocessing.get_context("spawn")  # no fork: the parent may run Ray/S3 threads
     with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx,
@@ -404,7 +457,7 @@ def _results(records: list[Record], image_size: int, source: str, task: str,
         try:
             for chunk in it:
                 pending.append(ex.submit(_process_chunk, chunk, image_size, source, task,
-                                         png_level))
+                                         png_level, mask_threshold))
                 if len(pending) >= 4 * workers:
                     yield from pending.pop(0).result()
             while pending:
@@ -440,26 +493,49 @@ def _check_png_level(level) -> None:
         raise UserError(f"--png-level must be an integer from 0 to 9, got {level!r}")
 
 
+def _check_mask_threshold(t) -> None:
+    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= 254:
+        raise UserError(f"--mask-threshold must be an integer from 0 to 254, got {t!r}")
+
+
+def _file_uri(src, item: dict) -> str:
+    """The URI of the file a skip ``item`` is about (for ``--strict`` messages)."""
+    f = item.get("file")
+    if f is None:
+        return src.file_uri(item["path"])
+    return f"s3://{f}" if storage.is_s3(src.uri) else f
+
+
 def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: int = 256,
             source_name: Optional[str] = None, storage_cfg: Optional[StorageConfig] = None,
             strict: bool = False, split: Optional[str] = None, shard_rows: int = 1000,
             workers: Optional[int] = None, progress: bool = True,
-            overwrite: bool = False, png_level: int = IMAGE_PNG_LEVEL) -> dict:
+            overwrite: bool = False, png_level: int = IMAGE_PNG_LEVEL,
+            classes: Optional[list[str]] = None,
+            mask_threshold: int = MASK_THRESHOLD) -> dict:
     """Prepare the dataset at ``source_uri`` (folder or CSV, local or ``s3://``) into ``out_uri``.
 
     Args:
         layout: ``auto`` | ``folders`` | ``pairs`` | ``csv`` (see :mod:`multimix.data.sources`).
         image_size: side of the stored square images/masks (area filter when shrinking).
         source_name: the ``source`` column and manifest field (default: the folder's name).
-        strict: raise :class:`DataError` at the first file that would be skipped.
+        strict: raise :class:`DataError` at the first file that would be skipped (unreadable
+            file, unknown label, mask of the wrong size).
         split: for class folders with a split level (``train/``…): which one.
         shard_rows: rows per Parquet shard.
         workers: decoding processes (default: one per available CPU; 1 = in this process).
         progress: print a progress line to stderr every few seconds.
-        overwrite: replace an existing prepared dataset at ``out_uri``.
+        overwrite: replace an existing prepared dataset at ``out_uri`` (it stays readable until
+            the new manifest is written).
         png_level: zlib level of the stored images, 0 (default: uncompressed deflate blocks,
             ~1.4x the bytes of level 1, decoded 3-7x faster every epoch) to 9. Masks are
             always stored at level 1 (they compress ~30x).
+        classes: the class set in label order (``--classes NORMAL,PNEUMONIA``); rows with any
+            other label are skipped as unknown labels. Default: inferred
+            (:mod:`multimix.data.sources`).
+        mask_threshold: masks other than 0/1 masks: a pixel ``> mask_threshold`` is lung.
+            Masks with more than two grey levels are counted and listed in ``report.json``
+            (``non_binary_masks``).
 
     Returns:
         The manifest (also written to ``out_uri/manifest.json``).
@@ -467,36 +543,44 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
     if image_size < 8:
         raise UserError(f"--size must be >= 8, got {image_size}")
     _check_png_level(png_level)
-    src = discover(source_uri, layout, split=split, name=source_name, storage_cfg=storage_cfg)
+    _check_mask_threshold(mask_threshold)
+    src = discover(source_uri, layout, split=split, name=source_name, classes=classes,
+                   storage_cfg=storage_cfg)
     if strict and src.problems:
         p = src.problems[0]
-        raise DataError(f"{storage.join(source_uri, p['path'])}: {p['reason']} (--strict; "
+        raise DataError(f"{src.file_uri(p['path'])}: {p['reason']} (--strict; "
                         f"{len(src.problems)} such problem(s) in the layout)")
     writer = DatasetWriter(out_uri, storage_cfg, shard_rows=shard_rows, overwrite=overwrite)
     workers = default_workers() if workers is None else max(1, int(workers))
     skipped = list(src.problems)
+    non_binary: list[dict] = []
     prog = _Progress(len(src.records), progress, f"prepare {src.name}")
     done = 0
     records = sorted(src.records, key=lambda r: row_order_key(r.id))
     for kind, item in _results(records, image_size, src.name, src.task, src.fs, workers,
-                               png_level):
+                               png_level, mask_threshold):
         done += 1
         if kind == "skip":
             if strict:
                 writer.abort()
-                raise DataError(f"{storage.join(source_uri, item['path'])}: {item['reason']} "
-                                "(--strict)")
+                raise DataError(f"{_file_uri(src, item)}: {item['reason']} (--strict)")
+            item.pop("file", None)
             skipped.append(item)
         else:
+            non_binary.extend(item.pop("_non_binary", ()))
             writer.add(item)
         prog.update(done, len(skipped))
     prog.update(done, len(skipped), final=True)
     parameters = {"source_uri": source_uri, "layout": src.layout, "split": src.split,
                   "image_size": image_size, "strict": strict, "shard_rows": shard_rows,
                   "png_level": png_level}
+    if src.task == "seg":
+        parameters["mask_threshold"] = mask_threshold
+    if classes is not None:
+        parameters["classes"] = list(src.classes or [])
     return writer.finish(source=src.name, task=src.task, image_size=image_size,
                          classes=src.classes, skipped=skipped, parameters=parameters,
-                         ignored_files=src.other_files)
+                         ignored_files=src.other_files, non_binary=non_binary)
 
 
 def prepare_demo(out_uri: str, *, n_cls: int = 400, n_seg: int = 100, image_size: int = 64,
@@ -551,14 +635,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default=None,
                    help="split folder to use when the class folders sit below train/, test/ …")
     p.add_argument("--strict", action="store_true",
-                   help="fail at the first unreadable file instead of skipping and reporting it")
+                   help="fail at the first unreadable file or unknown label instead of skipping "
+                        "and reporting it")
     p.add_argument("--workers", type=int, default=None,
                    help="decoding processes (default: one per CPU)")
     p.add_argument("--shard-rows", type=int, default=1000, help="rows per Parquet shard")
     p.add_argument("--png-level", type=int, default=IMAGE_PNG_LEVEL, metavar="0-9",
                    help="zlib level of the stored images (default 0: uncompressed, ~1.4x the "
                         "bytes of 1, decoded 3-7x faster on every epoch; 1-9: smaller shards)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    p.add_argument("--classes", default=None, metavar="A,B",
+                   help="class names in label order (e.g. NORMAL,PNEUMONIA); rows with any other "
+                        "label (a CSV typo, an integer >= the count, another class folder) are "
+                        "skipped as unknown labels and listed in report.json (fatal with "
+                        "--strict). Default: the class folders; for a CSV, the labels found")
+    p.add_argument("--mask-threshold", type=int, default=MASK_THRESHOLD, metavar="0-254",
+                   help="masks that are not 0/1: a pixel > this value is lung (default 127). "
+                        "Masks with more than two grey levels are counted, printed and listed "
+                        "in report.json (non_binary_masks)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset at --out (the old one stays readable until "
+                        "the new one is complete)")
     p.add_argument("--demo", action="store_true",
                    help="write the built-in synthetic demo set (<out>/cls and <out>/seg) instead")
     p.add_argument("--demo-count", type=int, default=400,
@@ -576,9 +672,13 @@ def _summary(m: dict, out_uri: str) -> str:
     else:
         counts = f"{m['counts']['seg']} image-mask pairs, {m['counts']['with_ignore']} with ignore"
     dups = len(m["duplicate_groups"])
+    nb = m.get("non_binary_masks")
+    thr = m.get("parameters", {}).get("mask_threshold", MASK_THRESHOLD)
+    nb_text = (f"; {nb} non-binary mask(s) (more than two grey levels; binarised at > {thr}, "
+               "--mask-threshold)" if nb else "")
     return (f"{out_uri}: {m['num_rows']} rows ({counts}) at {m['image_size']}px, "
-            f"{len(m['shards'])} shard(s); {dups} duplicate group(s); {m['skipped']} skipped; "
-            f"report: {storage.join(out_uri, m['report'])}")
+            f"{len(m['shards'])} shard(s); {dups} duplicate group(s); {m['skipped']} skipped"
+            f"{nb_text}; report: {storage.join(out_uri, m['report'])}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -603,6 +703,8 @@ def run(args: argparse.Namespace) -> int:
     m = prepare(args.source, args.out, layout=args.layout, image_size=size,
                 source_name=args.name, storage_cfg=cfg.storage, strict=args.strict,
                 split=args.split, shard_rows=args.shard_rows, workers=args.workers,
-                progress=not args.quiet, overwrite=args.overwrite, png_level=args.png_level)
+                progress=not args.quiet, overwrite=args.overwrite, png_level=args.png_level,
+                classes=args.classes.split(",") if args.classes else None,
+                mask_threshold=args.mask_threshold)
     print(_summary(m, args.out))
     return 0

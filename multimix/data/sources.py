@@ -15,12 +15,22 @@ Three layouts (``layout="auto"`` picks one, see :func:`detect_layout`):
              ignore_path]`` (task ``seg``); paths relative to the CSV's folder. Labels are class
              names (sorted → index) or integers 0..C-1.
 
+Labels are checked (issue #16): with ``classes=`` (``prepare --classes NORMAL,PNEUMONIA``) that
+is the class set, in that order (index = position); a CSV label outside it (a name, or an
+integer ≥ C) and a class folder not in it are *unknown labels*: problems (bad rows in
+``report.json``, fatal under ``--strict``), never a new class. Without ``classes=`` the folders
+define the classes; for a CSV, integer labels define ``0..k`` for the longest gap-free run from
+0 (``0, 1, 7`` → classes 0 and 1; the 7s are unknown), and a name label that is a close spelling
+(``difflib`` ratio ≥ 0.8) of a name with at least 10x its rows is taken for a typo
+(``PNEUMONA`` beside ``PNEUMONIA``) and is unknown too.
+
 Works on local paths and ``s3://`` URIs alike (listing through the pyarrow filesystem).
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import posixpath
 from dataclasses import dataclass, field
@@ -69,6 +79,12 @@ class Source:
     problems: list[dict] = field(default_factory=list)
     other_files: list[str] = field(default_factory=list)
     fs: Optional[pafs.FileSystem] = field(default=None, repr=False, compare=False)
+    #: the folder that record paths are relative to (the CSV's folder for the ``csv`` layout)
+    root_uri: str = ""
+
+    def file_uri(self, path: str) -> str:
+        """The URI of a file named by a record/problem ``path`` (for messages)."""
+        return storage.join(self.root_uri or self.uri, path)
 
 
 def _is_image(name: str) -> bool:
@@ -126,7 +142,7 @@ def detect_layout(uri: str, storage_cfg: Optional[StorageConfig] = None) -> str:
 
 
 def discover(uri: str, layout: str = "auto", *, split: Optional[str] = None,
-             name: Optional[str] = None,
+             name: Optional[str] = None, classes: Optional[list[str]] = None,
              storage_cfg: Optional[StorageConfig] = None) -> Source:
     """List the records of the dataset at ``uri`` (folder or CSV; local or ``s3://``).
 
@@ -135,6 +151,8 @@ def discover(uri: str, layout: str = "auto", *, split: Optional[str] = None,
         split: for ``folders`` with a split level (``ROOT/train/CLASS/...``): which split.
         name: dataset name (default: the root folder's name, or its parent's when the root is
             itself a split folder such as ``train``).
+        classes: the class set, index = position (``cls`` layouts only); labels outside it
+            become problems. Default: inferred (see the module docstring).
 
     Raises:
         DataError: unknown layout, missing root, no classes / pairs found, ambiguous splits,
@@ -146,6 +164,14 @@ def discover(uri: str, layout: str = "auto", *, split: Optional[str] = None,
         layout = detect_layout(uri, storage_cfg)
     if split is not None and layout != "folders":
         raise DataError(f"--split {split!r} applies to the class-per-folder layout only")
+    if classes is not None:
+        classes = [c.strip() for c in classes]
+        if len(classes) < 2 or any(not c for c in classes) or len(set(classes)) != len(classes):
+            raise DataError(f"--classes {','.join(classes)!r}: give two or more distinct, "
+                            "non-empty class names (e.g. --classes NORMAL,PNEUMONIA)")
+        if layout == "pairs":
+            raise DataError("--classes applies to classification layouts (folders, csv with a "
+                            "label column), not to image-mask pairs")
     fs, root = storage.resolve(uri, storage_cfg)
     with storage.storage_errors(uri, storage_cfg):
         info = fs.get_file_info(root)
@@ -154,17 +180,27 @@ def discover(uri: str, layout: str = "auto", *, split: Optional[str] = None,
     if layout == "csv":
         if info.type != pafs.FileType.File:
             raise DataError(f"{uri}: layout 'csv' needs a .csv file, got a folder")
-        src = _discover_csv(fs, root, uri, storage_cfg)
+        src = _discover_csv(fs, root, uri, storage_cfg, classes)
+        src.root_uri = _parent_uri(uri)
     else:
         if info.type != pafs.FileType.Directory:
             raise DataError(f"{uri}: layout {layout!r} needs a folder, got a file")
         if layout == "pairs":
             src = _discover_pairs(fs, root, uri, storage_cfg)
         else:
-            src = _discover_folders(fs, root, uri, split, storage_cfg)
+            src = _discover_folders(fs, root, uri, split, storage_cfg, classes)
+        src.root_uri = uri
     src.fs = fs
     src.name = name or src.name
     return src
+
+
+def _parent_uri(uri: str) -> str:
+    """``s3://b/x/f.csv`` → ``s3://b/x``; ``src/bad.csv`` → ``src``; ``f.csv`` → ``.``."""
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
+    return posixpath.dirname(uri.replace("\\", "/").rstrip("/")) or "."
 
 
 def _default_name(root: str) -> str:
@@ -191,7 +227,7 @@ def _unique_ids(records: list[Record], where: str) -> None:
 # class-per-folder
 
 
-def _discover_folders(fs, root, uri, split, st) -> Source:
+def _discover_folders(fs, root, uri, split, st, given: Optional[list[str]] = None) -> Source:
     files, dirs = _listing(fs, root, uri, st)
     images = [f for f in files if _is_image(f)]
     other = [f for f in files if not _is_image(f)]
@@ -229,7 +265,19 @@ def _discover_folders(fs, root, uri, split, st) -> Source:
             continue
         by_class.setdefault(rel.split("/", 1)[0], []).append(f)
     where = posixpath.join(uri, split) if split else uri
-    classes = sorted(by_class)
+    if given is not None:
+        for cls in sorted(set(by_class) - set(given)):
+            for f in by_class.pop(cls):
+                problems.append({"path": f, "reason": f"unknown label {cls!r} (folder {cls}/ is "
+                                                      f"not in --classes {','.join(given)})"})
+        missing = [c for c in given if not by_class.get(c)]
+        if missing:
+            raise DataError(f"{where}: no images for class{'es' if len(missing) > 1 else ''} "
+                            f"{', '.join(missing)} of --classes (expected {where}/"
+                            f"{missing[0]}/*.png)")
+        classes = list(given)
+    else:
+        classes = sorted(by_class)
     if not classes:
         raise DataError(f"{where}: no class folders found (expected {where}/CLASS/*.png)")
     empty = [c for c in classes if not by_class[c]]
@@ -308,7 +356,7 @@ def _discover_pairs(fs, root, uri, st) -> Source:
 _CSV_COLUMNS = {"path", "label", "mask_path", "ignore_path"}
 
 
-def _discover_csv(fs, csv_path, uri, st) -> Source:
+def _discover_csv(fs, csv_path, uri, st, given: Optional[list[str]] = None) -> Source:
     with storage.storage_errors(uri, st):
         with fs.open_input_stream(csv_path) as f:
             raw = f.read()
@@ -356,20 +404,15 @@ def _discover_csv(fs, csv_path, uri, st) -> Source:
         for i, lab in enumerate(raw_labels):
             if not lab:
                 raise DataError(f"{uri}, line {i + 2}: empty label")
-        if all(_is_int(v) for v in raw_labels):
-            ints = [int(v) for v in raw_labels]
-            if min(ints) < 0:
-                raise DataError(f"{uri}: integer labels must be >= 0, got {min(ints)}")
-            classes = [str(i) for i in range(max(ints) + 1)]
-            labels = ints
-        else:
-            classes = sorted(set(raw_labels))
-            labels = [classes.index(v) for v in raw_labels]
-        if len(classes) < 2:
-            raise DataError(f"{uri}: only one class ({classes[0]}); classification needs two")
-        for i, (r, lab) in enumerate(zip(rows, labels)):
+        classes, index = _label_index(raw_labels, given, uri)
+        for i, (r, lab) in enumerate(zip(rows, raw_labels)):
             rel, full = rel_and_full(r.get("path") or "", i + 2, "path")
-            records.append(Record(id=_strip_ext(rel), path=rel, image_file=full, label=lab))
+            if lab not in index:
+                problems.append({"path": rel, "reason": f"unknown label {lab!r} (line {i + 2}; "
+                                                        f"{_known(lab, classes, given)})"})
+                continue
+            records.append(Record(id=_strip_ext(rel), path=rel, image_file=full,
+                                  label=index[lab]))
     else:
         for i, r in enumerate(rows):
             rel, full = rel_and_full(r.get("path") or "", i + 2, "path")
@@ -386,6 +429,61 @@ def _discover_csv(fs, csv_path, uri, st) -> Source:
     _unique_ids(records, uri)
     return Source(uri=uri, layout="csv", task="cls" if has_label else "seg",
                   name=_default_name(base), records=records, classes=classes, problems=problems)
+
+
+#: a name label with a close spelling (ratio >= this) of a name with >= _TYPO_RATIO x its rows
+#: is taken for a typo when no --classes are given
+_TYPO_CUTOFF, _TYPO_RATIO = 0.8, 10
+
+
+def _label_index(raw: list[str], given: Optional[list[str]],
+                 uri: str) -> tuple[list[str], dict[str, int]]:
+    """``(classes, {label cell: index})`` for the known labels (see the module docstring);
+    cells missing from the dict are unknown labels."""
+    if given is not None:
+        index = {c: i for i, c in enumerate(given)}
+        for v in set(raw):
+            if v not in index and _is_int(v) and 0 <= int(v) < len(given):
+                index[v] = int(v)
+        return list(given), index
+    counts: dict[str, int] = {}
+    for v in raw:
+        counts[v] = counts.get(v, 0) + 1
+    if all(_is_int(v) for v in counts):
+        present = {int(v) for v in counts}
+        if min(present) < 0:
+            raise DataError(f"{uri}: integer labels must be >= 0, got {min(present)}")
+        k = 0
+        while k in present:
+            k += 1
+        classes = [str(i) for i in range(k)]
+        index = {v: int(v) for v in counts if int(v) < k}
+        if k < 2:
+            raise DataError(f"{uri}: integer labels {', '.join(map(str, sorted(present)))} do "
+                            "not start with 0, 1 (integer labels are classes 0..C-1 without "
+                            "gaps; or give --classes)")
+    else:
+        names = sorted(counts)
+        typos = {v for v in names
+                 if any(counts[m] >= _TYPO_RATIO * counts[v]
+                        for m in difflib.get_close_matches(v, [n for n in names if n != v],
+                                                           n=3, cutoff=_TYPO_CUTOFF))}
+        classes = [v for v in names if v not in typos]
+        index = {c: i for i, c in enumerate(classes)}
+    if len(classes) < 2:
+        raise DataError(f"{uri}: only one class ({', '.join(classes)}); classification needs "
+                        "two (or give --classes)")
+    return classes, index
+
+
+def _known(label: str, classes: list[str], given: Optional[list[str]]) -> str:
+    """The end of an unknown-label reason: the known classes, or the likely intended one."""
+    if given is not None:
+        return f"--classes {','.join(given)}"
+    close = difflib.get_close_matches(label, classes, n=1, cutoff=_TYPO_CUTOFF)
+    if close:
+        return f"a typo of {close[0]!r}? give --classes to set the class set"
+    return f"classes {','.join(classes)}; give --classes to set the class set"
 
 
 def _is_int(v: str) -> bool:

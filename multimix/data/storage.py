@@ -9,6 +9,7 @@ cause — never the keys. Buckets are never created implicitly: a missing bucket
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
@@ -33,6 +34,7 @@ __all__ = [
     "write_bytes",
     "read_text",
     "write_text",
+    "write_file",
     "list_files",
     "delete_dir",
     "check_writable",
@@ -264,6 +266,8 @@ _UNREACHABLE = ("curlCode: 7", "Couldn't connect", "Could not connect", "Connect
 def translate(exc: BaseException, uri: str, st: Optional[StorageConfig]) -> Exception:
     """Turn a pyarrow/OS error about ``uri`` into a :class:`StorageError` or :class:`DataError`."""
     msg = _scrub(str(exc), st)
+    if getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in msg:
+        return StorageError(f"{uri}: no space left on device (disk full)")
     if is_s3(uri):
         bucket, _ = _split_s3(uri)
         if any(s in msg for s in _DENIED):
@@ -361,17 +365,57 @@ def read_bytes(uri: str, storage_cfg: Optional[StorageConfig] = None) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes, storage_cfg: Optional[StorageConfig] = None) -> None:
-    """Write (replace) a file, creating local parent directories.
+    """Write (replace) a file atomically, creating local parent directories.
 
+    Local: written to a temporary name beside it, flushed to disk, then renamed over ``uri``
+    (``os.replace``), so a reader sees the old file or the whole new one — never a truncated
+    file, even when the disk fills up or the process is killed mid-write. ``s3://``: one PUT of
+    the whole object (S3 makes an object visible only when its upload completes); the bytes are
+    all in memory before the upload starts, so a failure never completes a partial upload.
     The bucket must exist (checked first: some S3 servers, SeaweedFS among them, would silently
-    create it on the first write)."""
+    create it on the first write).
+
+    Raises:
+        StorageError: disk full (``no space left on device``), permission denied, S3 trouble.
+    """
     check_bucket(uri, storage_cfg)
     fs, path = resolve(uri, storage_cfg)
-    with storage_errors(uri, storage_cfg):
+    write_file(fs, path, data, uri=uri, storage_cfg=storage_cfg)
+
+
+def write_file(fs: pafs.FileSystem, path: str, data: "bytes | memoryview", *,
+               uri: Optional[str] = None,
+               storage_cfg: Optional[StorageConfig] = None) -> None:
+    """:func:`write_bytes` for a ``(filesystem, path)`` pair (what Ray's storage context and
+    :func:`resolve` give): atomic rename on a local filesystem, one whole upload elsewhere.
+    ``uri`` names the file in errors (default: ``path``)."""
+    name = uri or path
+    with storage_errors(name, storage_cfg):
         if isinstance(fs, pafs.LocalFileSystem):
-            fs.create_dir(posixpath.dirname(path) or "/", recursive=True)
-        with fs.open_output_stream(path) as f:
+            _replace_local(path, data)
+        else:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+
+
+def _replace_local(path: str, data: "bytes | memoryview") -> None:
+    """Write ``data`` to a temporary file in ``path``'s folder, fsync, rename over ``path``."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a plain file as open() would make it
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def read_text(uri: str, storage_cfg: Optional[StorageConfig] = None) -> str:

@@ -126,9 +126,19 @@ def test_csv_layouts(tmp_path):
     assert Path(src.records[0].image_file) == tmp_path / "imgs" / "x.png"
 
     ints = tmp_path / "ints.csv"
-    ints.write_text("label,path\n2,imgs/x.png\n0,imgs/y.png\n")
+    ints.write_text("label,path\n1,imgs/x.png\n0,imgs/y.png\n")
     src = discover(str(ints))
-    assert src.classes == ["0", "1", "2"] and [r.label for r in src.records] == [2, 0]
+    assert src.classes == ["0", "1"] and [r.label for r in src.records] == [1, 0]
+    # a gap: the label after it is unknown (a bad row), not a new class with empty ones between
+    ints.write_text("label,path\n1,imgs/x.png\n0,imgs/y.png\n7,imgs/z.png\n")
+    src = discover(str(ints))
+    assert src.classes == ["0", "1"] and [r.label for r in src.records] == [1, 0]
+    assert src.problems == [{"path": "imgs/z.png", "reason": "unknown label '7' (line 4; "
+                                                             "classes 0,1; give --classes to "
+                                                             "set the class set)"}]
+    ints.write_text("label,path\n2,imgs/x.png\n0,imgs/y.png\n")
+    with pytest.raises(DataError, match="integer labels 0, 2 do not start with 0, 1"):
+        discover(str(ints))
 
     seg = tmp_path / "seg.csv"
     seg.write_text("path,mask_path,ignore_path\nimgs/x.png,m/x.png,\nimgs/y.png,m/y.png,i/y.png\n"
