@@ -231,7 +231,8 @@ def test_jobs_on_a_ray_cluster_with_s3(cluster, shared_data, tmp_path):
     # 4. tune: 2 tiny trials
     logs = ok("ray_jobs/tune.py", *TINY, *data, "--set", "optim.epochs=1", "--set",
               "run.name=e2etune", "--space", "objective.threshold=choice:0.6,0.9",
-              "--num-samples", "2", "--concurrent", "1")
+              "--num-samples", "2", "--concurrent", "2", "--set", "scaling.cpus_per_worker=0.25",
+              "--set", "scaling.data_cpus_per_task=0.25")  # both trials fit the 2-CPU head
     assert "best: val_score_balanced=" in logs
     t_jobs = time.time()
 

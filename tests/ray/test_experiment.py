@@ -70,7 +70,10 @@ def test_paper_table_end_to_end_tiny(ray_local, tmp_path, capsys):
                  "--rows", "enc,umtl", "--seeds", "2", "--budgets", "40:5", "--preset",
                  "cpu-small", "--set", f"run.storage_path={tmp_path / 'runs'}",
                  "--set", "optim.epochs=1", "--set", "optim.steps_per_epoch=2",
-                 "--set", "scaling.data_concurrency=1"])
+                 "--set", "scaling.data_concurrency=1", "--concurrent", "2",
+                 # two trials at once fit the 2-CPU test Ray (resources.concurrent_trials)
+                 "--set", "scaling.cpus_per_worker=0.25",
+                 "--set", "scaling.data_cpus_per_task=0.25"])
     assert code == 0
     exp = tmp_path / "runs" / "paper-table"
     text = (exp / "paper_table.md").read_text()
