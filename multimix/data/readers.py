@@ -34,8 +34,8 @@ import numpy as np
 from multimix.data import storage
 from multimix.data.augment import Augmenter, row_keys
 from multimix.data.decode import binary_cells, decode_rows
-from multimix.data.prepare import shard_paths
 from multimix.data.state import current_pass
+from multimix.data.verify import open_dataset
 from multimix.errors import DataError
 from multimix.variants import DATASETS
 
@@ -193,20 +193,22 @@ def stream_dataset(uri: str, ids: Optional[Sequence[str]], cfg, *, stream: str,
                       augmenter=augmenter or Augmenter.from_config(cfg.augment, size),
                       augment=augment, rows=rows or block_rows(size), state=state,
                       epoch=epoch, debug=debug)
-    fs, paths, _ = shard_paths(uri, cfg.storage)
+    data = open_dataset(uri, cfg.storage)  # shards checked against the manifest
     with _block_size(block_target(size, stream)):
-        return _row_group_dataset(uri, fs, paths, cfg, spec,
+        return _row_group_dataset(uri, data, cfg, spec,
                                   frozenset(ids) if ids is not None else None, passes)
 
 
-def _row_group_dataset(uri: str, fs, paths: list, cfg, spec: StreamSpec,
+def _row_group_dataset(uri: str, data, cfg, spec: StreamSpec,
                        keep: Optional[frozenset], passes: int):
     """``from_items`` slots → a generator ``map_batches`` that reads row groups with pyarrow,
     picked by a seeded per-pass permutation (see the module docstring): ``passes``
-    consecutive passes make one execution, the items being ``(pass k, slot)`` in pass order."""
+    consecutive passes make one execution, the items being ``(pass k, slot)`` in pass order.
+    ``data``: the :class:`~multimix.data.verify.VerifiedDataset` (its footers give the row
+    groups)."""
     import ray.data
 
-    groups = row_group_index(uri, fs, paths, cfg.storage)
+    fs, groups = data.fs, data.row_groups()
     if not groups:
         raise DataError(f"{uri}: the Parquet shards hold no rows")
     rows = sum(g[2] for g in groups)
