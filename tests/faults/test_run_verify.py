@@ -170,3 +170,30 @@ def test_not_a_dataset(tmp_path, capsys):
     rc, out = _verify_cli(capsys, tmp_path)
     assert rc == 1 and out == [f"not a prepared dataset: {tmp_path}/manifest.json missing "
                                "(write one with `multimix prepare`)"]
+
+
+def test_s3_dataset_checked_and_verified(pristine, s3_server, capsys):
+    """On S3: the footer checks name the s3:// shard; sha256 is left to `multimix verify`
+    (a second download), which checks it."""
+    from multimix.config import StorageConfig
+
+    client = s3_server.client()
+    bucket = s3_server.make_bucket("faults-verify")
+    for f in sorted(pristine.rglob("*")):
+        if f.is_file():
+            client.put_object(Bucket=bucket, Key=f"k/{f.relative_to(pristine)}",
+                              Body=f.read_bytes())
+    uri = f"s3://{bucket}/k"
+    st = StorageConfig(**s3_server.storage_overrides())
+    data = verify.open_dataset(uri, st)
+    assert sum(s.rows for s in data.shards) == N and not verify.checksum_on_read(uri,
+                                                                                 data.manifest)
+    sets = [f"storage.{k}={v}" for k, v in s3_server.storage_overrides().items()]
+    rc = main(["verify", uri, *[a for s in sets for a in ("--set", s)]])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and out[0].startswith(f"{uri}: ok: 4 shard(s)") and "sha256 match" in out[0]
+    client.delete_object(Bucket=bucket, Key="k/data/part-00001.parquet")
+    with pytest.raises(DataError) as exc:
+        verify.open_dataset(uri, st)
+    assert str(exc.value) == (f"{uri}/data/part-00001.parquet: missing (listed in "
+                              f"{uri}/manifest.json)")
