@@ -4,14 +4,15 @@ leaves nothing behind.
 
 Checked, each failure one :class:`~multimix.errors.UserError` line naming the config key:
 
+- no S3 keys in the config when connecting to a cluster (``RAY_ADDRESS``);
+- the run directory can be written (``run.storage_path``: bucket and credentials, or a local
+  directory);
 - every dataset the variant needs is set (``data.cls_data`` / ``data.seg_data``), is a prepared
   dataset of the right task (a segmentation set given as ``data.cls_data`` is refused), was
   prepared at ``data.image_size``, has ``model.num_classes`` classes, and its shards match its
   manifest (:func:`multimix.data.verify.open_dataset`: shard list, sizes, row counts);
 - the label budgets fit the pools (the split is computed in memory, never written here), and
   a variant that trains on unlabeled images has some left;
-- the run directory can be written (``run.storage_path``: bucket and credentials, or a local
-  directory);
 - (``train``) the labeled and validation pools decode, losing at most ``data.allow_skipped``
   rows each.
 
@@ -29,7 +30,8 @@ from multimix.config import ConfigError
 from multimix.errors import DataError, StorageError, UserError
 from multimix.variants import datasets_for, variant_flags
 
-__all__ = ["Preflight", "check_inputs", "check_dataset", "check_run_storage"]
+__all__ = ["Preflight", "check_inputs", "check_cluster_keys", "check_dataset",
+           "check_run_storage"]
 
 _TASK_WORD = {"cls": "classification", "seg": "segmentation"}
 
@@ -97,6 +99,22 @@ def check_dataset(cfg, task: str, key: Optional[str] = None):
     return man, data
 
 
+def check_cluster_keys(cfg) -> None:
+    """S3 keys in the config are for local runs: refused when connecting to a cluster
+    (``RAY_ADDRESS`` set), where the Ray processes take credentials from the AWS chain.
+
+    Raises:
+        ConfigError: keys in the config with ``RAY_ADDRESS`` set.
+    """
+    from multimix.data import storage
+
+    if os.environ.get("RAY_ADDRESS") and storage.has_keys(cfg.storage):
+        raise ConfigError("storage.access_key_id/secret_access_key/session_token are for local "
+                          "runs; on a Ray cluster give the Ray processes credentials through "
+                          "the AWS chain (instance profile, IRSA, or AWS_* in the environment "
+                          "of `ray start`) and drop the keys from the config")
+
+
 def check_run_storage(cfg) -> str:
     """The run directory ``<run.storage_path>/<run.name>``, checked writable (bucket and
     credentials; a local path whose nearest existing folder is a writable directory).
@@ -132,6 +150,9 @@ def check_inputs(cfg, *, storage: bool = True, pools: bool = False,
     ``data.allow_skipped`` (:func:`multimix.data.pipeline.check_skipped`)."""
     from multimix.data import splits as splits_mod
 
+    check_cluster_keys(cfg)
+    if storage:
+        check_run_storage(cfg)
     flags = variant_flags(cfg.model.variant)
     out = Preflight()
     for task, need in (("cls", flags.has_cls), ("seg", flags.has_seg)):
@@ -156,8 +177,6 @@ def check_inputs(cfg, *, storage: bool = True, pools: bool = False,
                 f"data.{task}_labeled: {getattr(cfg.data, f'{task}_labeled')!r} leaves no "
                 f"unlabeled images in {getattr(cfg.data, f'{task}_data')}, but variant "
                 f"{cfg.model.variant!r} trains on them ({name}); give a smaller budget")
-    if storage:
-        check_run_storage(cfg)
     if pools:
         from multimix.data.pipeline import check_skipped, load_pools
 

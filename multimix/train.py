@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from multimix.config import Config, ConfigError, load_config
+from multimix.config import Config, load_config
 from multimix.errors import RunFailed, UserError, one_line, root_cause
 from multimix.preflight import check_inputs
 
@@ -198,12 +198,10 @@ def init_ray(cfg: Config) -> None:
 
     from multimix.data import storage
 
+    from multimix.preflight import check_cluster_keys
+
     address = os.environ.get("RAY_ADDRESS")
-    if address and storage.has_keys(cfg.storage):
-        raise ConfigError("storage.access_key_id/secret_access_key/session_token are for local "
-                          "runs; on a Ray cluster give the Ray processes credentials through "
-                          "the AWS chain (instance profile, IRSA, or AWS_* in the environment "
-                          "of `ray start`) and drop the keys from the config")
+    check_cluster_keys(cfg)
     if ray.is_initialized():
         return
     storage.export_keys(cfg.storage)

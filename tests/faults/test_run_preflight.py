@@ -159,3 +159,13 @@ def test_tune_and_experiment_refused_before_ray(sets, tmp_path, capsys, no_ray):
                     "dataset (task=seg); give a classification dataset")
     assert not (seg / "splits").exists() and not (cls / "splits").exists()
     assert not (tmp_path / "runs").exists()
+
+
+def test_cluster_keys_refused_first(sets, tmp_path, capsys, no_ray, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "ray://127.0.0.1:1")  # never reached
+    line = _fails(capsys, ["train", *_args(sets["cls"], sets["seg"], tmp_path / "runs",
+                                           "storage.access_key_id=AKIAXXXX",
+                                           "storage.secret_access_key=inline-secret-xyz")])
+    assert line.startswith("multimix train: error: storage.access_key_id/secret_access_key/"
+                           "session_token are for local runs")
+    assert "inline-secret-xyz" not in line
