@@ -10,7 +10,8 @@ one :class:`StreamSpec`. How it reads (DESIGN §3 has the measurements behind ea
   pass, cut into runs of ~:data:`TASK_ROWS` rows), shuffles their rows together, decodes the
   PNGs in place (:func:`multimix.data.decode.binary_cells`) and renders the views, yielding
   blocks of :func:`block_rows` rows. Footers are read once, on the driver
-  (:func:`row_group_index`); nothing is listed again per pass.
+  (:func:`multimix.data.verify.open_dataset`, which checks the shards against the manifest
+  with them); nothing is listed again per pass.
 - one execution spans ``passes`` passes (the run's epochs, :func:`passes_per_execution`), so
   Ray Data's per-execution start-up is paid once per run; pass ``k`` of an execution renders
   augmentation pass ``base + k``, ``base`` being the state actor's value for the stream when
@@ -31,7 +32,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from multimix.data import storage
 from multimix.data.augment import Augmenter, row_keys
 from multimix.data.decode import binary_cells, decode_rows
 from multimix.data.state import current_pass
@@ -49,7 +49,6 @@ __all__ = [
     "block_target",
     "configure_data_context",
     "passes_per_execution",
-    "row_group_index",
     "stream_dataset",
 ]
 
@@ -147,23 +146,6 @@ def passes_per_execution(cfg) -> int:
     is about one pass: one execution serves the run), at most :data:`MAX_PASSES` (and at most
     4,096 task items)."""
     return max(1, min(int(cfg.optim.epochs), MAX_PASSES))
-
-
-def row_group_index(uri: str, fs, paths: Sequence[str], storage_cfg=None) -> list:
-    """``[(path, row group, rows), ...]`` of the non-empty row groups of ``paths``: their
-    footers read on up to 16 threads (one small read per shard; S3 latency overlaps)."""
-    import pyarrow.parquet as pq
-    from concurrent.futures import ThreadPoolExecutor
-
-    def one(path):
-        with fs.open_input_file(path) as f:
-            meta = pq.ParquetFile(f).metadata
-        return [(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)
-                if meta.row_group(g).num_rows]
-
-    with storage.storage_errors(uri, storage_cfg):
-        with ThreadPoolExecutor(max_workers=max(1, min(16, len(paths)))) as pool:
-            return [g for per_file in pool.map(one, paths) for g in per_file]
 
 
 def stream_dataset(uri: str, ids: Optional[Sequence[str]], cfg, *, stream: str,
