@@ -11,6 +11,9 @@ ask for more than the cluster has. :func:`check` runs on the driver before the t
   is waited for every 30 s until the nodes are there.
 
 :func:`shortfall` is the decision (pure: node resources in, message out).
+
+:func:`concurrent_trials` does the same for ``multimix tune --concurrent N``: how many trials
+the cluster can run at once, each with its Train workers and one task per Ray Data stream.
 """
 
 from __future__ import annotations
@@ -38,6 +41,70 @@ def worker_request(scaling) -> dict[str, float]:
     if scaling.use_gpu:
         req["GPU"] = float(scaling.gpus_per_worker)
     return req
+
+
+#: CPUs a Tune trial's own actor holds (``multimix.tune``)
+TRIAL_ACTOR_CPU = 0.01
+
+
+def trial_request(cfg) -> dict[str, float]:
+    """The least a training run (a Tune trial) holds while it makes progress: its Train workers,
+    one Ray Data task per stream the variant reads (a task reads a whole slot of a pass, so it
+    holds its CPUs for long stretches) and the trial actor's 0.01 CPU.
+
+    Returns ``{"CPU": c, "GPU": g}`` (GPU only with ``scaling.use_gpu``)."""
+    from multimix.variants import datasets_for
+
+    sc = cfg.scaling
+    n_streams = len(datasets_for(cfg.model.variant))
+    req = {"CPU": TRIAL_ACTOR_CPU + sc.num_workers * float(sc.cpus_per_worker)
+           + n_streams * float(sc.data_cpus_per_task)}
+    if sc.use_gpu:
+        req["GPU"] = sc.num_workers * float(sc.gpus_per_worker)
+    return req
+
+
+def trials_that_fit(cfg, nodes: Sequence[Mapping[str, float]]) -> int:
+    """How many runs of ``cfg`` the cluster ``nodes`` holds at once: every trial's workers must
+    be placed (a worker never spans nodes) and the cluster's CPUs/GPUs must cover
+    :func:`trial_request` per trial (data tasks go to any node)."""
+    n_workers = max(1, int(cfg.scaling.num_workers))
+    fits = places(nodes, worker_request(cfg.scaling)) // n_workers
+    for res, need in trial_request(cfg).items():
+        if need > 0:
+            fits = min(fits, int(sum(n.get(res, 0.0) for n in nodes) / need + 1e-9))
+    return fits
+
+
+def concurrent_trials(cfg, concurrent: int, nodes: Sequence[Mapping[str, float]],
+                      can_scale: bool) -> tuple[int, Optional[str]]:
+    """``--concurrent N`` checked against the cluster: ``(trials to run at once, message)``.
+
+    On a cluster no autoscaler can grow (a local Ray, a fixed cluster), N trials that do not fit
+    would not just queue: each trial's long Ray Data tasks take the CPUs another trial's workers
+    or data tasks wait for, and the search can stall for good (seen on 2 CPUs with 2 trials of
+    0.5 + 2 × 0.5 CPU). So N is lowered to what fits, with a message; none fitting raises
+    :class:`ConfigError`. With an autoscaler, N is kept and the message says what it must add.
+    The message is None when N trials fit now.
+    """
+    fits = trials_that_fit(cfg, nodes)
+    if fits >= concurrent:
+        return concurrent, None
+    need = " + ".join(f"{v:g} {k}" for k, v in trial_request(cfg).items())
+    sc = cfg.scaling
+    why = (f"a trial holds {need} (scaling.num_workers × cpus_per_worker"
+           + (" / gpus_per_worker" if sc.use_gpu else "")
+           + " + one scaling.data_cpus_per_task per data stream + 0.01)")
+    where = _describe(nodes)
+    if can_scale:
+        return concurrent, (f"--concurrent {concurrent}: {why}; the cluster now holds {fits} "
+                            f"({where}): the autoscaler must add nodes for the rest")
+    if fits == 0:
+        raise ConfigError(f"scaling: {why}, more than the cluster has ({where}) and no "
+                          "autoscaler can add nodes; lower scaling.cpus_per_worker / "
+                          "data_cpus_per_task / num_workers")
+    return fits, (f"--concurrent {concurrent}: {why}; this cluster ({where}) holds {fits} at "
+                  f"once and no autoscaler can add nodes: running {fits} at a time")
 
 
 def places(nodes: Sequence[Mapping[str, float]], request: Mapping[str, float]) -> int:

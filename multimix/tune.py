@@ -24,6 +24,8 @@ Search:
 - ``--concurrent N``: at most N trials at once. A trial itself holds 0.01 CPU; its Train workers
   ask for their own resources (``scaling.*``: a GPU trial takes ``num_workers × gpus_per_worker``
   GPUs), so N bounds what the search asks of the cluster (and of an autoscaler) at any time.
+  Without an autoscaler, N is lowered to the trials the cluster holds
+  (:func:`multimix.resources.concurrent_trials`).
 
 Experiment directory ``<run.storage_path>/<run.name>/`` (a folder or ``s3://``)::
 
@@ -359,6 +361,20 @@ def experiment_uri(cfg: Config) -> str:
     return storage.join(cfg.run.storage_path, cfg.run.name)
 
 
+def _fit_concurrency(cfg: Config, search: Search) -> Search:
+    """``--concurrent`` lowered to what the connected cluster holds when no autoscaler can add
+    nodes (:func:`multimix.resources.concurrent_trials`; a line says so)."""
+    from dataclasses import replace
+
+    from multimix import resources
+
+    n, msg = resources.concurrent_trials(cfg, search.concurrent, resources.cluster_nodes(),
+                                         resources.autoscaler_running())
+    if msg:
+        print(f"[multimix] {msg}", flush=True)
+    return replace(search, concurrent=n)
+
+
 def tune(cfg: Config, search: Search, restart: bool = False):
     """Run (or restore and finish) the search; returns the :class:`ray.tune.ResultGrid`.
 
@@ -376,6 +392,7 @@ def tune(cfg: Config, search: Search, restart: bool = False):
     search.check(cfg)
     check_search_inputs(cfg, search)  # datasets, budgets, storage: before Ray starts
     init_ray(cfg)
+    search = _fit_concurrency(cfg, search)
     exp_uri = experiment_uri(cfg)
     if restart:
         storage.delete_dir(exp_uri, cfg.storage)

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from multimix.config import ConfigError, load_config
-from multimix.resources import places, shortfall
+from multimix.resources import concurrent_trials, places, shortfall, trial_request
 
 GPU_NODE = {"CPU": 16.0, "GPU": 1.0, "memory": 1e11}
 CPU_NODE = {"CPU": 2.0, "memory": 1e10}
@@ -39,6 +39,45 @@ def test_shortfall_names_the_key():
     msg = shortfall(_scaling(use_gpu=False, cpus_per_worker=1, num_workers=3), [CPU_NODE])
     assert msg.startswith("scaling.num_workers: 3 workers") and "2 fit" in msg
     assert shortfall(_scaling(use_gpu=False, cpus_per_worker=1, num_workers=2), [CPU_NODE]) is None
+
+
+def _cfg(variant="multimix", **scaling):
+    return load_config("cpu-small", {"model": {"variant": variant}, "scaling": scaling})
+
+
+def test_trial_request_counts_workers_and_one_task_per_data_stream():
+    req = trial_request(_cfg(cpus_per_worker=0.5, data_cpus_per_task=0.5))
+    assert req == {"CPU": pytest.approx(0.01 + 0.5 + 2 * 0.5)}  # unl_cls + unl_seg
+    assert trial_request(_cfg("enc", cpus_per_worker=0.5, data_cpus_per_task=0.5)) == {
+        "CPU": pytest.approx(0.51)}  # a supervised encoder reads no stream
+    gpu = load_config("paper", {"scaling": {"num_workers": 2}})
+    assert trial_request(gpu)["GPU"] == 2.0
+
+
+def test_concurrent_trials_lowered_on_a_fixed_cluster_kept_with_an_autoscaler():
+    # the hang seen on 2 CPUs: 2 trials of 0.5 CPU workers and two 0.5 CPU data tasks each
+    cfg = _cfg(cpus_per_worker=0.5, data_cpus_per_task=0.5)
+    n, msg = concurrent_trials(cfg, 2, [CPU_NODE], can_scale=False)
+    assert n == 1 and msg.startswith("--concurrent 2: a trial holds 1.51 CPU")
+    assert "running 1 at a time" in msg
+    assert concurrent_trials(cfg, 2, [CPU_NODE], can_scale=True)[0] == 2
+    # the ASHA test's setting: 0.25 + 2 × 0.25 + 0.01 = 0.76 CPU, two fit in 2 CPUs
+    small = _cfg(cpus_per_worker=0.25, data_cpus_per_task=0.25)
+    assert concurrent_trials(small, 2, [CPU_NODE], can_scale=False) == (2, None)
+    assert concurrent_trials(small, 3, [CPU_NODE], can_scale=False)[0] == 2
+    with pytest.raises(ConfigError, match="^scaling: a trial holds 4.51 CPU"):
+        concurrent_trials(_cfg(cpus_per_worker=2, data_cpus_per_task=1.25), 1, [CPU_NODE],
+                          can_scale=False)
+
+
+def test_concurrent_gpu_trials_bounded_by_gpus_and_worker_places():
+    cfg = load_config("paper")  # 1 worker: 4 CPU + 1 GPU, 2 streams × 1 CPU
+    n, msg = concurrent_trials(cfg, 4, [GPU_NODE, GPU_NODE], can_scale=False)
+    assert n == 2 and "1 GPU" in msg
+    n, msg = concurrent_trials(cfg, 4, [GPU_NODE], can_scale=True)
+    assert n == 4 and "autoscaler must add nodes" in msg
+    with pytest.raises(ConfigError, match="scaling: "):
+        concurrent_trials(cfg, 1, [CPU_NODE], can_scale=False)
 
 
 def test_v1_report_tells_an_autoscaler_from_the_read_only_monitor():

@@ -205,6 +205,34 @@ def test_steps_per_epoch_rule():
         TrainBatches(_cfg(), {"unl_cls": None}, [1], [1], 0, 0, 1)  # pools: anything with len
 
 
+@pytest.mark.parametrize("seg_augment", [False, True])
+def test_labeled_seg_batches_augment_image_mask_and_ignore_alike(seg_augment):
+    """The labeled segmentation stream (Ray-free): ``augment.seg_augment`` applies the one flip +
+    crop of ``Augmenter.geometric`` to image, mask and ignore alike (a pixel rule linking them
+    survives), and off, rows are the pool's rows untouched."""
+    from multimix.data.pools import LabeledPool
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(6, SIZE, SIZE), dtype=np.uint8)
+    pool = LabeledPool(ids=[f"s{i}" for i in range(6)], images=images,
+                       masks=(images > 128).astype(np.uint8), ignore=(images < 30).astype(np.uint8))
+    cfg = _cfg(model={"variant": "unet"}, augment={"seg_augment": seg_augment})
+    batches = list(TrainBatches(cfg, {}, None, pool, 0, 0, steps_per_epoch=5))
+    assert len(batches) == 5
+    changed = 0
+    for b in batches:
+        img, m, ig = (b[k][:, 0].numpy() for k in ("seg_img", "seg_mask", "seg_ignore"))
+        assert img.shape == (4, SIZE, SIZE)
+        assert np.array_equal(m, (img > 128).astype(np.uint8))  # the same warp on all three
+        assert np.array_equal(ig, (img < 30).astype(np.uint8))
+        same = [any(np.array_equal(x, p) for p in images) for x in img]
+        changed += same.count(False)
+        if not seg_augment:
+            assert all(same)
+    if seg_augment:  # most draws move the image (flip or a non-zero crop offset)
+        assert changed >= 10
+
+
 def _classes(batch) -> set:
     """The classes (id prefixes) of an unlabeled debug batch."""
     return {i.split("/")[0] for i in batch["unl_id"]}
