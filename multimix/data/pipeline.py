@@ -104,25 +104,35 @@ def skipped_counts(pools: Mapping[str, LabeledPool]) -> dict[str, int]:
 
 
 def check_skipped(cfg, pools: Mapping[str, LabeledPool], splits: Mapping[str, Any]) -> None:
-    """Refuse a run whose labeled or validation pool lost more than ``data.allow_skipped``
-    undecodable rows (the split asked for them; issue #16).
+    """Refuse a run whose labeled or validation pools lost more than ``data.allow_skipped``
+    undecodable rows each (the split asked for them; issue #16); print one line when rows
+    were lost within that allowance.
 
     Raises:
-        DataError: one line naming the pool, the dataset, an example row and the key.
+        DataError: one line naming the dataset, every pool over the limit (lost / asked), an
+            example row and the key.
     """
     allow = int(cfg.data.allow_skipped)
+    lost = []
     for name, pool in sorted(pools.items()):
-        if pool.skipped <= allow:
-            continue
-        task, part = name.split("_", 1)
-        asked = len(getattr(splits[task], "labeled" if part == "labeled" else "val"))
-        uri = getattr(cfg.data, f"{task}_data")
-        example = (f"; e.g. {pool.skipped_examples[0][0]}: {pool.skipped_examples[0][1]}"
-                   if pool.skipped_examples else "")
-        raise DataError(
-            f"{uri}: {pool.skipped} of the {asked} rows of the {name} pool could not be "
-            f"decoded{example} (repair the dataset, or --set data.allow_skipped="
-            f"{pool.skipped} to train on the {asked - pool.skipped} left)")
+        if pool.skipped:
+            task, part = name.split("_", 1)
+            asked = len(getattr(splits[task], "labeled" if part == "labeled" else "val"))
+            lost.append((name, pool, asked, getattr(cfg.data, f"{task}_data")))
+    over = [x for x in lost if x[1].skipped > allow]
+    if over:
+        uri = over[0][3]
+        what = " and ".join(f"{p.skipped} of the {asked} rows of the {name} pool"
+                            for name, p, asked, u in over if u == uri)
+        ex = over[0][1].skipped_examples
+        example = f"; e.g. {ex[0][0]}: {ex[0][1]}" if ex else ""
+        most = max(p.skipped for _, p, _, _ in over)
+        raise DataError(f"{uri}: {what} could not be decoded{example} (repair the dataset, or "
+                        f"--set data.allow_skipped={most} to train without them)")
+    if lost:
+        print("[multimix] data.allow_skipped=" + str(allow) + ": training without "
+              + ", ".join(f"{p.skipped} undecodable row(s) of the {name} pool ({asked} asked)"
+                          for name, p, asked, _ in lost), flush=True)
 
 
 def load_pools(cfg, splits: Mapping[str, Any]) -> dict[str, LabeledPool]:

@@ -77,9 +77,9 @@ def load_labeled_pool(uri: str, ids: Sequence[str], cfg) -> LabeledPool:
     batch = {c: table.column(c).to_pylist() for c in cols}
     good, arrays, skipped = decode_rows(batch, size, ("image", "mask", "ignore") if seg
                                         else ("image",))
-    if skipped:
-        logger.warning("multimix: skipped %d undecodable labeled row(s) of %s, e.g. %s",
-                       len(skipped), uri, skipped[:3])
+    if skipped:  # counted in ``skipped``: the callers report it (train, evaluate)
+        logger.info("multimix: skipped %d undecodable labeled row(s) of %s, e.g. %s",
+                    len(skipped), uri, skipped[:3])
     if not good:
         raise DataError(f"{uri}: none of the {len(ids)} labeled rows could be decoded")
     labels = None

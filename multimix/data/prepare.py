@@ -143,7 +143,7 @@ def read_table(uri: str, columns: Optional[list[str]] = None,
     fs, paths = data.fs, data.paths
     with storage.storage_errors(uri, storage_cfg):
         tables = [pq.read_table(p, columns=columns, filesystem=fs) for p in paths]
-    return pa.concat_tables(tables)
+    return pa.concat_tables(tables, promote_options="default")  # nullability may differ
 
 
 # ---------------------------------------------------------------------------------------------

@@ -249,7 +249,8 @@ def _read_map_fn(items, *, fs, groups, per_task, keep: Optional[frozenset], spec
                 tables.append(t)
         if not tables:
             continue
-        table = pa.concat_tables(tables)
+        # shards may differ in nullability only (verify checks names and types)
+        table = pa.concat_tables(tables, promote_options="default")
         order = np.random.default_rng([spec.seed, pass_no, int(slot), 11]
                                       ).permutation(table.num_rows).tolist()
         yield from _render_rows(table, order, spec, pass_no)

@@ -12,7 +12,8 @@ before any row is used:
 - every listed shard exists (one ``get_file_info`` call for all of them);
 - its byte size is the one ``shard_info`` records;
 - its Parquet footer can be read (a truncated shard fails here, named) and its row count is the
-  one ``shard_info`` records;
+  one ``shard_info`` records; it has the ``id`` and ``image`` columns, and every shard has the
+  first one's column types;
 - the rows add up to the manifest's ``num_rows``.
 
 A mismatch is one :class:`~multimix.errors.DataError` naming the shard, e.g.
@@ -60,6 +61,8 @@ class ShardFacts:
     bytes: int
     rows: int
     groups: list = field(default_factory=list)
+    #: ``{column: Arrow type as text}`` from the footer (nullability left out)
+    types: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -128,7 +131,9 @@ def _footer(fs, path: str, rel: str, size: int) -> ShardFacts:
     with fs.open_input_file(path) as f:
         meta = pq.ParquetFile(f).metadata
     groups = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
-    return ShardFacts(rel=rel, path=path, bytes=size, rows=int(meta.num_rows), groups=groups)
+    types = {f.name: str(f.type) for f in meta.schema.to_arrow_schema()}
+    return ShardFacts(rel=rel, path=path, bytes=size, rows=int(meta.num_rows), groups=groups,
+                      types=types)
 
 
 def _sha256(fs, path: str) -> str:
@@ -224,6 +229,7 @@ def check(uri: str, storage_cfg=None, *, checksums: bool = False,
             results = list(pool.map(one, todo))
     shards = [f for f, _ in results if f is not None]
     problems += [p for _, p in results if p is not None]
+    problems += _schema_problems(uri, shards, name)
     if not problems:
         total = sum(s.rows for s in shards)
         want = manifest.get("num_rows")
@@ -239,6 +245,31 @@ def check(uri: str, storage_cfg=None, *, checksums: bool = False,
     if problems:
         return None, problems
     return VerifiedDataset(uri=uri, fs=fs, manifest=manifest, shards=shards), []
+
+
+#: columns every reader needs, with their Arrow types
+REQUIRED = {"id": "string", "image": "binary"}
+
+
+def _schema_problems(uri: str, shards: list, name: dict) -> list:
+    """A shard without the columns readers need, or whose column types differ from the first
+    shard's (nullability may differ)."""
+    out = []
+    for s in shards:
+        for col, typ in REQUIRED.items():
+            if s.types.get(col) != typ:
+                got = s.types.get(col)
+                out.append(f"{name[s.path]}: column {col!r} is "
+                           f"{'missing' if got is None else got}, expected {typ}")
+    if not out and shards:
+        first = shards[0]
+        for s in shards[1:]:
+            diff = sorted(set(s.types.items()) ^ set(first.types.items()))
+            if diff:
+                col = diff[0][0]
+                out.append(f"{name[s.path]}: column {col!r} is {s.types.get(col, 'missing')}, "
+                           f"but {first.types.get(col, 'missing')} in {name[first.path]}")
+    return out
 
 
 _MEMO: dict = {}

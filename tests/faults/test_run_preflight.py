@@ -5,6 +5,7 @@ it (Ray-free: ``init_ray`` is replaced by a tripwire)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -127,12 +128,15 @@ def test_skipped_labeled_rows_refused_unless_allowed(sets, tmp_path, capsys, no_
     bad = sets["bad"]
     line = _fails(capsys, ["train", *_args(bad, sets["seg"], tmp_path / "runs")])
     assert line.startswith(f"multimix train: error: {bad}: ")
-    assert " rows of the cls_labeled pool could not be decoded; e.g. " in line
-    assert "--set data.allow_skipped=" in line
+    assert re.search(r": \d+ of the 10 rows of the cls_labeled pool( and \d+ of the \d+ rows "
+                     r"of the cls_val pool)? could not be decoded; e\.g\. ", line), line
+    assert "--set data.allow_skipped=" in line and line.endswith(" to train without them)")
     assert not (bad / "splits").exists()
     # allowed: the checks pass (Ray would start next)
     cfg = _cfg(sets, tmp_path, f"data.cls_data={bad}", "data.allow_skipped=10")
     got = check_inputs(cfg, pools=True)
+    assert capsys.readouterr().out.startswith("[multimix] data.allow_skipped=10: training "
+                                              "without ")
     lost = pipeline.skipped_counts(got.pools)
     assert lost["skipped_cls_labeled"] > 0
     assert lost["skipped_cls_labeled"] + len(got.pools["cls_labeled"]) == 10

@@ -197,3 +197,23 @@ def test_s3_dataset_checked_and_verified(pristine, s3_server, capsys):
         verify.open_dataset(uri, st)
     assert str(exc.value) == (f"{uri}/data/part-00001.parquet: missing (listed in "
                               f"{uri}/manifest.json)")
+
+
+def test_shard_schema_checked(ds, capsys):
+    """A shard rewritten by another tool: nullability may differ (it reads), a column type
+    may not (named)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shard = ds / "data/part-00002.parquet"
+    t = pq.read_table(shard)
+    loose = pa.schema([f.with_nullable(True) for f in t.schema])
+    pq.write_table(t.cast(loose), shard, row_group_size=8)
+    verify.add_shard_info(str(ds))
+    assert read_table(str(ds), ["id", "image"]).num_rows == N
+    t = t.set_column(t.schema.get_field_index("label"), "label",
+                     t.column("label").cast(pa.int64()))
+    pq.write_table(t, shard, row_group_size=8)
+    verify.add_shard_info(str(ds))
+    assert _read_fails(ds) == (f"{shard}: column 'label' is int64, but int32 in "
+                               f"{ds}/data/part-00000.parquet")
