@@ -30,7 +30,7 @@ from multimix.data.pools import LabeledPool, load_labeled_pool
 from multimix.data.readers import configure_data_context, passes_per_execution, stream_dataset
 from multimix.data.state import create_state
 from multimix.errors import DataError
-from multimix.variants import datasets_for, streams_for, variant_flags
+from multimix.variants import datasets_for, streams_for
 
 __all__ = [
     "DataInputs",
