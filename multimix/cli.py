@@ -14,12 +14,14 @@ import importlib
 import sys
 import traceback
 
-from multimix.errors import UserError, one_line, root_cause
+from multimix.errors import RunFailed, UserError, is_user_error, one_line, root_cause
 
 #: subcommand -> (module, one-line help)
 COMMANDS = {
     "prepare": ("multimix.data.prepare", "public layouts -> sharded Parquet on disk or s3://"),
     "split": ("multimix.data.splits", "seeded, stratified label-budget splits (id lists)"),
+    "verify": ("multimix.data.verify", "check prepared datasets against their manifests "
+                                       "(shards, sizes, rows, sha256)"),
     "train": ("multimix.train", "train MultiMix with Ray Train (DDP)"),
     "tune": ("multimix.tune", "Ray Tune search: --space/--grid, ASHA, concurrency, resume, "
                               "results + best.yaml"),
@@ -62,11 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of a job's log is one clear line
         # A UserError (also one raised inside a Ray Train worker or a Tune trial and wrapped by
         # Ray) is the whole message; anything else keeps its traceback above the last line.
-        if not isinstance(root_cause(exc), UserError):
+        # A RunFailed (a failure inside Ray) is one line too: its traceback is in its log file.
+        if not isinstance(root_cause(exc), (UserError, RunFailed)):
             traceback.print_exc(file=sys.stderr)
         sys.stderr.flush()
         print(f"multimix {args.command}: error: {one_line(exc)}", file=sys.stderr, flush=True)
-        return 2 if isinstance(root_cause(exc), UserError) else 1
+        return 2 if is_user_error(exc) else 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Errors that mean "the user's input is wrong". The CLI prints them as one line (exit code 2)."""
+"""Errors that mean "the user's input is wrong". The CLI prints them as one line (exit code 2);
+a :class:`RunFailed` (a run that failed inside Ray) also as one line."""
 
 
 class UserError(Exception):
@@ -11,6 +12,30 @@ class DataError(UserError):
 
 class StorageError(UserError):
     """Object storage refused or cannot find something (credentials, bucket, endpoint)."""
+
+
+class RunFailed(Exception):
+    """A run that failed inside Ray (a Train worker, the controller, a Tune trial): the message
+    is one line (the root cause's, and where the full traceback was written); ``root`` is the
+    root cause (:func:`root_cause`), ``log_path`` the traceback file. The CLI prints the
+    message alone and exits 2 when ``root`` is a :class:`UserError`, else 1."""
+
+    def __init__(self, message: str, root: BaseException | None = None,
+                 log_path: str | None = None):
+        super().__init__(message)
+        self.root, self.log_path = root, log_path
+
+    def __reduce__(self):
+        return (self.__class__, (str(self), self.root, self.log_path))
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc``'s root cause is the user's input (a :class:`UserError`, also behind a
+    :class:`RunFailed`)."""
+    root = root_cause(exc)
+    if isinstance(root, RunFailed):
+        return isinstance(root.root, UserError)
+    return isinstance(root, UserError)
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -30,7 +55,7 @@ def root_cause(exc: BaseException) -> BaseException:
                 exc = nxt
                 break
         else:
-            if isinstance(exc, UserError):
+            if isinstance(exc, (UserError, RunFailed)):
                 return exc
             nxt = exc.__cause__
             if nxt is None or not _is_wrapper(exc):
@@ -50,6 +75,6 @@ def one_line(exc: BaseException) -> str:
     root = root_cause(exc)
     lines = [ln.strip() for ln in str(root).strip().splitlines() if ln.strip()]
     msg = lines[0] if lines else ""
-    if isinstance(root, UserError):
+    if isinstance(root, (UserError, RunFailed)):
         return msg or type(root).__name__
     return f"{type(root).__name__}: {msg}" if msg else type(root).__name__

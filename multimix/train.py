@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from multimix.config import Config, ConfigError, load_config
-from multimix.errors import UserError, root_cause
+from multimix.config import Config, load_config
+from multimix.errors import RunFailed, UserError, one_line, root_cause
+from multimix.preflight import check_inputs
 
 #: Test hook: ``rank:epoch:step:marker_path`` makes that worker SIGKILL itself once (the marker file
 #: records that it happened), to exercise fault tolerance. Forwarded to the workers' environment.
@@ -113,12 +114,13 @@ class WorkerInputs:
     extra: dict = field(default_factory=dict)
 
 
-def prepare_inputs(cfg: Config):
+def prepare_inputs(cfg: Config, checked=None):
     """Driver-side work before the trainer starts (splits, pools, streams):
-    :func:`multimix.data.pipeline.build_data`."""
+    :func:`multimix.data.pipeline.build_data` (``checked``: the run's
+    :class:`~multimix.preflight.Preflight`)."""
     from multimix.data.pipeline import build_data
 
-    return build_data(cfg)
+    return build_data(cfg, checked)
 
 
 def _split_dict(split) -> dict:
@@ -196,12 +198,10 @@ def init_ray(cfg: Config) -> None:
 
     from multimix.data import storage
 
+    from multimix.preflight import check_cluster_keys
+
     address = os.environ.get("RAY_ADDRESS")
-    if address and storage.has_keys(cfg.storage):
-        raise ConfigError("storage.access_key_id/secret_access_key/session_token are for local "
-                          "runs; on a Ray cluster give the Ray processes credentials through "
-                          "the AWS chain (instance profile, IRSA, or AWS_* in the environment "
-                          "of `ray start`) and drop the keys from the config")
+    check_cluster_keys(cfg)
     if ray.is_initialized():
         return
     storage.export_keys(cfg.storage)
@@ -209,31 +209,75 @@ def init_ray(cfg: Config) -> None:
     ray.init(address=address or "local", configure_logging=False)
 
 
-def train(cfg: Config, callbacks: list | None = None) -> TrainResult:
-    """Train ``cfg`` to ``optim.epochs`` epochs (resuming a run of the same name if it exists)."""
+def train(cfg: Config, callbacks: list | None = None, checked=None) -> TrainResult:
+    """Train ``cfg`` to ``optim.epochs`` epochs (resuming a run of the same name if it exists).
+
+    The inputs are checked before Ray starts (:func:`multimix.preflight.check_inputs`, or
+    ``checked``, its result). A failure inside Ray (a Train worker, the controller, a data
+    task) is raised as :class:`~multimix.errors.RunFailed`: its root cause in one line, the
+    full traceback in ``<run dir>/error.log`` (:func:`record_failure`).
+    """
     from multimix.data import storage
 
     run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
+    # datasets, budgets, storage, the labeled pools: all before Ray starts
+    checked = checked if checked is not None else check_inputs(cfg, pools=True)
     init_ray(cfg)
-    storage.check_writable(run_dir, cfg.storage)  # a missing bucket / bad keys: fail first
-    from ray.train import TrainingFailedError
-
     from multimix import resources
 
     resources.check(cfg.scaling)  # fails at once when no node could ever place the workers
 
-    inputs = prepare_inputs(cfg)
+    inputs = prepare_inputs(cfg, checked)
     storage.write_bytes(storage.join(run_dir, "config.json"),
                         json.dumps(cfg.to_dict(), indent=2).encode(), cfg.storage)
     trainer = build_trainer(cfg, inputs, callbacks)
     try:
         trainer.fit()
-    except TrainingFailedError as exc:
-        root = root_cause(exc)
-        if isinstance(root, UserError):  # e.g. a worker that cannot reach the run storage
-            raise type(root)(f"training failed: {root}") from exc
-        raise
+    except Exception as exc:  # noqa: BLE001 - Train V2 / Tune wrappers: one line + a log file
+        raise record_failure(exc, run_dir, cfg.storage, "training") from exc
     return read_run(run_dir, cfg)
+
+
+#: the file in the run directory that holds the full traceback of a failed run
+ERROR_LOG = "error.log"
+
+
+def _traceback_text(exc: BaseException) -> str:
+    """``exc``'s traceback (with its causes), then each Train worker's failure, each with the
+    traceback Ray recorded where it was raised."""
+    import traceback
+
+    parts = ["".join(traceback.format_exception(exc))]
+    failures = getattr(exc, "worker_failures", None)
+    for rank, err in sorted((failures or {}).items()):
+        parts.append(f"\n--- worker rank {rank} ---\n"
+                     + "".join(traceback.format_exception(err)))
+    return "\n".join(parts)
+
+
+def record_failure(exc: BaseException, run_dir: str, storage_cfg, what: str) -> RunFailed:
+    """Write ``exc``'s full traceback to ``<run_dir>/error.log`` (a local temporary file when
+    the run directory cannot be written, e.g. the storage is what failed) and return the
+    :class:`~multimix.errors.RunFailed` to raise: ``<what> failed: <root cause, one line>
+    (full traceback: <path>)``."""
+    import tempfile
+
+    from multimix.data import storage
+
+    text = f"multimix {what} failed: {one_line(exc)}\n\n{_traceback_text(exc)}"
+    path = storage.join(run_dir, ERROR_LOG)
+    try:
+        if not storage.is_s3(path):
+            os.makedirs(os.path.dirname(storage.resolve(path)[1]), exist_ok=True)
+        storage.write_text(path, text, storage_cfg)
+    except Exception:  # noqa: BLE001 - the run directory is what failed: keep it locally
+        fd, path = tempfile.mkstemp(prefix="multimix-error-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    root = root_cause(exc)
+    if isinstance(root, RunFailed):  # already recorded (a Tune trial's train())
+        return root
+    return RunFailed(f"{what} failed: {one_line(exc)} (full traceback: {path})", root, path)
 
 
 def read_run(run_dir: str, cfg: Config) -> TrainResult:
@@ -365,6 +409,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         labeler = make_labeler(cfg.objective, cfg.model.num_classes, pools["cls_labeled"].labels)
         if state is not None and state.get("labeler"):
             labeler.load_state_dict(state["labeler"])
+    skipped = _SkippedRows(pools, inputs.state, inputs.datasets)
     shards = {name: ray.train.get_dataset_shard(name) for name in inputs.datasets}
     # one cursor per stream for the whole run: a Ray Data execution spans epochs
     streams = open_streams(cfg, shards, rank, start_epoch, state=inputs.state)
@@ -407,10 +452,11 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         val["val_score_balanced"] = val_score_balanced(val)
         metrics = {"epoch": epoch, **train_means, **val,
                    "img_per_s": steps * n_img * world / max(train_time, 1e-9),
-                   "lr": optimizer.param_groups[0]["lr"]}
+                   "lr": optimizer.param_groups[0]["lr"], **skipped.epoch()}
         history.append(metrics)
         _log(rank, f"[multimix] epoch {epoch + 1}/{cfg.optim.epochs} done: "
-             + " ".join(f"{k}={metrics[k]:.4f}" for k in SUMMARY_KEYS if k in metrics))
+             + " ".join(f"{k}={metrics[k]:.4f}" for k in SUMMARY_KEYS if k in metrics)
+             + " " + skipped.summary(metrics))
         name = f"checkpoint_epoch-{epoch:04d}"
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
@@ -425,6 +471,44 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
             _write_run_files(storage_ctx, cfg, history, name)
         else:
             ray.train.report(metrics, checkpoint_dir_name=name)
+
+
+class _SkippedRows:
+    """Rows that could not be decoded, per pool, for each epoch's metrics (issue #16):
+    ``skipped_<pool>`` for the labeled and validation pools (decoded once, before training:
+    the same count every epoch) and ``skipped_<dataset>`` for the unlabeled streams (the rows
+    their data tasks dropped since the previous epoch's count, as the pipeline's state actor
+    tallies them; tasks read ahead, so a row can count in the epoch before the one it would
+    have been trained in); ``skipped_rows``: their sum."""
+
+    def __init__(self, pools: dict, state, datasets) -> None:
+        from multimix.data.pipeline import skipped_counts
+
+        self.fixed = skipped_counts(pools)
+        self.state, self.datasets = state, tuple(sorted(datasets))
+        self.seen: dict = {}
+
+    def epoch(self) -> dict:
+        out = dict(self.fixed)
+        counts = {}
+        if self.state is not None and self.datasets:
+            from multimix.data.state import skipped_rows
+
+            counts = skipped_rows(self.state)["counts"]
+        for name in self.datasets:
+            total = int(counts.get(name, 0))
+            out[f"skipped_{name}"] = total - self.seen.get(name, 0)
+            self.seen[name] = total
+        out["skipped_rows"] = sum(out.values())
+        return out
+
+    @staticmethod
+    def summary(metrics: dict) -> str:
+        """``skipped_rows=N`` and, when N > 0, the pools that lost rows."""
+        n = int(metrics.get("skipped_rows", 0))
+        detail = " ".join(f"{k[8:]}={v}" for k, v in sorted(metrics.items())
+                          if k.startswith("skipped_") and k != "skipped_rows" and v)
+        return f"skipped_rows={n}" + (f" ({detail})" if detail else "")
 
 
 def _read_last_checkpoint(storage_ctx):

@@ -287,6 +287,36 @@ def _to_tune(search: Search) -> dict:
     return out
 
 
+def _input_values(search: Search) -> dict:
+    """``{key: [values]}`` of the searched keys that change a run's inputs (``data.*``,
+    ``model.*``, ``budget``): grid values, choices, or a range's edge values."""
+    out = {k: list(v) for k, v in search.grid.items()}
+    for key, (kind, args) in search.space.items():
+        out[key] = list(args) if kind == "choice" else [args[0],
+                                                        args[1] - (1 if kind == "randint" else 0)]
+    return {k: v for k, v in out.items()
+            if k == BUDGET_KEY or k.startswith("data.") or k.startswith("model.")}
+
+
+def check_search_inputs(cfg: Config, search: Search) -> None:
+    """:func:`multimix.preflight.check_inputs` (no Ray) for every combination of the searched
+    values that changes a run's inputs (datasets, budgets, variant, classes), and the
+    experiment directory once. Raises the first failure's one line, naming the key. A budget
+    that leaves an SSL variant no unlabeled images fails that trial only (its one line in the
+    results table)."""
+    import itertools
+
+    from multimix.preflight import check_inputs, check_run_storage
+
+    check_run_storage(cfg)
+    values = _input_values(search)
+    base = cfg.to_dict(include_secrets=True)
+    for combo in itertools.product(*values.values()):
+        params = dict(zip(values, combo))
+        check_inputs(load_config(base, param_overrides(params)) if params else cfg,
+                     storage=False, unlabeled=False)
+
+
 def trial_run_dir(exp_uri: str, trial_id: str) -> str:
     """The Train run directory of a trial: ``<experiment>/trials/<trial_id>``."""
     from multimix.data import storage
@@ -360,10 +390,10 @@ def tune(cfg: Config, search: Search, restart: bool = False):
 
     cfg = absolute_paths(cfg)
     search.check(cfg)
+    check_search_inputs(cfg, search)  # datasets, budgets, storage: before Ray starts
     init_ray(cfg)
     search = _fit_concurrency(cfg, search)
     exp_uri = experiment_uri(cfg)
-    storage.check_writable(exp_uri, cfg.storage)
     if restart:
         storage.delete_dir(exp_uri, cfg.storage)
     # keyless: Tune pickles it into tuner.pkl / experiment state; keys come from the AWS chain

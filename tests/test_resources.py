@@ -110,6 +110,7 @@ def test_train_stops_before_waiting_without_autoscaler(ray_local, tmp_path, monk
         raise AssertionError("prepare_inputs reached")
 
     monkeypatch.setattr(T, "prepare_inputs", never)
+    monkeypatch.setattr(T, "check_inputs", lambda cfg, **k: object())  # no datasets in this test
     cfg = load_config("cpu-small", [f"{k}={v}" for k, v in over.items()]
                       + [f"run.storage_path={tmp_path}"])
     t0 = time.perf_counter()

@@ -30,14 +30,16 @@ from multimix.data.pools import LabeledPool, load_labeled_pool
 from multimix.data.readers import configure_data_context, passes_per_execution, stream_dataset
 from multimix.data.state import create_state
 from multimix.errors import DataError
-from multimix.variants import datasets_for, streams_for, variant_flags
+from multimix.variants import datasets_for, streams_for
 
 __all__ = [
     "DataInputs",
     "build_data",
     "build_datasets",
+    "check_skipped",
     "dataset_config",
     "load_pools",
+    "skipped_counts",
     "steps_per_epoch",
 ]
 
@@ -62,51 +64,75 @@ class DataInputs:
     steps: int = 1
 
 
-def build_data(cfg) -> DataInputs:
-    """Driver-side work before the trainer starts: check the prepared sets against the config,
-    resolve the splits, load the small pools, build the streams.
+def build_data(cfg, checked=None) -> DataInputs:
+    """Driver-side work before the trainer starts: check the inputs (or take ``checked``, the
+    :class:`~multimix.preflight.Preflight` of :func:`multimix.preflight.check_inputs`), load
+    the small pools and check what they lost (:func:`check_skipped`), write the split files
+    (only now: a run refused earlier writes nothing into its datasets), build the streams.
 
     Raises:
-        ConfigError: a dataset the variant needs is not set, or does not match
-            ``data.image_size`` / ``model.num_classes``.
+        ConfigError / DataError: see :func:`multimix.preflight.check_inputs` and
+            :func:`check_skipped`.
     """
-    from multimix.config import ConfigError
     from multimix.data import splits as splits_mod
-    from multimix.data.prepare import read_manifest
+    from multimix.preflight import check_inputs
 
-    flags = variant_flags(cfg.model.variant)
-    out = DataInputs()
-    for task, uri, need in (("cls", cfg.data.cls_data, flags.has_cls),
-                            ("seg", cfg.data.seg_data, flags.has_seg)):
-        if not need:
-            continue
-        key = f"data.{task}_data"
-        if not uri:
-            what = "classification" if task == "cls" else "segmentation"
-            raise ConfigError(f"{key}: variant {cfg.model.variant!r} needs a prepared "
-                              f"{what} dataset (multimix prepare ...)")
-        man = read_manifest(uri, cfg.storage)
-        if int(man["image_size"]) != cfg.data.image_size:
-            raise ConfigError(
-                f"data.image_size: is {cfg.data.image_size} but {key} was prepared at "
-                f"{man['image_size']}² (prepare it again with --size {cfg.data.image_size}, or "
-                f"--set data.image_size={man['image_size']})")
-        if task == "cls":
-            out.classes = list(man["classes"])
-            if len(out.classes) != cfg.model.num_classes:
-                raise ConfigError(f"model.num_classes: is {cfg.model.num_classes} but "
-                                  f"{uri} has classes {out.classes}")
-        budget = cfg.data.cls_labeled if task == "cls" else cfg.data.seg_labeled
+    checked = checked if checked is not None else check_inputs(cfg, storage=False)
+    out = DataInputs(splits=dict(checked.splits), classes=list(checked.classes))
+    if checked.pools is not None:
+        out.pools = checked.pools
+    else:
+        out.pools = load_pools(cfg, out.splits)
+        check_skipped(cfg, out.pools, out.splits)
+    for task in out.splits:
         out.splits[task] = splits_mod.ensure_split(
-            uri, budget, cfg.data.val_fraction, cfg.data.split_seed, cfg.storage,
+            getattr(cfg.data, f"{task}_data"), getattr(cfg.data, f"{task}_labeled"),
+            cfg.data.val_fraction, cfg.data.split_seed, cfg.storage,
             budget_key=f"data.{task}_labeled")
     out.state = create_state()
     out.datasets = build_datasets(cfg, out.splits, state=out.state)
-    out.pools = load_pools(cfg, out.splits)
     n_unl = len(out.splits["cls"].unlabeled) if "weak" in streams_for(cfg.model.variant) else 0
     lab = out.splits.get("cls") or out.splits.get("seg")
     out.steps = steps_per_epoch(cfg, n_unl, cfg.scaling.num_workers, n_labeled=len(lab.labeled))
     return out
+
+
+def skipped_counts(pools: Mapping[str, LabeledPool]) -> dict[str, int]:
+    """``{"skipped_<pool>": rows}`` of the labeled and validation pools (rows that could not
+    be decoded when they were loaded)."""
+    return {f"skipped_{name}": int(pool.skipped) for name, pool in sorted(pools.items())}
+
+
+def check_skipped(cfg, pools: Mapping[str, LabeledPool], splits: Mapping[str, Any]) -> None:
+    """Refuse a run whose labeled or validation pools lost more than ``data.allow_skipped``
+    undecodable rows each (the split asked for them; issue #16); print one line when rows
+    were lost within that allowance.
+
+    Raises:
+        DataError: one line naming the dataset, every pool over the limit (lost / asked), an
+            example row and the key.
+    """
+    allow = int(cfg.data.allow_skipped)
+    lost = []
+    for name, pool in sorted(pools.items()):
+        if pool.skipped:
+            task, part = name.split("_", 1)
+            asked = len(getattr(splits[task], "labeled" if part == "labeled" else "val"))
+            lost.append((name, pool, asked, getattr(cfg.data, f"{task}_data")))
+    over = [x for x in lost if x[1].skipped > allow]
+    if over:
+        uri = over[0][3]
+        what = " and ".join(f"{p.skipped} of the {asked} rows of the {name} pool"
+                            for name, p, asked, u in over if u == uri)
+        ex = over[0][1].skipped_examples
+        example = f"; e.g. {ex[0][0]}: {ex[0][1]}" if ex else ""
+        most = max(p.skipped for _, p, _, _ in over)
+        raise DataError(f"{uri}: {what} could not be decoded{example} (repair the dataset, or "
+                        f"--set data.allow_skipped={most} to train without them)")
+    if lost:
+        print("[multimix] data.allow_skipped=" + str(allow) + ": training without "
+              + ", ".join(f"{p.skipped} undecodable row(s) of the {name} pool ({asked} asked)"
+                          for name, p, asked, _ in lost), flush=True)
 
 
 def load_pools(cfg, splits: Mapping[str, Any]) -> dict[str, LabeledPool]:

@@ -10,14 +10,14 @@ scored by :func:`multimix.validate.validate`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 from multimix.data import storage
 from multimix.data.decode import decode_rows, to_tensor
-from multimix.data.prepare import shard_paths
+from multimix.data.verify import open_dataset
 from multimix.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ __all__ = ["LabeledPool", "load_labeled_pool", "eval_batches"]
 @dataclass
 class LabeledPool:
     """Decoded labeled rows: ``images`` ``uint8 (N, H, W)``; ``labels`` ``int64 (N,)`` (cls) or
-    ``masks``/``ignore`` ``uint8 (N, H, W)`` in {0, 1} (seg). ``skipped``: undecodable rows."""
+    ``masks``/``ignore`` ``uint8 (N, H, W)`` in {0, 1} (seg). ``skipped``: undecodable rows;
+    ``skipped_examples``: ``[(id, reason), ...]`` of the first few."""
 
     ids: list
     images: np.ndarray
@@ -36,6 +37,7 @@ class LabeledPool:
     masks: Optional[np.ndarray] = None
     ignore: Optional[np.ndarray] = None
     skipped: int = 0
+    skipped_examples: list = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -55,7 +57,8 @@ def load_labeled_pool(uri: str, ids: Sequence[str], cfg) -> LabeledPool:
     import pyarrow.parquet as pq
 
     size = cfg.data.image_size
-    fs, paths, manifest = shard_paths(uri, cfg.storage)
+    data = open_dataset(uri, cfg.storage)  # shards checked against the manifest
+    fs, paths, manifest = data.fs, data.paths, data.manifest
     seg = manifest.get("task") == "seg"
     cols = ["id", "image"] + (["mask", "ignore"] if seg else ["label"])
     ids = list(ids)
@@ -74,9 +77,9 @@ def load_labeled_pool(uri: str, ids: Sequence[str], cfg) -> LabeledPool:
     batch = {c: table.column(c).to_pylist() for c in cols}
     good, arrays, skipped = decode_rows(batch, size, ("image", "mask", "ignore") if seg
                                         else ("image",))
-    if skipped:
-        logger.warning("multimix: skipped %d undecodable labeled row(s) of %s, e.g. %s",
-                       len(skipped), uri, skipped[:3])
+    if skipped:  # counted in ``skipped``: the callers report it (train, evaluate)
+        logger.info("multimix: skipped %d undecodable labeled row(s) of %s, e.g. %s",
+                    len(skipped), uri, skipped[:3])
     if not good:
         raise DataError(f"{uri}: none of the {len(ids)} labeled rows could be decoded")
     labels = None
@@ -85,7 +88,8 @@ def load_labeled_pool(uri: str, ids: Sequence[str], cfg) -> LabeledPool:
         labels = np.asarray([batch["label"][pos[i]] for i in good], dtype=np.int64)
     return LabeledPool(ids=good, images=arrays["image"], labels=labels,
                        masks=arrays.get("mask") if seg else None,
-                       ignore=arrays.get("ignore") if seg else None, skipped=len(skipped))
+                       ignore=arrays.get("ignore") if seg else None, skipped=len(skipped),
+                       skipped_examples=list(skipped[:5]))
 
 
 def eval_batches(pool: LabeledPool, batch_size: int, rank: int = 0,

@@ -135,14 +135,16 @@ def read_table(uri: str, columns: Optional[list[str]] = None,
 
     ``columns=["id", "label", "hash"]`` reads only those column chunks, not the image bytes.
     """
+    from multimix.data.verify import open_dataset
+
     manifest = read_manifest(uri, storage_cfg)
-    fs, _ = storage.resolve(uri, storage_cfg)
-    paths = [storage.resolve(u, storage_cfg)[1] for u in shard_uris(uri, manifest)]
-    if not paths:
+    if not manifest.get("shards"):
         return SCHEMA.empty_table().select(columns) if columns else SCHEMA.empty_table()
+    data = open_dataset(uri, storage_cfg, manifest=manifest)  # shards checked (issue #16)
+    fs, paths = data.fs, data.paths
     with storage.storage_errors(uri, storage_cfg):
         tables = [pq.read_table(p, columns=columns, filesystem=fs) for p in paths]
-    return pa.concat_tables(tables)
+    return pa.concat_tables(tables, promote_options="default")  # nullability may differ
 
 
 # ---------------------------------------------------------------------------------------------

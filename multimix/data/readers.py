@@ -10,7 +10,8 @@ one :class:`StreamSpec`. How it reads (DESIGN §3 has the measurements behind ea
   pass, cut into runs of ~:data:`TASK_ROWS` rows), shuffles their rows together, decodes the
   PNGs in place (:func:`multimix.data.decode.binary_cells`) and renders the views, yielding
   blocks of :func:`block_rows` rows. Footers are read once, on the driver
-  (:func:`row_group_index`); nothing is listed again per pass.
+  (:func:`multimix.data.verify.open_dataset`, which checks the shards against the manifest
+  with them); nothing is listed again per pass.
 - one execution spans ``passes`` passes (the run's epochs, :func:`passes_per_execution`), so
   Ray Data's per-execution start-up is paid once per run; pass ``k`` of an execution renders
   augmentation pass ``base + k``, ``base`` being the state actor's value for the stream when
@@ -31,11 +32,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from multimix.data import storage
 from multimix.data.augment import Augmenter, row_keys
 from multimix.data.decode import binary_cells, decode_rows
-from multimix.data.prepare import shard_paths
 from multimix.data.state import current_pass
+from multimix.data.verify import open_dataset
 from multimix.errors import DataError
 from multimix.variants import DATASETS
 
@@ -49,7 +49,6 @@ __all__ = [
     "block_target",
     "configure_data_context",
     "passes_per_execution",
-    "row_group_index",
     "stream_dataset",
 ]
 
@@ -149,23 +148,6 @@ def passes_per_execution(cfg) -> int:
     return max(1, min(int(cfg.optim.epochs), MAX_PASSES))
 
 
-def row_group_index(uri: str, fs, paths: Sequence[str], storage_cfg=None) -> list:
-    """``[(path, row group, rows), ...]`` of the non-empty row groups of ``paths``: their
-    footers read on up to 16 threads (one small read per shard; S3 latency overlaps)."""
-    import pyarrow.parquet as pq
-    from concurrent.futures import ThreadPoolExecutor
-
-    def one(path):
-        with fs.open_input_file(path) as f:
-            meta = pq.ParquetFile(f).metadata
-        return [(path, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)
-                if meta.row_group(g).num_rows]
-
-    with storage.storage_errors(uri, storage_cfg):
-        with ThreadPoolExecutor(max_workers=max(1, min(16, len(paths)))) as pool:
-            return [g for per_file in pool.map(one, paths) for g in per_file]
-
-
 def stream_dataset(uri: str, ids: Optional[Sequence[str]], cfg, *, stream: str,
                    augment: bool = True, state=None, epoch: int = 0, debug: bool = False,
                    rows: Optional[int] = None, passes: int = 1,
@@ -193,20 +175,22 @@ def stream_dataset(uri: str, ids: Optional[Sequence[str]], cfg, *, stream: str,
                       augmenter=augmenter or Augmenter.from_config(cfg.augment, size),
                       augment=augment, rows=rows or block_rows(size), state=state,
                       epoch=epoch, debug=debug)
-    fs, paths, _ = shard_paths(uri, cfg.storage)
+    data = open_dataset(uri, cfg.storage)  # shards checked against the manifest
     with _block_size(block_target(size, stream)):
-        return _row_group_dataset(uri, fs, paths, cfg, spec,
+        return _row_group_dataset(uri, data, cfg, spec,
                                   frozenset(ids) if ids is not None else None, passes)
 
 
-def _row_group_dataset(uri: str, fs, paths: list, cfg, spec: StreamSpec,
+def _row_group_dataset(uri: str, data, cfg, spec: StreamSpec,
                        keep: Optional[frozenset], passes: int):
     """``from_items`` slots → a generator ``map_batches`` that reads row groups with pyarrow,
     picked by a seeded per-pass permutation (see the module docstring): ``passes``
-    consecutive passes make one execution, the items being ``(pass k, slot)`` in pass order."""
+    consecutive passes make one execution, the items being ``(pass k, slot)`` in pass order.
+    ``data``: the :class:`~multimix.data.verify.VerifiedDataset` (its footers give the row
+    groups)."""
     import ray.data
 
-    groups = row_group_index(uri, fs, paths, cfg.storage)
+    fs, groups = data.fs, data.row_groups()
     if not groups:
         raise DataError(f"{uri}: the Parquet shards hold no rows")
     rows = sum(g[2] for g in groups)
@@ -265,7 +249,8 @@ def _read_map_fn(items, *, fs, groups, per_task, keep: Optional[frozenset], spec
                 tables.append(t)
         if not tables:
             continue
-        table = pa.concat_tables(tables)
+        # shards may differ in nullability only (verify checks names and types)
+        table = pa.concat_tables(tables, promote_options="default")
         order = np.random.default_rng([spec.seed, pass_no, int(slot), 11]
                                       ).permutation(table.num_rows).tolist()
         yield from _render_rows(table, order, spec, pass_no)

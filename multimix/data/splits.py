@@ -225,9 +225,10 @@ def make_split(ids: Sequence[str], labels: Optional[Sequence[Optional[int]]],
 
 def ensure_split(dataset_uri: str, n_labeled: Union[int, str], val_fraction: float, seed: int,
                  storage_cfg: Optional[StorageConfig] = None,
-                 budget_key: str = "data.cls_labeled") -> Split:
+                 budget_key: str = "data.cls_labeled", write: bool = True) -> Split:
     """The split ``splits/L{n}-V{val}-S{seed}.json`` of a prepared dataset: read it when it exists
-    (and belongs to this dataset's ids), otherwise make and write it.
+    (and belongs to this dataset's ids), otherwise make and write it (``write=False``: only make
+    it, e.g. to check inputs before a run).
 
     Reads only the ``id``, ``label`` and ``hash`` columns. Labels are used for cls datasets only.
 
@@ -252,7 +253,8 @@ def ensure_split(dataset_uri: str, n_labeled: Union[int, str], val_fraction: flo
     labels = table.column("label").to_pylist() if manifest.get("task") == "cls" else None
     split = make_split(ids, labels, table.column("hash").to_pylist(), n_labeled, val_fraction,
                        seed, budget_key=budget_key, class_names=manifest.get("classes"))
-    storage.write_text(uri, split.to_json(), storage_cfg)
+    if write:
+        storage.write_text(uri, split.to_json(), storage_cfg)
     return split
 
 

@@ -8,7 +8,8 @@ import sys
 
 CORE = ["multimix.variants", "multimix.model", "multimix.objective", "multimix.engine",
         "multimix.metrics", "multimix.validate", "multimix.data.augment", "multimix.data.images",
-        "multimix.data.decode", "multimix.data.pools", "multimix.bench.step", "multimix.ema"]
+        "multimix.data.decode", "multimix.data.pools", "multimix.bench.step", "multimix.ema",
+        "multimix.data.verify", "multimix.preflight"]
 
 
 def test_core_imports_without_ray():

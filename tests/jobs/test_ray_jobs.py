@@ -298,9 +298,9 @@ def test_jobs_that_cannot_start_fail_with_one_line(cluster, tmp_path):
          "multimix train: error: storage.access_key_id/secret_access_key/session_token are "
          "for local runs"),
         (["--set", "run.storage_path=s3://no-such-bucket-mm/runs"], "default",
-         "multimix train: error: bucket 'no-such-bucket-mm' does not exist"),
+         "multimix train: error: run.storage_path: bucket 'no-such-bucket-mm' does not exist"),
         (["--set", f"run.storage_path={b}/runs"], "wrong-keys",
-         f"multimix train: error: access denied to {b}/runs"),
+         f"multimix train: error: run.storage_path: access denied to {b}/runs"),
         # no GPU on this head and no autoscaler: multimix.resources stops before any data work
         (["--set", f"run.storage_path={b}/runs", "--set", "scaling.use_gpu=true",
           "--set", "scaling.gpus_per_worker=1"], "default",

@@ -1,0 +1,185 @@
+"""A run's inputs checked before Ray starts (no Ray): ``train``, ``tune`` and ``experiment
+paper-table`` call :func:`check_inputs` first, so a wrong input costs no Ray start-up and
+leaves nothing behind.
+
+Checked, each failure one :class:`~multimix.errors.UserError` line naming the config key:
+
+- no S3 keys in the config when connecting to a cluster (``RAY_ADDRESS``);
+- the run directory can be written (``run.storage_path``: bucket and credentials, or a local
+  directory);
+- every dataset the variant needs is set (``data.cls_data`` / ``data.seg_data``), is a prepared
+  dataset of the right task (a segmentation set given as ``data.cls_data`` is refused), was
+  prepared at ``data.image_size``, has ``model.num_classes`` classes, and its shards match its
+  manifest (:func:`multimix.data.verify.open_dataset`: shard list, sizes, row counts);
+- the label budgets fit the pools (the split is computed in memory, never written here), and
+  a variant that trains on unlabeled images has some left;
+- (``train``) the labeled and validation pools decode, losing at most ``data.allow_skipped``
+  rows each.
+
+Split files are written by :func:`multimix.data.pipeline.build_data` only after every check
+(these, and the labeled pools' skipped-row check) passed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from multimix.config import ConfigError
+from multimix.errors import DataError, StorageError, UserError
+from multimix.variants import datasets_for, variant_flags
+
+__all__ = ["Preflight", "check_inputs", "check_cluster_keys", "check_dataset",
+           "check_run_storage"]
+
+_TASK_WORD = {"cls": "classification", "seg": "segmentation"}
+
+
+@dataclass
+class Preflight:
+    """What the checks found: per task (``cls`` / ``seg``) the manifest, the verified dataset
+    (:class:`~multimix.data.verify.VerifiedDataset`) and the split (computed, not written);
+    ``classes``: class names of the classification set; ``pools``: the decoded labeled and
+    validation pools (:func:`multimix.data.pipeline.load_pools`), when asked for."""
+
+    manifests: dict = field(default_factory=dict)
+    datasets: dict = field(default_factory=dict)
+    splits: dict = field(default_factory=dict)
+    classes: list = field(default_factory=list)
+    pools: Optional[dict] = None
+
+
+def _keyed(key: str, exc: UserError) -> UserError:
+    """``exc`` as the same error class with its message prefixed by ``key``."""
+    msg = str(exc)
+    return type(exc)(msg if msg.startswith(f"{key}:") else f"{key}: {msg}")
+
+
+def check_dataset(cfg, task: str, key: Optional[str] = None):
+    """The manifest and verified shards of the ``task`` dataset (``data.<task>_data``).
+
+    Raises:
+        ConfigError: not set, wrong task, other image size, other class count (names the key).
+        DataError / StorageError: missing, not a prepared dataset, shards that do not match the
+            manifest, storage trouble (message prefixed with the key).
+    """
+    from multimix.data.prepare import read_manifest
+    from multimix.data.verify import open_dataset
+
+    key = key or f"data.{task}_data"
+    uri = getattr(cfg.data, f"{task}_data")
+    if not uri:
+        raise ConfigError(f"{key}: variant {cfg.model.variant!r} needs a prepared "
+                          f"{_TASK_WORD[task]} dataset (multimix prepare ...)")
+    try:
+        man = read_manifest(uri, cfg.storage)
+    except UserError as exc:
+        raise _keyed(key, exc) from None
+    got = man.get("task")
+    if got != task:
+        raise ConfigError(f"{key}: {uri} is a {_TASK_WORD.get(got, repr(got))} dataset "
+                          f"(task={got}); give a {_TASK_WORD[task]} dataset")
+    if int(man.get("image_size", -1)) != cfg.data.image_size:
+        raise ConfigError(
+            f"data.image_size: is {cfg.data.image_size} but {key} was prepared at "
+            f"{man.get('image_size')}² (prepare it again with --size {cfg.data.image_size}, or "
+            f"--set data.image_size={man.get('image_size')})")
+    if task == "cls":
+        classes = man.get("classes")
+        if not isinstance(classes, list) or len(classes) < 2:
+            raise DataError(f"{key}: {uri}/manifest.json lists no classes (got {classes!r})")
+        if len(classes) != cfg.model.num_classes:
+            raise ConfigError(f"model.num_classes: is {cfg.model.num_classes} but {uri} has "
+                              f"classes {list(classes)}")
+    try:
+        data = open_dataset(uri, cfg.storage, manifest=man)
+    except UserError as exc:
+        raise _keyed(key, exc) from None
+    return man, data
+
+
+def check_cluster_keys(cfg) -> None:
+    """S3 keys in the config are for local runs: refused when connecting to a cluster
+    (``RAY_ADDRESS`` set), where the Ray processes take credentials from the AWS chain.
+
+    Raises:
+        ConfigError: keys in the config with ``RAY_ADDRESS`` set.
+    """
+    from multimix.data import storage
+
+    if os.environ.get("RAY_ADDRESS") and storage.has_keys(cfg.storage):
+        raise ConfigError("storage.access_key_id/secret_access_key/session_token are for local "
+                          "runs; on a Ray cluster give the Ray processes credentials through "
+                          "the AWS chain (instance profile, IRSA, or AWS_* in the environment "
+                          "of `ray start`) and drop the keys from the config")
+
+
+def check_run_storage(cfg) -> str:
+    """The run directory ``<run.storage_path>/<run.name>``, checked writable (bucket and
+    credentials; a local path whose nearest existing folder is a writable directory).
+
+    Raises:
+        StorageError: naming ``run.storage_path``.
+    """
+    from multimix.data import storage
+
+    run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
+    try:
+        storage.check_writable(run_dir, cfg.storage)
+    except UserError as exc:
+        raise _keyed("run.storage_path", exc) from None
+    if not storage.is_s3(run_dir):
+        _, p = storage.resolve(run_dir)
+        while not os.path.exists(p) and os.path.dirname(p) != p:
+            p = os.path.dirname(p)
+        if os.path.isdir(p) and not os.access(p, os.W_OK | os.X_OK):
+            raise StorageError(f"run.storage_path: {p} is not writable (run directory "
+                               f"{run_dir})")
+    return run_dir
+
+
+def check_inputs(cfg, *, storage: bool = True, pools: bool = False,
+                 unlabeled: bool = True) -> Preflight:
+    """Every check of the module docstring, in order (first failure raised). ``storage``:
+    also check the run directory (False for a config only compared, never run); ``unlabeled``:
+    refuse a variant that trains on unlabeled images when the budget leaves none (``tune``
+    leaves this to the trial: ``experiment paper-table``'s default ``all:all`` budget gives
+    the SSL rows none, and those trials fail alone, with this line); ``pools``:
+    also load the labeled and validation pools and refuse undecodable rows beyond
+    ``data.allow_skipped`` (:func:`multimix.data.pipeline.check_skipped`)."""
+    from multimix.data import splits as splits_mod
+
+    check_cluster_keys(cfg)
+    if storage:
+        check_run_storage(cfg)
+    flags = variant_flags(cfg.model.variant)
+    out = Preflight()
+    for task, need in (("cls", flags.has_cls), ("seg", flags.has_seg)):
+        if not need:
+            continue
+        out.manifests[task], out.datasets[task] = check_dataset(cfg, task)
+        if task == "cls":
+            out.classes = list(out.manifests[task]["classes"])
+    for task in out.datasets:
+        uri = getattr(cfg.data, f"{task}_data")
+        budget = getattr(cfg.data, f"{task}_labeled")
+        out.splits[task] = splits_mod.ensure_split(
+            uri, budget, cfg.data.val_fraction, cfg.data.split_seed, cfg.storage,
+            budget_key=f"data.{task}_labeled", write=False)
+    for name in datasets_for(cfg.model.variant):
+        task = "cls" if name == "unl_cls" else cfg.data.unlabeled_seg_from
+        if task not in out.splits:
+            raise ConfigError(f"data.unlabeled_seg_from: is {task!r} but variant "
+                              f"{cfg.model.variant!r} has no {_TASK_WORD[task]} dataset")
+        if unlabeled and not out.splits[task].unlabeled:
+            raise ConfigError(
+                f"data.{task}_labeled: {getattr(cfg.data, f'{task}_labeled')!r} leaves no "
+                f"unlabeled images in {getattr(cfg.data, f'{task}_data')}, but variant "
+                f"{cfg.model.variant!r} trains on them ({name}); give a smaller budget")
+    if pools:
+        from multimix.data.pipeline import check_skipped, load_pools
+
+        out.pools = load_pools(cfg, out.splits)
+        check_skipped(cfg, out.pools, out.splits)
+    return out
