@@ -238,8 +238,8 @@ def write_table(evals: list[dict], cfg, rows: list[str], budgets: list[str],
     text = markdown(records, sets, budgets, note)
     names = ["paper_table.md", "paper_table.csv"]
     with storage.staged_output(exp, cfg.storage) as local:
-        (local / "paper_table.md").write_text(text)
-        (local / "paper_table.csv").write_text(csv_text(records))
+        storage.replace_local(local / "paper_table.md", text)
+        storage.replace_local(local / "paper_table.csv", csv_text(records))
         for budget in budgets:
             for task, cols in (("cls", CLS_COLUMNS), ("seg", SEG_COLUMNS)):
                 for name in sets[task]:

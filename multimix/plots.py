@@ -10,6 +10,8 @@ Colours: reference lung boundary **green** (``REF_COLOUR``), predicted boundary 
 
 from __future__ import annotations
 
+import io
+
 import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -74,7 +76,11 @@ def _save(fig: Figure, path: Any) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, format="png", dpi=DPI)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    from multimix.data.storage import replace_local
+
+    replace_local(path, buf.getvalue())  # atomic: never a truncated PNG
     return path
 
 

@@ -598,13 +598,14 @@ def write_results(grid, cfg: Config, search: Search | None = None) -> dict:
     best = best_row(rows, cfg)
     files = {}
     with storage.staged_output(exp_uri, cfg.storage) as local:
-        (local / "results.csv").write_text(_csv_text(rows))
+        storage.replace_local(local / "results.csv", _csv_text(rows))
         head = (f"# Tune results: {cfg.run.name}\n\nmetric: {metric} ({cfg.run.checkpoint_mode})"
                 f"; best: {best['trial'] if best else 'none'}\n\n")
-        (local / "results.md").write_text(head + markdown_table(rows, metric))
+        storage.replace_local(local / "results.md", head + markdown_table(rows, metric))
         names = ["results.csv", "results.md"]
         if best:
-            (local / "best.yaml").write_text(
+            storage.replace_local(
+                local / "best.yaml",
                 f"# best trial {best['trial']} of {exp_uri} ({metric}={best[metric]:.4f} at "
                 f"epoch {best['best_epoch']}); multimix train --config best.yaml\n"
                 + yaml.safe_dump(best_config(cfg, best), sort_keys=False))

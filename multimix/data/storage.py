@@ -418,6 +418,19 @@ def _replace_local(path: str, data: "bytes | memoryview") -> None:
         raise
 
 
+def replace_local(path: "str | os.PathLike", data: "bytes | str") -> None:
+    """Write a local file atomically (temporary name, fsync, rename): for files written into a
+    :func:`staged_output` folder or beside a run (results tables, plots, best configs).
+
+    Raises:
+        StorageError: disk full, permission denied.
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    with storage_errors(str(path)):
+        _replace_local(str(path), data)
+
+
 def read_text(uri: str, storage_cfg: Optional[StorageConfig] = None) -> str:
     return read_bytes(uri, storage_cfg).decode("utf-8")
 

@@ -169,3 +169,36 @@ def test_overwrite_on_s3_replaces_the_dataset_and_records_the_uploaded_bytes(s3_
         data = storage.read_bytes(storage.join(uri, i["path"]), st)
         assert (len(data), hashlib.sha256(data).hexdigest()) == (i["bytes"], i["sha256"])
     assert len(prep.read_table(uri, ["id"], st)) == new["num_rows"] == 10
+
+
+def test_tune_and_table_reports_are_replaced_whole_on_a_full_disk(tmp_path, monkeypatch):
+    """results.csv / results.md / best.yaml / paper_table.* and plots go through
+    ``storage.replace_local``: a full disk keeps the previous file whole, no temporary left."""
+    from multimix import plots
+
+    target = tmp_path / "exp" / "results.csv"
+    storage.replace_local(target, "trial,score\nt1,0.5\n")
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(bytes(data)[:5])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    with pytest.raises(StorageError, match="no space left on device"):
+        storage.replace_local(target, "trial,score\nt1,0.5\nt2,0.7\n")
+    with pytest.raises(StorageError, match="no space left on device"):
+        plots.plot_learning_curves({"t1": ([0, 1], [0.4, 0.5])}, "val_score",
+                                   tmp_path / "exp" / "learning_curves.png")
+    assert target.read_text() == "trial,score\nt1,0.5\n"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["results.csv"]
