@@ -7,7 +7,10 @@ Contents (plain containers of tensors, numbers and strings only):
 - ``epoch``: the last *finished* epoch (0-based); training resumes at ``epoch + 1``
 - ``rng``: torch / numpy / python RNG states, so a resumed run draws the same numbers
 - ``config``: ``Config.to_dict()`` (secrets never included)
-- ``splits``: ``{"cls": {"labeled": [...], "val": [...], ...}, "seg": {...}}`` id lists
+- ``splits``: ``{"cls": record, "seg": record}``: the split file beside the data and the
+  sha256 of its ids (:func:`multimix.data.splits.split_record`; checkpoints written before
+  issue #18 hold the id lists themselves, which :func:`multimix.data.splits.recorded_split`
+  also reads)
 - ``classes``: class names of the classification head (index = label)
 - ``history``: list of per-epoch metric dicts, so a resumed run's history has no gap
 

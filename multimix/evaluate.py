@@ -89,7 +89,8 @@ def _same_dataset(a: str, b: str) -> bool:
     return Path(a).resolve() == Path(b).resolve()
 
 
-def _select(uri: str, task: str, subset: str, ckpt_cfg, splits: dict) -> tuple[list | None, str]:
+def _select(uri: str, task: str, subset: str, ckpt_cfg, splits: dict,
+            storage_cfg=None) -> tuple[list | None, str]:
     """(ids or None for all, description)."""
     from multimix.errors import UserError
 
@@ -101,7 +102,10 @@ def _select(uri: str, task: str, subset: str, ckpt_cfg, splits: dict) -> tuple[l
         raise UserError(f"--subset val: {uri} is not the {task} dataset the checkpoint was trained "
                         f"on ({trained_on or 'none'}); use --subset all or auto")
     if own:
-        return list(splits[task]["val"]), "held-out validation ids"
+        from multimix.data.splits import recorded_split
+
+        split = recorded_split(uri, splits[task], storage_cfg)
+        return list(split.val), "held-out validation ids"
     return None, "all rows (not seen in training)"
 
 
@@ -180,7 +184,7 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
             if task == "cls" and classes and list(man.get("classes") or classes) != classes:
                 raise UserError(f"{uri} has classes {man['classes']} but the checkpoint's are "
                                 f"{classes} (label indices would not match)")
-            ids, what = _select(uri, task, subset, cfg, state.get("splits", {}))
+            ids, what = _select(uri, task, subset, cfg, state.get("splits", {}), storage_cfg)
             if ids is None:
                 ids = read_table(uri, ["id"], storage_cfg).column("id").to_pylist()
             pool = load_labeled_pool(uri, ids, cfg)

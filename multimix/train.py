@@ -96,8 +96,8 @@ class WorkerInputs:
     """What the driver hands every Train worker (``train_loop_config={"inputs": ...}``).
 
     ``config``: ``Config.to_dict()`` without secrets (workers rebuild the typed config);
-    ``splits``: ``{"cls"|"seg": {"labeled", "val", "unlabeled": [ids]}}`` (stored in the
-    checkpoints); ``classes``: class names in label order; ``pools``: object ref of
+    ``splits``: ``{"cls"|"seg": split record}`` (:func:`multimix.data.splits.split_record`: the
+    split file beside the data and the sha256 of its ids; stored in the checkpoints); ``classes``: class names in label order; ``pools``: object ref of
     ``{"cls_labeled", "cls_val", "seg_labeled", "seg_val"} → LabeledPool``; ``state``: the
     pipeline's state actor; ``datasets``: names of the Train datasets this worker reads
     (``ray.train.get_dataset_shard``); ``steps``: global steps per epoch; ``extra``: what a
@@ -123,9 +123,6 @@ def prepare_inputs(cfg: Config, checked=None):
     return build_data(cfg, checked)
 
 
-def _split_dict(split) -> dict:
-    return {"labeled": list(split.labeled), "val": list(split.val),
-            "unlabeled": list(split.unlabeled)}
 
 
 def build_trainer(cfg: Config, inputs, callbacks: list | None = None, loop=None,
@@ -139,6 +136,7 @@ def build_trainer(cfg: Config, inputs, callbacks: list | None = None, loop=None,
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from multimix.data import pipeline, storage
+    from multimix.data.splits import split_record
 
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker}
@@ -164,7 +162,7 @@ def build_trainer(cfg: Config, inputs, callbacks: list | None = None, loop=None,
     )
     worker_inputs = WorkerInputs(
         config=cfg.to_dict(include_secrets=False),
-        splits={k: _split_dict(v) for k, v in inputs.splits.items()},
+        splits={k: split_record(v) for k, v in inputs.splits.items()},
         classes=list(inputs.classes),
         pools=ray.put(inputs.pools),
         state=inputs.state,

@@ -76,6 +76,53 @@ class Split:
             raise DataError(f"not a valid split file ({exc})") from None
 
 
+def ids_sha256(split: "Split") -> str:
+    """sha256 of the three id lists (what a checkpoint records instead of the ids)."""
+    h = hashlib.sha256()
+    for part in ("labeled", "val", "unlabeled"):
+        h.update(f"[{part}]\n".encode("utf-8"))
+        for i in getattr(split, part):
+            h.update(i.encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def split_record(split: "Split") -> dict:
+    """What a checkpoint stores of a split: the file beside the data (relative to the dataset),
+    the sha256 of its ids and the part sizes — not the ids, which at 10⁵–10⁶ unlabeled rows
+    would be copied into every checkpoint (issue #18)."""
+    return {"file": f"splits/{split.name}.json", "ids_sha256": ids_sha256(split),
+            "counts": {p: len(getattr(split, p)) for p in ("labeled", "val", "unlabeled")}}
+
+
+def recorded_split(dataset_uri: str, record: dict,
+                   storage_cfg: Optional[StorageConfig] = None) -> "Split":
+    """The split a checkpoint recorded (:func:`split_record`), read from ``dataset_uri`` and
+    checked against the recorded sha256. A record holding the id lists (checkpoints written
+    before) is returned as is.
+
+    Raises:
+        DataError: the split file is gone (the dataset was prepared again) or its ids changed.
+    """
+    from multimix.data import storage
+
+    if "file" not in record:  # an older checkpoint: the ids themselves
+        return Split(labeled=list(record.get("labeled", [])), val=list(record.get("val", [])),
+                     unlabeled=list(record.get("unlabeled", [])), seed=-1, n_labeled="all",
+                     val_fraction=0.0)
+    uri = storage.join(dataset_uri, record["file"])
+    if not storage.exists(uri, storage_cfg):
+        raise DataError(f"{uri}: the split this checkpoint was trained with is gone (the dataset "
+                        "was prepared again?); evaluate with --subset all")
+    try:
+        split = Split.from_json(storage.read_text(uri, storage_cfg))
+    except DataError as exc:
+        raise DataError(f"{uri}: {exc}") from None
+    if ids_sha256(split) != record["ids_sha256"]:
+        raise DataError(f"{uri}: its ids differ from the split this checkpoint was trained with "
+                        "(sha256 mismatch); evaluate with --subset all")
+    return split
+
+
 def split_name(n_labeled: Budget, val_fraction: float, seed: int) -> str:
     """``L100-V0.1-S0`` (file stem under ``splits/``)."""
     return f"L{n_labeled}-V{val_fraction:g}-S{seed}"

@@ -306,3 +306,49 @@ def test_evaluate_and_predict_use_the_stored_threshold(known, tmp_path, capsys):
     entry = json.loads((tmp_path / "pred" / "predictions.json").read_text())[0]
     assert (entry["predicted"], entry["predicted_argmax"], entry["threshold"]) == \
         ("PNEUMONIA", "NORMAL", 0.45)
+
+
+def test_checkpoint_records_split_files_not_ids_and_evaluate_reads_them(known, tmp_path):
+    """A checkpoint stores each split as the file beside the data + the sha256 of its ids
+    (issue #18: no id lists copied into every checkpoint); evaluate reads the held-out ids from
+    that file, and a changed or missing split file is one line naming it."""
+    import torch
+
+    from multimix import checkpoint
+    from multimix.data import splits as S
+    from multimix.errors import DataError
+    from multimix.evaluate import evaluate_checkpoint
+
+    cls_split = S.Split(labeled=sorted(set(OWN_CLS) - set(CLS_VAL)), val=sorted(CLS_VAL),
+                        unlabeled=[], seed=0, n_labeled=4, val_fraction=0.3)
+    seg_split = S.Split(labeled=["s1", "s3"], val=sorted(SEG_VAL), unlabeled=[], seed=0,
+                        n_labeled=2, val_fraction=0.3)
+    for uri, sp in ((known["own_cls"], cls_split), (known["own_seg"], seg_split)):
+        (Path(uri) / "splits").mkdir(exist_ok=True)
+        (Path(uri) / "splits" / f"{sp.name}.json").write_text(sp.to_json())
+    records = {"cls": S.split_record(cls_split), "seg": S.split_record(seg_split)}
+    assert records["cls"]["counts"] == {"labeled": len(cls_split.labeled),
+                                        "val": len(CLS_VAL), "unlabeled": 0}
+    cfg = load_config("cpu-small", [f"data.image_size={SIZE}",
+                                    f"data.cls_data={known['own_cls']}",
+                                    f"data.seg_data={known['own_seg']}"])
+    ckpt = km.save_checkpoint(tmp_path / "rec", cfg, records)
+    state = torch.load(ckpt / checkpoint.FILENAME, weights_only=True)
+    assert "val" not in state["splits"]["cls"] and state["splits"]["cls"]["file"].startswith(
+        "splits/")
+    res = evaluate_checkpoint(str(ckpt), cls_data=[known["own_cls"]],
+                              seg_data=[known["own_seg"]], out_dir=str(tmp_path / "ev"))
+    report = json.loads(Path(res["json"]).read_text())
+    assert report["cls"]["own-cls"]["rows"] == "held-out validation ids"
+    assert report["cls"]["own-cls"]["n"] == len(CLS_VAL)
+    assert report["seg"]["own-seg"]["n"] == len(SEG_VAL)
+
+    f = Path(known["own_cls"]) / records["cls"]["file"]
+    changed = S.Split.from_json(f.read_text())
+    changed.val = changed.val[:-1]
+    f.write_text(changed.to_json())
+    with pytest.raises(DataError, match="ids differ from the split this checkpoint"):
+        S.recorded_split(known["own_cls"], records["cls"])
+    f.unlink()
+    with pytest.raises(DataError, match=r"L4-V0.3-S0.json: the split this checkpoint was "):
+        evaluate_checkpoint(str(ckpt), cls_data=[known["own_cls"]], out_dir=str(tmp_path / "e2"))

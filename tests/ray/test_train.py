@@ -88,8 +88,13 @@ def test_train_evaluate_predict_real_data(ray_local, kermany_prepared, v7_prepar
     state = torch.load(ckpts[-1], map_location="cpu", weights_only=True)
     assert state["epoch"] == 1 and set(state) >= {"model", "optimizer", "scheduler", "rng",
                                                   "config", "splits", "history"}
-    assert len(state["splits"]["cls"]["labeled"]) == 100
-    assert len(state["splits"]["seg"]["labeled"]) == 10
+    # the splits as records (file beside the data + ids sha256), the ids only in those files
+    from multimix.data.splits import recorded_split
+
+    for task, n, uri in (("cls", 100, kermany_prepared), ("seg", 10, v7_prepared)):
+        rec = state["splits"][task]
+        assert rec["counts"]["labeled"] == n and "labeled" not in rec
+        assert len(recorded_split(str(uri), rec).labeled) == n
     assert "secret_access_key" not in json.dumps(state["config"])
     best = json.loads((run_dir / "best.json").read_text())
     assert (run_dir / best["checkpoint"] / "checkpoint.pt").is_file()
