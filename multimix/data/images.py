@@ -36,6 +36,8 @@ __all__ = [
     "encode_png",
     "decode_png",
     "decode_mask_png",
+    "perceptual_hash",
+    "PHASH_THUMB",
 ]
 
 #: file extensions (lower case) that :mod:`multimix.data.sources` treats as images
@@ -238,6 +240,40 @@ def resize_image(a: np.ndarray, size: int) -> np.ndarray:
         im = im.resize((size, h), resample=filt(w))
         im = im.resize((size, size), resample=filt(h))
     return np.array(im, dtype=np.uint8)
+
+
+#: side of the grey thumbnail :func:`perceptual_hash` works on (independent of the stored size)
+PHASH_THUMB = 32
+_DCT32: Optional[np.ndarray] = None
+
+
+def perceptual_hash(a: np.ndarray) -> int:
+    """64-bit perceptual hash (pHash) of a grey image: similar pictures, near hashes.
+
+    The image is area-resized to a ``32 x 32`` thumbnail (:func:`resize_image`), transformed
+    with an orthonormal 2-D DCT-II, and the 8 x 8 lowest-frequency coefficients (DC included)
+    are compared with their median: bit ``8 * row + col`` (most significant first) is 1 where
+    the coefficient is above it. Resized, re-encoded (JPEG) or slightly re-contrasted copies of
+    an image land a few bits apart; unrelated images ~32 bits apart (Hamming distance, see
+    :mod:`multimix.data.overlap`).
+
+    Args:
+        a: ``uint8 (H, W)``, any size (the original decoded image, not the prepared one).
+
+    Returns:
+        The 64 bits as a signed ``int64`` value (two's complement: the ``phash`` column).
+    """
+    global _DCT32
+    if _DCT32 is None:
+        n = PHASH_THUMB
+        k = np.arange(n)[:, None]
+        m = np.cos(np.pi * (2 * np.arange(n)[None, :] + 1) * k / (2 * n)) * np.sqrt(2.0 / n)
+        m[0] /= np.sqrt(2.0)
+        _DCT32 = m
+    t = resize_image(a, PHASH_THUMB).astype(np.float64)
+    low = (_DCT32 @ t @ _DCT32.T)[:8, :8]
+    bits = np.packbits((low > np.median(low)).reshape(-1))
+    return int.from_bytes(bits.tobytes(), "big", signed=True)
 
 
 #: default of :func:`binarize_mask` (``prepare --mask-threshold``): a pixel > 127 is foreground

@@ -40,7 +40,8 @@ from multimix import __version__
 from multimix.config import StorageConfig
 from multimix.data import storage
 from multimix.data.images import (IMAGE_PNG_LEVEL, MASK_PNG_LEVEL, MASK_THRESHOLD, encode_png,
-                                   load_grey, mask_levels, resize_image, resize_mask)
+                                   load_grey, mask_levels, perceptual_hash, resize_image,
+                                   resize_mask)
 from multimix.data.sources import LAYOUTS, Record, discover
 from multimix.errors import DataError, UserError
 
@@ -72,7 +73,12 @@ SCHEMA = pa.schema([
     pa.field("path", pa.string(), nullable=False),
     pa.field("orig_height", pa.int32(), nullable=False),
     pa.field("orig_width", pa.int32(), nullable=False),
+    pa.field("phash", pa.int64()),
 ])
+
+#: columns added after the first release: a dataset prepared before lacks them (readers that
+#: need one check ``schema.names``; see :mod:`multimix.data.overlap`)
+OPTIONAL_COLUMNS = ("phash",)
 
 #: Parquet compression per column. The PNG columns are stored as they are: compressed PNGs do
 #: not shrink further, and on uncompressed ones (``png_level`` 0) Snappy saves 11 % but costs
@@ -312,6 +318,8 @@ class DatasetWriter:
         if task == "cls":
             counts_by_label = Counter(self.labels)
             counts = {"cls": {c: int(counts_by_label.get(i, 0)) for i, c in enumerate(classes)}}
+        elif task == "unlabeled":
+            counts = {"unlabeled": self.num_rows}
         else:
             counts = {"seg": self.num_rows, "with_ignore": int(self.with_ignore)}
         non_binary = list(non_binary)
@@ -404,7 +412,7 @@ def process_record(rec: Record, image_size: int, source: str, task: str,
         "id": rec.id, "source": source, "task": task,
         "image": encode_png(resize_image(img, image_size), png_level), "mask": None, "ignore": None,
         "label": rec.label, "hash": hashlib.sha256(data).hexdigest(), "path": rec.path,
-        "orig_height": h, "orig_width": w,
+        "orig_height": h, "orig_width": w, "phash": perceptual_hash(img),
     }
     for kind, file, rel in (("mask", rec.mask_file, rec.mask_path),
                             ("ignore", rec.ignore_file, rec.ignore_path)):
@@ -516,7 +524,8 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
     """Prepare the dataset at ``source_uri`` (folder or CSV, local or ``s3://``) into ``out_uri``.
 
     Args:
-        layout: ``auto`` | ``folders`` | ``pairs`` | ``csv`` (see :mod:`multimix.data.sources`).
+        layout: ``auto`` | ``folders`` | ``pairs`` | ``csv`` | ``images`` (unlabeled, task
+            ``unlabeled``; see :mod:`multimix.data.sources`).
         image_size: side of the stored square images/masks (area filter when shrinking).
         source_name: the ``source`` column and manifest field (default: the folder's name).
         strict: raise :class:`DataError` at the first file that would be skipped (unreadable
@@ -611,6 +620,7 @@ def prepare_demo(out_uri: str, *, n_cls: int = 400, n_seg: int = 100, image_size
                          if task == "seg" else None),
                 "ignore": None, "label": r.get("label"), "hash": hashlib.sha256(png).hexdigest(),
                 "path": r["id"] + ".png", "orig_height": image_size, "orig_width": image_size,
+                "phash": perceptual_hash(r["image"]),
             })
         out[task] = writer.finish(source=synthetic.SOURCE_NAME, task=task, image_size=image_size,
                                   classes=list(synthetic.CLASSES) if task == "cls" else None,
@@ -627,7 +637,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     p.add_argument("--layout", choices=LAYOUTS, default="auto",
                    help="folders: ROOT/[SPLIT/]CLASS/*.png; pairs: images/ + masks/ (+ ignore/); "
-                        "csv: path,label or path,mask_path[,ignore_path] (default: auto)")
+                        "csv: path,label or path,mask_path[,ignore_path]; images: ROOT/**/*.png "
+                        "with no labels (an extra unlabeled pool; never chosen by auto) "
+                        "(default: auto)")
     p.add_argument("--size", type=int, default=None,
                    help="stored image side in pixels (default: data.image_size of the config, "
                         "256)")
@@ -669,6 +681,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _summary(m: dict, out_uri: str) -> str:
     if m["task"] == "cls":
         counts = ", ".join(f"{c} {n}" for c, n in m["counts"]["cls"].items())
+    elif m["task"] == "unlabeled":
+        counts = "unlabeled images"
     else:
         counts = f"{m['counts']['seg']} image-mask pairs, {m['counts']['with_ignore']} with ignore"
     dups = len(m["duplicate_groups"])
