@@ -20,6 +20,8 @@ from multimix.errors import UserError, one_line, root_cause
 COMMANDS = {
     "prepare": ("multimix.data.prepare", "public layouts -> sharded Parquet on disk or s3://"),
     "split": ("multimix.data.splits", "seeded, stratified label-budget splits (id lists)"),
+    "overlap": ("multimix.data.overlap", "exact and near-duplicate images shared by prepared "
+                                         "datasets (contamination check)"),
     "train": ("multimix.train", "train MultiMix with Ray Train (DDP)"),
     "tune": ("multimix.tune", "Ray Tune search: --space/--grid, ASHA, concurrency, resume, "
                               "results + best.yaml"),

@@ -73,7 +73,7 @@ SCHEMA = pa.schema([
     pa.field("path", pa.string(), nullable=False),
     pa.field("orig_height", pa.int32(), nullable=False),
     pa.field("orig_width", pa.int32(), nullable=False),
-    pa.field("phash", pa.int64()),
+    pa.field("phash", pa.binary(32)),
 ])
 
 #: columns added after the first release: a dataset prepared before lacks them (readers that
