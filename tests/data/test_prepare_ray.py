@@ -29,7 +29,9 @@ def tree(tmp_path):
     return root
 
 
-def test_ray_prepare_equals_the_single_process_output(ray_local, tree, tmp_path, capsys):
+def test_ray_prepare_equals_the_single_process_output(ray_local, tree, tmp_path, capsys,
+                                                      monkeypatch):
+    monkeypatch.setattr(prep, "RAY_BATCH", 8)  # several blocks and tasks: order must hold
     kw = dict(layout="images", image_size=16, shard_rows=16, progress=True)
     a = prep.prepare(str(tree), str(tmp_path / "a"), workers=1, **kw)
     b = prep.prepare(str(tree), str(tmp_path / "b"), ray=True, **kw)
