@@ -31,7 +31,7 @@ def tree(tmp_path):
 
 def test_ray_prepare_equals_the_single_process_output(ray_local, tree, tmp_path, capsys,
                                                       monkeypatch):
-    monkeypatch.setattr(prep, "RAY_BATCH", 8)  # several blocks and tasks: order must hold
+    monkeypatch.setattr(prep, "RAY_BATCH", 24)  # 3 blocks and tasks: order must hold
     kw = dict(layout="images", image_size=16, shard_rows=16, progress=True)
     a = prep.prepare(str(tree), str(tmp_path / "a"), workers=1, **kw)
     b = prep.prepare(str(tree), str(tmp_path / "b"), ray=True, **kw)
@@ -51,3 +51,24 @@ def test_ray_is_chosen_by_flag_or_ray_address(monkeypatch):
     assert prep.use_ray(None) is False and prep.use_ray(True) is True
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     assert prep.use_ray(None) is True and prep.use_ray(False) is False
+
+
+def test_ray_prepare_reads_and_writes_s3(ray_local, s3_server, tree, tmp_path):
+    """s3:// in and out on Ray (files read in the tasks through the pickled S3 filesystem): the
+    same shards as the local single-process run."""
+    from multimix.config import StorageConfig
+    from multimix.data import storage
+
+    bucket = s3_server.make_bucket("mm-prepare-ray")
+    st = StorageConfig(**s3_server.storage_overrides())
+    for f in sorted(p for p in tree.rglob("*") if p.is_file()):
+        storage.write_bytes(f"s3://{bucket}/src/{f.relative_to(tree).as_posix()}",
+                            f.read_bytes(), st)
+    kw = dict(layout="images", image_size=16, shard_rows=32, progress=False)
+    a = prep.prepare(str(tree), str(tmp_path / "a"), workers=1, source_name="src", **kw)
+    b = prep.prepare(f"s3://{bucket}/src", f"s3://{bucket}/out", ray=True, storage_cfg=st, **kw)
+    assert a["shard_info"] == b["shard_info"] and a["num_rows"] == b["num_rows"] == 71
+    assert a["duplicate_groups"] == b["duplicate_groups"] and b["skipped"] == 1
+    for rel in a["shards"]:
+        assert (tmp_path / "a" / rel).read_bytes() == storage.read_bytes(
+            f"s3://{bucket}/out/{rel}", st)
