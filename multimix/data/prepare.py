@@ -9,11 +9,13 @@ Output (DESIGN.md §1), in a local folder or under ``s3://bucket/prefix``::
 Row order is a fixed hash of the id (:func:`row_order_key`): reproducible, the same on every
 machine, and pseudo-random, so every shard and row group mixes the classes (source folders are
 class-sorted) and a streaming reader that shuffles only whole files or row groups still gets
-mixed batches. Decoding and resizing run in a process pool (one process per core by default);
-rows come back in that order, so the output is the same for any number of workers. Unreadable or truncated images
-and masks whose size differs from their image are skipped and listed in ``report.json``
-(``strict=True`` turns the first one into a :class:`DataError`); byte-identical files (same
-sha256) are all kept and listed as duplicate groups. Nothing is dropped silently.
+mixed batches. Decoding and resizing run in a process pool (one process per core by default)
+or, with ``ray=True`` (``--ray``, or ``RAY_ADDRESS`` set), in Ray Data tasks on the cluster (the
+same :func:`process_record` and writer: byte-identical output); rows come back in that order,
+so the output is the same for any number of workers. Unreadable or truncated images and masks
+whose size differs from their image are skipped and listed in ``report.json`` (``strict=True``
+turns the first one into a :class:`DataError`); byte-identical files (same sha256) are all kept
+and listed as duplicate groups. Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -482,9 +484,10 @@ def _ray_results(records: list[Record], image_size: int, source: str, task: str,
                  fs: pafs.FileSystem, png_level: int = IMAGE_PNG_LEVEL,
                  mask_threshold: int = MASK_THRESHOLD) -> Iterator[tuple[str, dict]]:
     """:func:`_results` on the Ray cluster: the same :func:`process_record` per file, run by
-    Ray Data map tasks (:data:`RAY_BATCH` records a batch, one CPU each, on any node; files read there
-    through ``fs``), results streamed back to the driver in record order (``preserve_order``)
-    with the streaming executor's backpressure, so the driver holds a bounded window."""
+    Ray Data map tasks (:data:`RAY_BATCH` records a batch, one CPU each, on any node; files read
+    there through ``fs``), results streamed back to the driver in record order
+    (``preserve_order``) with the streaming executor's backpressure, so the driver holds a
+    bounded window of results (plus the pickled records: ~200 bytes each)."""
     import pickle
 
     import ray
@@ -723,7 +726,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fail at the first unreadable file or unknown label instead of skipping "
                         "and reporting it")
     p.add_argument("--workers", type=int, default=None,
-                   help="decoding processes (default: one per CPU)")
+                   help="decoding processes (default: one per CPU; not used on Ray)")
     p.add_argument("--ray", action="store_true", default=None,
                    help="decode and resize on Ray (the cluster in RAY_ADDRESS, else a local Ray); "
                         "the default when RAY_ADDRESS is set. Same output as without")
