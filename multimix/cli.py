@@ -22,6 +22,8 @@ COMMANDS = {
     "split": ("multimix.data.splits", "seeded, stratified label-budget splits (id lists)"),
     "verify": ("multimix.data.verify", "check prepared datasets against their manifests "
                                        "(shards, sizes, rows, sha256)"),
+    "overlap": ("multimix.data.overlap", "exact and near-duplicate images shared by prepared "
+                                         "datasets (contamination check)"),
     "train": ("multimix.train", "train MultiMix with Ray Train (DDP)"),
     "tune": ("multimix.tune", "Ray Tune search: --space/--grid, ASHA, concurrency, resume, "
                               "results + best.yaml"),

@@ -9,11 +9,13 @@ Output (DESIGN.md §1), in a local folder or under ``s3://bucket/prefix``::
 Row order is a fixed hash of the id (:func:`row_order_key`): reproducible, the same on every
 machine, and pseudo-random, so every shard and row group mixes the classes (source folders are
 class-sorted) and a streaming reader that shuffles only whole files or row groups still gets
-mixed batches. Decoding and resizing run in a process pool (one process per core by default);
-rows come back in that order, so the output is the same for any number of workers. Unreadable or truncated images
-and masks whose size differs from their image are skipped and listed in ``report.json``
-(``strict=True`` turns the first one into a :class:`DataError`); byte-identical files (same
-sha256) are all kept and listed as duplicate groups. Nothing is dropped silently.
+mixed batches. Decoding and resizing run in a process pool (one process per core by default)
+or, with ``ray=True`` (``--ray``, or ``RAY_ADDRESS`` set), in Ray Data tasks on the cluster (the
+same :func:`process_record` and writer: byte-identical output); rows come back in that order,
+so the output is the same for any number of workers. Unreadable or truncated images and masks
+whose size differs from their image are skipped and listed in ``report.json`` (``strict=True``
+turns the first one into a :class:`DataError`); byte-identical files (same sha256) are all kept
+and listed as duplicate groups. Nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from multimix import __version__
 from multimix.config import StorageConfig
 from multimix.data import storage
 from multimix.data.images import (IMAGE_PNG_LEVEL, MASK_PNG_LEVEL, MASK_THRESHOLD, encode_png,
-                                   load_grey, mask_levels, resize_image, resize_mask)
+                                   load_grey, mask_levels, perceptual_hash, resize_image,
+                                   resize_mask)
 from multimix.data.sources import LAYOUTS, Record, discover
 from multimix.errors import DataError, UserError
 
@@ -72,7 +75,12 @@ SCHEMA = pa.schema([
     pa.field("path", pa.string(), nullable=False),
     pa.field("orig_height", pa.int32(), nullable=False),
     pa.field("orig_width", pa.int32(), nullable=False),
+    pa.field("phash", pa.binary(32)),
 ])
+
+#: columns added after the first release: a dataset prepared before lacks them (readers that
+#: need one check ``schema.names``; see :mod:`multimix.data.overlap`)
+OPTIONAL_COLUMNS = ("phash",)
 
 #: Parquet compression per column. The PNG columns are stored as they are: compressed PNGs do
 #: not shrink further, and on uncompressed ones (``png_level`` 0) Snappy saves 11 % but costs
@@ -80,6 +88,9 @@ SCHEMA = pa.schema([
 COMPRESSION = {n: ("NONE" if n in ("image", "mask", "ignore") else "SNAPPY") for n in SCHEMA.names}
 
 _CHUNK = 32  # records per pool task
+#: records per Ray Data batch (one map task call): ~0.5 s of work at 224 px, so the per-task
+#: overhead of Ray stays small
+RAY_BATCH = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +325,8 @@ class DatasetWriter:
         if task == "cls":
             counts_by_label = Counter(self.labels)
             counts = {"cls": {c: int(counts_by_label.get(i, 0)) for i, c in enumerate(classes)}}
+        elif task == "unlabeled":
+            counts = {"unlabeled": self.num_rows}
         else:
             counts = {"seg": self.num_rows, "with_ignore": int(self.with_ignore)}
         non_binary = list(non_binary)
@@ -406,7 +419,7 @@ def process_record(rec: Record, image_size: int, source: str, task: str,
         "id": rec.id, "source": source, "task": task,
         "image": encode_png(resize_image(img, image_size), png_level), "mask": None, "ignore": None,
         "label": rec.label, "hash": hashlib.sha256(data).hexdigest(), "path": rec.path,
-        "orig_height": h, "orig_width": w,
+        "orig_height": h, "orig_width": w, "phash": perceptual_hash(img),
     }
     for kind, file, rel in (("mask", rec.mask_file, rec.mask_path),
                             ("ignore", rec.ignore_file, rec.ignore_path)):
@@ -469,6 +482,65 @@ def _results(records: list[Record], image_size: int, source: str, task: str,
                 f.cancel()
 
 
+def _ray_results(records: list[Record], image_size: int, source: str, task: str,
+                 fs: pafs.FileSystem, png_level: int = IMAGE_PNG_LEVEL,
+                 mask_threshold: int = MASK_THRESHOLD) -> Iterator[tuple[str, dict]]:
+    """:func:`_results` on the Ray cluster: the same :func:`process_record` per file, run by
+    Ray Data map tasks (:data:`RAY_BATCH` records a batch, one CPU each, on any node; files read
+    there through ``fs``), results streamed back to the driver in record order
+    (``preserve_order``) with the streaming executor's backpressure, so the driver holds a
+    bounded window of results (plus the pickled records: ~200 bytes each)."""
+    import pickle
+
+    import ray
+
+    def work(batch: dict) -> dict:
+        out = []
+        for blob in batch["rec"]:
+            rec = Record(**pickle.loads(blob))
+            out.append(pickle.dumps(process_record(rec, image_size, source, task, fs, png_level,
+                                                   mask_threshold), protocol=5))
+        return {"result": out}
+
+    items = [{"rec": pickle.dumps(r.__dict__, protocol=5)} for r in records]
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # the new dataset keeps a copy of the context
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // RAY_BATCH)))
+    finally:
+        ctx.execution_options.preserve_order = before  # other Ray Data users keep theirs
+    assert ds.context.execution_options.preserve_order
+    ds = ds.map_batches(work, batch_size=RAY_BATCH, num_cpus=1, batch_format="numpy")
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
+        for blob in batch["result"]:
+            yield pickle.loads(blob)
+
+
+def use_ray(flag: Optional[bool]) -> bool:
+    """Run on Ray: ``--ray`` given, or (flag None) ``RAY_ADDRESS`` set in the environment."""
+    return bool(os.environ.get("RAY_ADDRESS")) if flag is None else bool(flag)
+
+
+def _init_ray(storage_cfg: Optional[StorageConfig]) -> None:
+    """Connect to ``RAY_ADDRESS`` or start a local Ray (as ``multimix train`` does: S3 keys of
+    the config are exported for a local Ray and refused for a cluster)."""
+    import ray
+
+    from multimix.config import ConfigError
+
+    address = os.environ.get("RAY_ADDRESS")
+    if address and storage_cfg is not None and storage.has_keys(storage_cfg):
+        raise ConfigError("storage.access_key_id/secret_access_key/session_token are for local "
+                          "runs; on a Ray cluster give the Ray processes credentials through "
+                          "the AWS chain and drop the keys from the config")
+    if ray.is_initialized():
+        return
+    if storage_cfg is not None:
+        storage.export_keys(storage_cfg)
+    ray.init(address=address or "local", configure_logging=False)
+
+
 class _Progress:
     """One stderr line every ``every`` seconds: done/total, rate, skipped."""
 
@@ -514,11 +586,12 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
             workers: Optional[int] = None, progress: bool = True,
             overwrite: bool = False, png_level: int = IMAGE_PNG_LEVEL,
             classes: Optional[list[str]] = None,
-            mask_threshold: int = MASK_THRESHOLD) -> dict:
+            mask_threshold: int = MASK_THRESHOLD, ray: Optional[bool] = False) -> dict:
     """Prepare the dataset at ``source_uri`` (folder or CSV, local or ``s3://``) into ``out_uri``.
 
     Args:
-        layout: ``auto`` | ``folders`` | ``pairs`` | ``csv`` (see :mod:`multimix.data.sources`).
+        layout: ``auto`` | ``folders`` | ``pairs`` | ``csv`` | ``images`` (unlabeled, task
+            ``unlabeled``; see :mod:`multimix.data.sources`).
         image_size: side of the stored square images/masks (area filter when shrinking).
         source_name: the ``source`` column and manifest field (default: the folder's name).
         strict: raise :class:`DataError` at the first file that would be skipped (unreadable
@@ -538,6 +611,10 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
         mask_threshold: masks other than 0/1 masks: a pixel ``> mask_threshold`` is lung.
             Masks with more than two grey levels are counted and listed in ``report.json``
             (``non_binary_masks``).
+        ray: decode/resize/encode on Ray (Ray Data tasks on the cluster in ``RAY_ADDRESS``, or a
+            local Ray; the driver writes the shards); None: on Ray when ``RAY_ADDRESS`` is set.
+            The output is byte-identical to the process-pool path's (same per-file function,
+            same order, same writer); only ``created`` in the manifest differs.
 
     Returns:
         The manifest (also written to ``out_uri/manifest.json``).
@@ -559,8 +636,16 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
     prog = _Progress(len(src.records), progress, f"prepare {src.name}")
     done = 0
     records = sorted(src.records, key=lambda r: row_order_key(r.id))
-    for kind, item in _results(records, image_size, src.name, src.task, src.fs, workers,
-                               png_level, mask_threshold):
+    if use_ray(ray):
+        _init_ray(storage_cfg)
+        prog.label += " (Ray)"
+        prog.t0 = prog.last = time.monotonic()  # the rate leaves Ray's start-up out
+        results = _ray_results(records, image_size, src.name, src.task, src.fs, png_level,
+                               mask_threshold)
+    else:
+        results = _results(records, image_size, src.name, src.task, src.fs, workers, png_level,
+                           mask_threshold)
+    for kind, item in results:
         done += 1
         if kind == "skip":
             if strict:
@@ -613,6 +698,7 @@ def prepare_demo(out_uri: str, *, n_cls: int = 400, n_seg: int = 100, image_size
                          if task == "seg" else None),
                 "ignore": None, "label": r.get("label"), "hash": hashlib.sha256(png).hexdigest(),
                 "path": r["id"] + ".png", "orig_height": image_size, "orig_width": image_size,
+                "phash": perceptual_hash(r["image"]),
             })
         out[task] = writer.finish(source=synthetic.SOURCE_NAME, task=task, image_size=image_size,
                                   classes=list(synthetic.CLASSES) if task == "cls" else None,
@@ -629,7 +715,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     p.add_argument("--layout", choices=LAYOUTS, default="auto",
                    help="folders: ROOT/[SPLIT/]CLASS/*.png; pairs: images/ + masks/ (+ ignore/); "
-                        "csv: path,label or path,mask_path[,ignore_path] (default: auto)")
+                        "csv: path,label or path,mask_path[,ignore_path]; images: ROOT/**/*.png "
+                        "with no labels (an extra unlabeled pool; never chosen by auto) "
+                        "(default: auto)")
     p.add_argument("--size", type=int, default=None,
                    help="stored image side in pixels (default: data.image_size of the config, "
                         "256)")
@@ -640,7 +728,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fail at the first unreadable file or unknown label instead of skipping "
                         "and reporting it")
     p.add_argument("--workers", type=int, default=None,
-                   help="decoding processes (default: one per CPU)")
+                   help="decoding processes (default: one per CPU; not used on Ray)")
+    p.add_argument("--ray", action="store_true", default=None,
+                   help="decode and resize on Ray (the cluster in RAY_ADDRESS, else a local Ray); "
+                        "the default when RAY_ADDRESS is set. Same output as without")
+    p.add_argument("--no-ray", dest="ray", action="store_false",
+                   help="use local processes even when RAY_ADDRESS is set")
     p.add_argument("--shard-rows", type=int, default=1000, help="rows per Parquet shard")
     p.add_argument("--png-level", type=int, default=IMAGE_PNG_LEVEL, metavar="0-9",
                    help="zlib level of the stored images (default 0: uncompressed, ~1.4x the "
@@ -671,6 +764,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _summary(m: dict, out_uri: str) -> str:
     if m["task"] == "cls":
         counts = ", ".join(f"{c} {n}" for c, n in m["counts"]["cls"].items())
+    elif m["task"] == "unlabeled":
+        counts = "unlabeled images"
     else:
         counts = f"{m['counts']['seg']} image-mask pairs, {m['counts']['with_ignore']} with ignore"
     dups = len(m["duplicate_groups"])
@@ -707,6 +802,6 @@ def run(args: argparse.Namespace) -> int:
                 split=args.split, shard_rows=args.shard_rows, workers=args.workers,
                 progress=not args.quiet, overwrite=args.overwrite, png_level=args.png_level,
                 classes=args.classes.split(",") if args.classes else None,
-                mask_threshold=args.mask_threshold)
+                mask_threshold=args.mask_threshold, ray=args.ray)
     print(_summary(m, args.out))
     return 0

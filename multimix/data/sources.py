@@ -1,6 +1,7 @@
 """Discover the records of a public dataset layout (no decoding here: that is :mod:`prepare`).
 
-Three layouts (``layout="auto"`` picks one, see :func:`detect_layout`):
+Four layouts (``layout="auto"`` picks one of the first three, see :func:`detect_layout`;
+``images`` is never guessed: a class-per-folder tree is also a tree of images):
 
 ``folders``  class-per-folder (ImageFolder), ``ROOT/[SPLIT/]CLASS/**/*.{png,jpg,jpeg,...}``.
              Class names sorted → label index (Kermany: NORMAL=0, PNEUMONIA=1). With a split
@@ -45,7 +46,7 @@ from multimix.errors import DataError
 
 __all__ = ["LAYOUTS", "Record", "Source", "discover", "detect_layout"]
 
-LAYOUTS = ("auto", "folders", "pairs", "csv")
+LAYOUTS = ("auto", "folders", "pairs", "csv", "images")
 _SPLIT_NAMES = ("train", "test", "val", "valid", "validation")
 
 
@@ -71,7 +72,7 @@ class Source:
 
     uri: str
     layout: str
-    task: str  # "cls" | "seg"
+    task: str  # "cls" | "seg" | "unlabeled"
     name: str
     records: list[Record]
     classes: Optional[list[str]] = None
@@ -147,7 +148,7 @@ def discover(uri: str, layout: str = "auto", *, split: Optional[str] = None,
     """List the records of the dataset at ``uri`` (folder or CSV; local or ``s3://``).
 
     Args:
-        layout: ``auto``, ``folders``, ``pairs`` or ``csv``.
+        layout: ``auto``, ``folders``, ``pairs``, ``csv`` or ``images``.
         split: for ``folders`` with a split level (``ROOT/train/CLASS/...``): which split.
         name: dataset name (default: the root folder's name, or its parent's when the root is
             itself a split folder such as ``train``).
@@ -169,7 +170,7 @@ def discover(uri: str, layout: str = "auto", *, split: Optional[str] = None,
         if len(classes) < 2 or any(not c for c in classes) or len(set(classes)) != len(classes):
             raise DataError(f"--classes {','.join(classes)!r}: give two or more distinct, "
                             "non-empty class names (e.g. --classes NORMAL,PNEUMONIA)")
-        if layout == "pairs":
+        if layout in ("pairs", "images"):
             raise DataError("--classes applies to classification layouts (folders, csv with a "
                             "label column), not to image-mask pairs")
     fs, root = storage.resolve(uri, storage_cfg)
@@ -187,6 +188,8 @@ def discover(uri: str, layout: str = "auto", *, split: Optional[str] = None,
             raise DataError(f"{uri}: layout {layout!r} needs a folder, got a file")
         if layout == "pairs":
             src = _discover_pairs(fs, root, uri, storage_cfg)
+        elif layout == "images":
+            src = _discover_images(fs, root, uri, storage_cfg)
         else:
             src = _discover_folders(fs, root, uri, split, storage_cfg, classes)
         src.root_uri = uri
@@ -299,6 +302,24 @@ def _discover_folders(fs, root, uri, split, st, given: Optional[list[str]] = Non
     return Source(uri=uri, layout="folders", task="cls", name=_default_name(root),
                   records=records, classes=classes, split=split, problems=problems,
                   other_files=other)
+
+
+# ---------------------------------------------------------------------------------------------
+# unlabeled image trees
+
+
+def _discover_images(fs, root, uri, st) -> Source:
+    files, _ = _listing(fs, root, uri, st)
+    images = [f for f in files if _is_image(f)]
+    if not images:
+        raise DataError(f"{uri}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found at any "
+                        "depth below it")
+    records = [Record(id=_strip_ext(f), path=f,
+                      image_file=posixpath.join(root, f) if root != "/" else "/" + f)
+               for f in images]
+    _unique_ids(records, uri)
+    return Source(uri=uri, layout="images", task="unlabeled", name=_default_name(root),
+                  records=records, other_files=[f for f in files if not _is_image(f)])
 
 
 # ---------------------------------------------------------------------------------------------

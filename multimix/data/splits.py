@@ -286,6 +286,9 @@ def ensure_split(dataset_uri: str, n_labeled: Union[int, str], val_fraction: flo
     from multimix.data.prepare import read_manifest, read_table
 
     manifest = read_manifest(dataset_uri, storage_cfg)
+    if manifest.get("task") == "unlabeled":
+        raise DataError(f"{dataset_uri} is an unlabeled dataset (prepare --layout images): it has "
+                        "no labels to split; use it as an unlabeled pool")
     uri = storage.join(dataset_uri, "splits", split_name(n_labeled, val_fraction, seed) + ".json")
     table = read_table(dataset_uri, ["id", "label", "hash"], storage_cfg)
     ids = table.column("id").to_pylist()
