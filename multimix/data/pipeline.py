@@ -84,11 +84,8 @@ def build_data(cfg, checked=None) -> DataInputs:
     else:
         out.pools = load_pools(cfg, out.splits)
         check_skipped(cfg, out.pools, out.splits)
-    for task in out.splits:
-        out.splits[task] = splits_mod.ensure_split(
-            getattr(cfg.data, f"{task}_data"), getattr(cfg.data, f"{task}_labeled"),
-            cfg.data.val_fraction, cfg.data.split_seed, cfg.storage,
-            budget_key=f"data.{task}_labeled")
+    for task, split in out.splits.items():  # made by the checks; written only now
+        splits_mod.store_split(getattr(cfg.data, f"{task}_data"), split, cfg.storage)
     out.state = create_state()
     out.datasets = build_datasets(cfg, out.splits, state=out.state)
     n_unl = len(out.splits["cls"].unlabeled) if "weak" in streams_for(cfg.model.variant) else 0

@@ -30,7 +30,8 @@ import numpy as np
 from multimix.config import Budget, ConfigError, StorageConfig
 from multimix.errors import DataError, UserError
 
-__all__ = ["Split", "make_split", "split_name", "ensure_split", "add_arguments", "run"]
+__all__ = ["Split", "make_split", "split_name", "ensure_split", "store_split", "split_record",
+           "recorded_split", "add_arguments", "run"]
 
 SPLIT_FORMAT = "multimix-split/1"
 
@@ -289,7 +290,7 @@ def ensure_split(dataset_uri: str, n_labeled: Union[int, str], val_fraction: flo
     if manifest.get("task") == "unlabeled":
         raise DataError(f"{dataset_uri} is an unlabeled dataset (prepare --layout images): it has "
                         "no labels to split; use it as an unlabeled pool")
-    uri = storage.join(dataset_uri, "splits", split_name(n_labeled, val_fraction, seed) + ".json")
+    uri = split_uri(dataset_uri, split_name(n_labeled, val_fraction, seed))
     table = read_table(dataset_uri, ["id", "label", "hash"], storage_cfg)
     ids = table.column("id").to_pylist()
     if storage.exists(uri, storage_cfg):
@@ -306,6 +307,31 @@ def ensure_split(dataset_uri: str, n_labeled: Union[int, str], val_fraction: flo
     if write:
         storage.write_text(uri, split.to_json(), storage_cfg)
     return split
+
+
+def split_uri(dataset_uri: str, name: str) -> str:
+    """Where the split ``name`` (``L{n}-V{val}-S{seed}``) of a dataset is stored."""
+    from multimix.data import storage
+
+    return storage.join(dataset_uri, "splits", f"{name}.json")
+
+
+def store_split(dataset_uri: str, split: Split,
+                storage_cfg: Optional[StorageConfig] = None) -> None:
+    """Write ``split`` (made by ``ensure_split(..., write=False)``) beside the data, unless the
+    file there already holds the same ids: the run's checks made the split once, so this reads
+    no shard again (issue #16: nothing is written into a dataset before the checks passed)."""
+    from multimix.data import storage
+
+    uri = split_uri(dataset_uri, split.name)
+    if storage.exists(uri, storage_cfg):
+        try:
+            if ids_sha256(Split.from_json(storage.read_text(uri, storage_cfg))) == \
+                    ids_sha256(split):
+                return
+        except DataError:
+            pass  # unreadable: replaced below
+    storage.write_text(uri, split.to_json(), storage_cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +372,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.data, cfg.storage)
     key = "data.seg_labeled" if manifest.get("task") == "seg" else "data.cls_labeled"
     split = ensure_split(args.data, args.labeled, args.val, args.seed, cfg.storage, key)
-    path = storage.join(args.data, "splits", split.name + ".json")
+    path = split_uri(args.data, split.name)
 
     def fmt(part: str) -> str:
         c = split.counts.get(part, {})

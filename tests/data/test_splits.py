@@ -119,6 +119,29 @@ def demo_ds(tmp_path_factory):
     return out
 
 
+def test_store_split_writes_the_checked_split_once(demo_ds, monkeypatch):
+    """A run writes the split its checks made (``ensure_split(write=False)``): written when
+    missing or different, left alone when the file holds the same ids."""
+    from multimix.data import storage
+
+    uri = str(demo_ds / "cls")
+    s = sp.ensure_split(uri, 12, 0.1, 0, write=False)
+    path = demo_ds / "cls" / "splits" / "L12-V0.1-S0.json"
+    assert not path.exists()  # the checks write nothing
+    sp.store_split(uri, s)
+    assert sp.Split.from_json(path.read_text()) == s
+    writes = []
+    monkeypatch.setattr(storage, "write_text", lambda *a, **k: writes.append(a))
+    sp.store_split(uri, s)  # same ids: not rewritten
+    assert writes == []
+    monkeypatch.undo()
+    stale = sp.Split.from_json(path.read_text())
+    stale.val = stale.val[:-1]
+    path.write_text(stale.to_json())
+    sp.store_split(uri, s)  # other ids: replaced
+    assert sp.Split.from_json(path.read_text()) == s
+
+
 def test_ensure_split_writes_then_reuses_the_file(demo_ds):
     uri = str(demo_ds / "cls")
     s = sp.ensure_split(uri, 10, 0.1, 0)
