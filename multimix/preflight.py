@@ -99,16 +99,17 @@ def check_dataset(cfg, task: str, key: Optional[str] = None):
     return man, data
 
 
-def check_cluster_keys(cfg) -> None:
-    """S3 keys in the config are for local runs: refused when connecting to a cluster
-    (``RAY_ADDRESS`` set), where the Ray processes take credentials from the AWS chain.
+def check_cluster_keys(storage_cfg) -> None:
+    """S3 keys in the config (``storage_cfg``, a :class:`~multimix.config.StorageConfig` or
+    None) are for local runs: refused when connecting to a cluster (``RAY_ADDRESS`` set), where
+    the Ray processes take credentials from the AWS chain.
 
     Raises:
         ConfigError: keys in the config with ``RAY_ADDRESS`` set.
     """
     from multimix.data import storage
 
-    if os.environ.get("RAY_ADDRESS") and storage.has_keys(cfg.storage):
+    if os.environ.get("RAY_ADDRESS") and storage.has_keys(storage_cfg):
         raise ConfigError("storage.access_key_id/secret_access_key/session_token are for local "
                           "runs; on a Ray cluster give the Ray processes credentials through "
                           "the AWS chain (instance profile, IRSA, or AWS_* in the environment "
@@ -150,7 +151,7 @@ def check_inputs(cfg, *, storage: bool = True, pools: bool = False,
     ``data.allow_skipped`` (:func:`multimix.data.pipeline.check_skipped`)."""
     from multimix.data import splits as splits_mod
 
-    check_cluster_keys(cfg)
+    check_cluster_keys(cfg.storage)
     if storage:
         check_run_storage(cfg)
     flags = variant_flags(cfg.model.variant)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from multimix.config import Config, load_config
-from multimix.errors import RunFailed, UserError, one_line, root_cause
+from multimix.errors import RunFailed, one_line, root_cause
 from multimix.preflight import check_inputs
 
 #: Test hook: ``rank:epoch:step:marker_path`` makes that worker SIGKILL itself once (the marker file
@@ -97,7 +97,8 @@ class WorkerInputs:
 
     ``config``: ``Config.to_dict()`` without secrets (workers rebuild the typed config);
     ``splits``: ``{"cls"|"seg": split record}`` (:func:`multimix.data.splits.split_record`: the
-    split file beside the data and the sha256 of its ids; stored in the checkpoints); ``classes``: class names in label order; ``pools``: object ref of
+    split file beside the data and the sha256 of its ids; stored in the checkpoints);
+    ``classes``: class names in label order; ``pools``: object ref of
     ``{"cls_labeled", "cls_val", "seg_labeled", "seg_val"} → LabeledPool``; ``state``: the
     pipeline's state actor; ``datasets``: names of the Train datasets this worker reads
     (``ray.train.get_dataset_shard``); ``steps``: global steps per epoch; ``extra``: what a
@@ -121,8 +122,6 @@ def prepare_inputs(cfg: Config, checked=None):
     from multimix.data.pipeline import build_data
 
     return build_data(cfg, checked)
-
-
 
 
 def build_trainer(cfg: Config, inputs, callbacks: list | None = None, loop=None,
@@ -182,12 +181,19 @@ def build_trainer(cfg: Config, inputs, callbacks: list | None = None, loop=None,
 
 
 def init_ray(cfg: Config) -> None:
-    """Connect to the cluster in ``RAY_ADDRESS``, or start a local Ray.
+    """:func:`connect_ray` with the config's storage settings."""
+    connect_ray(cfg.storage)
 
-    S3 keys set in the config are for local runs: they are exported to this process's
-    environment before the local Ray starts, so its processes inherit them (never through Ray's
-    runtime env or job metadata). On a cluster they are refused: there the Ray processes get
-    credentials from the standard chain (instance profile, IRSA, their environment).
+
+def connect_ray(storage_cfg=None) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS``, or start a local Ray (``train``, ``tune``,
+    ``prepare --ray``).
+
+    S3 keys set in the config (``storage_cfg``) are for local runs: they are exported to this
+    process's environment before the local Ray starts, so its processes inherit them (never
+    through Ray's runtime env or job metadata). On a cluster they are refused: there the Ray
+    processes get credentials from the standard chain (instance profile, IRSA, their
+    environment).
 
     Raises:
         ConfigError: keys in the config while connecting to a cluster.
@@ -195,16 +201,14 @@ def init_ray(cfg: Config) -> None:
     import ray
 
     from multimix.data import storage
-
     from multimix.preflight import check_cluster_keys
 
-    address = os.environ.get("RAY_ADDRESS")
-    check_cluster_keys(cfg)
+    check_cluster_keys(storage_cfg)
     if ray.is_initialized():
         return
-    storage.export_keys(cfg.storage)
+    storage.export_keys(storage_cfg)
     # "local": a new local Ray, never one found through /tmp/ray/ray_current_cluster
-    ray.init(address=address or "local", configure_logging=False)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
 
 
 def train(cfg: Config, callbacks: list | None = None, checked=None) -> TrainResult:

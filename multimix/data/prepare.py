@@ -522,25 +522,6 @@ def use_ray(flag: Optional[bool]) -> bool:
     return bool(os.environ.get("RAY_ADDRESS")) if flag is None else bool(flag)
 
 
-def _init_ray(storage_cfg: Optional[StorageConfig]) -> None:
-    """Connect to ``RAY_ADDRESS`` or start a local Ray (as ``multimix train`` does: S3 keys of
-    the config are exported for a local Ray and refused for a cluster)."""
-    import ray
-
-    from multimix.config import ConfigError
-
-    address = os.environ.get("RAY_ADDRESS")
-    if address and storage_cfg is not None and storage.has_keys(storage_cfg):
-        raise ConfigError("storage.access_key_id/secret_access_key/session_token are for local "
-                          "runs; on a Ray cluster give the Ray processes credentials through "
-                          "the AWS chain and drop the keys from the config")
-    if ray.is_initialized():
-        return
-    if storage_cfg is not None:
-        storage.export_keys(storage_cfg)
-    ray.init(address=address or "local", configure_logging=False)
-
-
 class _Progress:
     """One stderr line every ``every`` seconds: done/total, rate, skipped."""
 
@@ -637,7 +618,9 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
     done = 0
     records = sorted(src.records, key=lambda r: row_order_key(r.id))
     if use_ray(ray):
-        _init_ray(storage_cfg)
+        from multimix.train import connect_ray  # as train does: keys local-only
+
+        connect_ray(storage_cfg)
         prog.label += " (Ray)"
         prog.t0 = prog.last = time.monotonic()  # the rate leaves Ray's start-up out
         results = _ray_results(records, image_size, src.name, src.task, src.fs, png_level,
