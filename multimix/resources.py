@@ -56,11 +56,9 @@ def trial_request(cfg) -> dict[str, float]:
     from multimix.variants import datasets_for
 
     sc = cfg.scaling
-    n_streams = len(datasets_for(cfg.model.variant))
-    req = {"CPU": TRIAL_ACTOR_CPU + sc.num_workers * float(sc.cpus_per_worker)
-           + n_streams * float(sc.data_cpus_per_task)}
-    if sc.use_gpu:
-        req["GPU"] = sc.num_workers * float(sc.gpus_per_worker)
+    req = {k: sc.num_workers * v for k, v in worker_request(sc).items()}
+    req["CPU"] += (TRIAL_ACTOR_CPU
+                   + len(datasets_for(cfg.model.variant)) * float(sc.data_cpus_per_task))
     return req
 
 

@@ -385,6 +385,7 @@ def tune(cfg: Config, search: Search, restart: bool = False):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
+    from multimix import resources
     from multimix.data import storage
     from multimix.train import init_ray
 
@@ -401,7 +402,7 @@ def tune(cfg: Config, search: Search, restart: bool = False):
     base = cfg.to_dict(include_secrets=False)  # trial actors read keys from their environment
     _keep_keys_out_of_trial_runtime_envs()
     trainable = rt.with_resources(rt.with_parameters(trial, base=base, exp_uri=exp_uri),
-                                  {"CPU": 0.01})
+                                  {"CPU": resources.TRIAL_ACTOR_CPU})
     exp_path = f"{path.rstrip('/')}/{cfg.run.name}"
     search_uri = storage.join(exp_uri, "search.json")
     fingerprint = search.fingerprint(base)
