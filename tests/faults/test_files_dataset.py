@@ -63,14 +63,9 @@ def test_manifest_records_every_shard_with_rows_bytes_and_sha256(tmp_path):
     assert _no_temp_files(out) == []
 
 
-def test_write_bytes_replaces_atomically_and_a_full_disk_keeps_the_old_file(tmp_path,
-                                                                           monkeypatch):
-    target = tmp_path / "d" / "manifest.json"
-    storage.write_text(str(target), "old\n")
-    assert target.read_text() == "old\n" and oct(target.stat().st_mode & 0o777) == "0o644"
-    storage.write_text(str(target), "new\n")
-    assert target.read_text() == "new\n"
-
+def _disk_full(monkeypatch) -> None:
+    """Every file opened through ``os.fdopen`` (the atomic writer's temporary file) gets the
+    first 3 bytes of a write onto the disk, then ENOSPC."""
     real_fdopen = os.fdopen
 
     class Full:
@@ -88,6 +83,17 @@ def test_write_bytes_replaces_atomically_and_a_full_disk_keeps_the_old_file(tmp_
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+
+
+def test_write_bytes_replaces_atomically_and_a_full_disk_keeps_the_old_file(tmp_path,
+                                                                           monkeypatch):
+    target = tmp_path / "d" / "manifest.json"
+    storage.write_text(str(target), "old\n")
+    assert target.read_text() == "old\n" and oct(target.stat().st_mode & 0o777) == "0o644"
+    storage.write_text(str(target), "new\n")
+    assert target.read_text() == "new\n"
+
+    _disk_full(monkeypatch)
     with pytest.raises(StorageError) as e:
         storage.write_text(str(target), "a much longer new text\n")
     assert str(e.value) == f"{target}: no space left on device (disk full)"
@@ -178,23 +184,7 @@ def test_tune_and_table_reports_are_replaced_whole_on_a_full_disk(tmp_path, monk
 
     target = tmp_path / "exp" / "results.csv"
     storage.replace_local(target, "trial,score\nt1,0.5\n")
-    real_fdopen = os.fdopen
-
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, data):
-            self.f.write(bytes(data)[:5])
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    _disk_full(monkeypatch)
     with pytest.raises(StorageError, match="no space left on device"):
         storage.replace_local(target, "trial,score\nt1,0.5\nt2,0.7\n")
     with pytest.raises(StorageError, match="no space left on device"):
