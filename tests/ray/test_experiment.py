@@ -74,8 +74,10 @@ def test_paper_table_end_to_end_tiny(ray_local, tmp_path, capsys):
                  # two trials at once fit the 2-CPU test Ray (resources.concurrent_trials)
                  "--set", "scaling.cpus_per_worker=0.25",
                  "--set", "scaling.data_cpus_per_task=0.25"])
-    assert code == 0
     exp = tmp_path / "runs" / "paper-table"
+    # on failure the CI log shows why (the trials' error files and the command's last lines)
+    assert code == 0, (capsys.readouterr().err[-3000:] + "".join(
+        f"\n{p}:\n{p.read_text()[-3000:]}" for p in sorted(exp.rglob("error.txt"))[:2]))
     text = (exp / "paper_table.md").read_text()
     lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
     head, enc, umtl = lines[0], lines[1], lines[2]
