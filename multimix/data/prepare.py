@@ -9,10 +9,12 @@ Output (DESIGN.md §1), in a local folder or under ``s3://bucket/prefix``::
 Row order is a fixed hash of the id (:func:`row_order_key`): reproducible, the same on every
 machine, and pseudo-random, so every shard and row group mixes the classes (source folders are
 class-sorted) and a streaming reader that shuffles only whole files or row groups still gets
-mixed batches. Decoding and resizing run in a process pool (one process per core by default)
-or, with ``ray=True`` (``--ray``, or ``RAY_ADDRESS`` set), in Ray Data tasks on the cluster (the
-same :func:`process_record` and writer: byte-identical output); rows come back in that order,
-so the output is the same for any number of workers. Unreadable or truncated images and masks
+mixed batches. Each chunk of ``shard_rows`` records in that order becomes one shard
+(:func:`write_chunk`). Decoding and resizing run in a process pool (one process per core by
+default; the driver writes the shards) or, with ``ray=True`` (``--ray``, or ``RAY_ADDRESS``
+set), in Ray Data tasks on the cluster that also write their chunk's shard (the same
+:func:`process_record` and :func:`write_chunk`: byte-identical output), so the output is the
+same for any number of workers. Unreadable or truncated images and masks
 whose size differs from their image are skipped and listed in ``report.json`` (``strict=True``
 turns the first one into a :class:`DataError`); byte-identical files (same sha256) are all kept
 and listed as duplicate groups. Nothing is dropped silently.
@@ -29,6 +31,7 @@ import secrets
 import sys
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from concurrent.futures import Future, ProcessPoolExecutor
 from datetime import datetime, timezone
 from typing import Iterable, Iterator, Optional
@@ -88,9 +91,6 @@ OPTIONAL_COLUMNS = ("phash",)
 COMPRESSION = {n: ("NONE" if n in ("image", "mask", "ignore") else "SNAPPY") for n in SCHEMA.names}
 
 _CHUNK = 32  # records per pool task
-#: records per Ray Data batch (one map task call): ~0.5 s of work at 224 px, so the per-task
-#: overhead of Ray stays small
-RAY_BATCH = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +177,73 @@ def row_order_key(row_id: str) -> bytes:
     return hashlib.blake2b(row_id.encode("utf-8"), digest_size=8).digest()
 
 
+def _row_bytes(row: dict) -> int:
+    return len(row["image"]) + len(row.get("mask") or b"") + len(row.get("ignore") or b"")
+
+
+def row_meta(row: dict) -> dict:
+    """What the driver keeps of a written row (manifest, duplicates, report): a few hundred
+    bytes, never the images."""
+    return {"id": row["id"], "hash": row["hash"], "path": row["path"],
+            "label": row.get("label"), "ignore": row.get("ignore") is not None}
+
+
+def write_shard(fs: pafs.FileSystem, root: str, out_uri: str, rel: str, rows: list[dict],
+                storage_cfg: Optional[StorageConfig] = None) -> dict:
+    """Write ``rows`` (:data:`SCHEMA` dicts, in order) as the Parquet file ``root/rel``:
+    serialised in memory, then written whole (:func:`storage.write_file`: atomic rename
+    locally, one upload on S3). Returns its ``shard_info`` entry: ``{"path", "rows", "bytes",
+    "sha256"}`` of exactly those bytes."""
+    cols = {name: [r.get(name) for r in rows] for name in SCHEMA.names}
+    table = pa.Table.from_pydict(cols, schema=SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS,
+                   compression=COMPRESSION, use_dictionary=["source", "task"])
+    data = memoryview(sink.getvalue())
+    storage.write_file(fs, f"{root}/{rel}", data, uri=storage.join(out_uri, rel),
+                       storage_cfg=storage_cfg)
+    return {"path": rel, "rows": table.num_rows, "bytes": data.nbytes,
+            "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@dataclass(frozen=True)
+class ShardTarget:
+    """Where the shards of record chunks go (:meth:`DatasetWriter.shard_target`): the dataset
+    URI, this write's shard-name prefix, the byte cap of one shard and the storage settings
+    the writing process resolves the URI with."""
+
+    out_uri: str
+    prefix: str
+    shard_bytes: int
+    storage_cfg: Optional[StorageConfig] = None
+
+
+def write_chunk(target: ShardTarget, k: int, rows: list[dict],
+                fs: Optional[pafs.FileSystem] = None) -> list[dict]:
+    """Write the rows made from record chunk ``k`` (``shard_rows`` records of the final order;
+    fewer rows when files were skipped) as ``data/<prefix><k:05d>.parquet``, split into
+    ``…-1``, ``…-2`` … when the rows pass ``target.shard_bytes``. The same function runs in
+    ``multimix prepare``'s process and in its Ray tasks, so both write the same bytes under the
+    same names. Returns the ``shard_info`` entries (none for a chunk without rows)."""
+    if fs is None:
+        fs, root = storage.resolve(target.out_uri, target.storage_cfg)
+    else:
+        root = storage.resolve(target.out_uri, target.storage_cfg)[1]
+    parts: list[list[dict]] = [[]]
+    size = 0
+    for r in rows:
+        if parts[-1] and size + _row_bytes(r) > target.shard_bytes:
+            parts.append([])
+            size = 0
+        parts[-1].append(r)
+        size += _row_bytes(r)
+    out = []
+    for j, part in enumerate(p for p in parts if p):
+        rel = f"data/{target.prefix}{k:05d}{f'-{j}' if j else ''}.parquet"
+        out.append(write_shard(fs, root, target.out_uri, rel, part, target.storage_cfg))
+    return out
+
+
 class DatasetWriter:
     """Write rows (dicts with the :data:`SCHEMA` columns) as Parquet shards under ``out_uri``.
 
@@ -251,44 +318,74 @@ class DatasetWriter:
         self._old = None
 
     def add(self, row: dict) -> None:
+        """Buffer one row; a shard is written every ``shard_rows`` rows or ``shard_bytes``
+        bytes (:meth:`add_chunk` writes whole record chunks instead: ``multimix prepare``)."""
         self._buf.append(row)
-        self._buf_bytes += len(row["image"]) + len(row.get("mask") or b"") + len(
-            row.get("ignore") or b"")
-        self.ids.append(row["id"])
-        self.hashes.append(row["hash"])
-        self.paths.append(row["path"])
-        self.labels.append(row.get("label"))
-        self.with_ignore += row.get("ignore") is not None
-        self.num_rows += 1
+        self._buf_bytes += _row_bytes(row)
         if len(self._buf) >= self.shard_rows or self._buf_bytes >= self.shard_bytes:
             self._flush()
 
     def _flush(self) -> None:
-        """Write the buffered rows as the next shard: serialised in memory, then written whole
-        (:func:`storage.write_file`: atomic rename locally, one upload on S3), and recorded in
-        ``shard_info`` with the row count, byte size and sha256 of exactly those bytes."""
+        """Write the buffered rows as the next shard (:func:`write_shard`)."""
         if not self._buf:
             return
-        cols = {name: [r.get(name) for r in self._buf] for name in SCHEMA.names}
-        table = pa.Table.from_pydict(cols, schema=SCHEMA)
         rel = f"data/{self._prefix}{len(self.shards):05d}.parquet"
-        uri = storage.join(self.out_uri, rel)
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, row_group_size=ROW_GROUP_ROWS,
-                       compression=COMPRESSION, use_dictionary=["source", "task"])
-        data = memoryview(sink.getvalue())
-        storage.write_file(self.fs, f"{self.root}/{rel}", data, uri=uri, storage_cfg=self.st)
-        self.shards.append(rel)
-        self.shard_info.append({"path": rel, "rows": table.num_rows, "bytes": data.nbytes,
-                                "sha256": hashlib.sha256(data).hexdigest()})
+        info = write_shard(self.fs, self.root, self.out_uri, rel, self._buf, self.st)
+        self.record([info], [row_meta(r) for r in self._buf])
         self._buf, self._buf_bytes = [], 0
 
-    def abort(self) -> None:
+    def shard_target(self, storage_cfg: Optional[StorageConfig] = None) -> "ShardTarget":
+        """Where :func:`write_chunk` puts the shards of a record chunk (picklable: what Ray
+        tasks get; ``storage_cfg``: the settings their filesystem is made with, e.g. keyless
+        :func:`storage.chain_storage`)."""
+        return ShardTarget(self.out_uri, self._prefix, self.shard_bytes,
+                           storage_cfg if storage_cfg is not None else self.st)
+
+    def add_chunk(self, k: int, rows: list[dict]) -> None:
+        """Write the rows made from record chunk ``k`` (:func:`write_chunk`, in this process)
+        and record them; rows must come in the final order."""
+        self.record(write_chunk(self.shard_target(), k, rows, fs=self.fs),
+                    [row_meta(r) for r in rows])
+
+    def record(self, infos: list[dict], metas: list[dict]) -> None:
+        """Record shards written elsewhere (a Ray task: :func:`write_chunk`) and their rows'
+        :func:`row_meta`, in the final order."""
+        for info in infos:
+            self.shards.append(info["path"])
+            self.shard_info.append(dict(info))
+        for m in metas:
+            self.ids.append(m["id"])
+            self.hashes.append(m["hash"])
+            self.paths.append(m["path"])
+            self.labels.append(m["label"])
+            self.with_ignore += bool(m["ignore"])
+        self.num_rows += len(metas)
+
+    def abort(self, settle_s: float = 0.0) -> None:
         """Remove the shards written so far (no manifest was written: the set is incomplete;
-        a previous dataset at ``out_uri`` is left as it was)."""
-        for rel in self.shards:
+        a previous dataset at ``out_uri`` is left as it was), also those Ray tasks wrote that
+        were not recorded yet and their temporary files (this writer's shard names).
+        ``settle_s``: keep looking for up to that long, until a listing finds none for a
+        second (tasks being cancelled may still finish a write)."""
+        keep = set(self._old.get("shards") or []) if self._old else set()
+        ours = (self._prefix, f".{self._prefix}")
+        deadline, quiet_since = time.monotonic() + settle_s, None
+        while True:
+            found = 0
             with storage.storage_errors(self.out_uri, self.st):
-                self.fs.delete_file(f"{self.root}/{rel}")
+                for rel in storage.list_files(storage.join(self.out_uri, "data"), self.st,
+                                              recursive=False):
+                    if rel.startswith(ours) and f"data/{rel}" not in keep:
+                        found += 1
+                        try:
+                            self.fs.delete_file(f"{self.root}/data/{rel}")
+                        except FileNotFoundError:
+                            pass
+            now = time.monotonic()
+            quiet_since = (quiet_since or now) if not found else None
+            if now >= deadline or (quiet_since is not None and now - quiet_since >= 1.0):
+                break
+            time.sleep(0.2)
         self.shards, self.shard_info, self._buf = [], [], []
 
     def duplicate_groups(self) -> list[list[int]]:
@@ -482,36 +579,47 @@ def _results(records: list[Record], image_size: int, source: str, task: str,
                 f.cancel()
 
 
-def _ray_results(records: list[Record], image_size: int, source: str, task: str,
-                 fs: pafs.FileSystem, png_level: int = IMAGE_PNG_LEVEL,
-                 mask_threshold: int = MASK_THRESHOLD) -> Iterator[tuple[str, dict]]:
-    """:func:`_results` on the Ray cluster: the same :func:`process_record` per file, run by
-    Ray Data map tasks (:data:`RAY_BATCH` records a batch, one CPU each, on any node; files read
-    there through ``fs``), results streamed back to the driver in record order
-    (``preserve_order``) with the streaming executor's backpressure, so the driver holds a
-    bounded window of results (plus the pickled records: ~200 bytes each)."""
+def _ray_chunks(chunks: list[list[Record]], image_size: int, source: str, task: str,
+                fs: pafs.FileSystem, target: ShardTarget, png_level: int = IMAGE_PNG_LEVEL,
+                mask_threshold: int = MASK_THRESHOLD,
+                strict: bool = False) -> Iterator[tuple[list, list, list[dict], list[dict]]]:
+    """Prepare on the Ray cluster: one Ray Data map task per record chunk (``shard_rows``
+    records, one CPU, on any node) reads its files through ``fs``, runs the same
+    :func:`process_record` as the process pool and writes the chunk's shard(s) itself
+    (:func:`write_chunk`, through ``target``), so no image passes through the driver. Yields
+    per chunk, in chunk order (``preserve_order``): ``(results, non_binary, shard_infos,
+    metas)`` where ``results`` are the skips (``("skip", item)``) in record order and
+    ``metas`` the written rows' :func:`row_meta`. ``strict``: a chunk with a skip writes
+    nothing. The driver holds the metadata of every row (~200 bytes each) and a bounded window
+    of chunk results (the streaming executor's backpressure)."""
     import pickle
 
     import ray
 
     def work(batch: dict) -> dict:
         out = []
-        for blob in batch["rec"]:
-            rec = Record(**pickle.loads(blob))
-            out.append(pickle.dumps(process_record(rec, image_size, source, task, fs, png_level,
-                                                   mask_threshold), protocol=5))
+        for k, blob in zip(batch["k"], batch["recs"]):
+            results = [process_record(Record(**d), image_size, source, task, fs, png_level,
+                                      mask_threshold) for d in pickle.loads(blob)]
+            skips = [r for r in results if r[0] == "skip"]
+            rows = [item for kind, item in results if kind == "row"]
+            non_binary = [nb for r in rows for nb in r.pop("_non_binary", ())]
+            infos = [] if (strict and skips) else write_chunk(target, int(k), rows)
+            metas = [] if (strict and skips) else [row_meta(r) for r in rows]
+            out.append(pickle.dumps((skips, non_binary, infos, metas), protocol=5))
         return {"result": out}
 
-    items = [{"rec": pickle.dumps(r.__dict__, protocol=5)} for r in records]
+    items = [{"k": k, "recs": pickle.dumps([r.__dict__ for r in c], protocol=5)}
+             for k, c in enumerate(chunks)]
     ctx = ray.data.DataContext.get_current()
     before = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # the new dataset keeps a copy of the context
     try:
-        ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // RAY_BATCH)))
+        ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     finally:
         ctx.execution_options.preserve_order = before  # other Ray Data users keep theirs
     assert ds.context.execution_options.preserve_order
-    ds = ds.map_batches(work, batch_size=RAY_BATCH, num_cpus=1, batch_format="numpy")
+    ds = ds.map_batches(work, batch_size=1, num_cpus=1, batch_format="numpy")
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2):
         for blob in batch["result"]:
             yield pickle.loads(blob)
@@ -578,7 +686,9 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
         strict: raise :class:`DataError` at the first file that would be skipped (unreadable
             file, unknown label, mask of the wrong size).
         split: for class folders with a split level (``train/``…): which one.
-        shard_rows: rows per Parquet shard.
+        shard_rows: records per Parquet shard (each chunk of ``shard_rows`` records in the
+            row order is one shard; fewer rows where files were skipped, split further past
+            128 MB).
         workers: decoding processes (default: one per available CPU; 1 = in this process).
         progress: print a progress line to stderr every few seconds.
         overwrite: replace an existing prepared dataset at ``out_uri`` (it stays readable until
@@ -593,7 +703,8 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
             Masks with more than two grey levels are counted and listed in ``report.json``
             (``non_binary_masks``).
         ray: decode/resize/encode on Ray (Ray Data tasks on the cluster in ``RAY_ADDRESS``, or a
-            local Ray; the driver writes the shards); None: on Ray when ``RAY_ADDRESS`` is set.
+            local Ray; the tasks write the shards, the driver the manifest and report); None:
+            on Ray when ``RAY_ADDRESS`` is set.
             The output is byte-identical to the process-pool path's (same per-file function,
             same order, same writer); only ``created`` in the manifest differs.
 
@@ -617,29 +728,51 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
     prog = _Progress(len(src.records), progress, f"prepare {src.name}")
     done = 0
     records = sorted(src.records, key=lambda r: row_order_key(r.id))
+    # chunk k of shard_rows records becomes shard k (fewer rows where files were skipped),
+    # written by whichever executor processed it: the same bytes under the same names
+    chunks = [records[i:i + shard_rows] for i in range(0, len(records), shard_rows)]
+
+    def fail(item: dict, settle_s: float = 0.0) -> DataError:
+        writer.abort(settle_s)
+        return DataError(f"{_file_uri(src, item)}: {item['reason']} (--strict)")
+
     if use_ray(ray):
         from multimix.train import connect_ray  # as train does: keys local-only
 
         connect_ray(storage_cfg)
         prog.label += " (Ray)"
         prog.t0 = prog.last = time.monotonic()  # the rate leaves Ray's start-up out
-        results = _ray_results(records, image_size, src.name, src.task, src.fs, png_level,
-                               mask_threshold)
+        # the tasks get the filesystems pickled: keys in the config reach only a local Ray
+        # (connect_ray refuses them on a cluster, whose processes use the AWS chain)
+        out = _ray_chunks(chunks, image_size, src.name, src.task, src.fs,
+                          writer.shard_target(), png_level, mask_threshold, strict)
+        for chunk, (skips, nb, infos, metas) in zip(chunks, out):
+            done += len(chunk)
+            if strict and skips:
+                out.close()  # stops the execution: the tasks still running are cancelled
+                raise fail(skips[0][1], settle_s=10.0)
+            skipped.extend({k: v for k, v in item.items() if k != "file"} for _, item in skips)
+            non_binary.extend(nb)
+            writer.record(infos, metas)
+            prog.update(done, len(skipped))
     else:
         results = _results(records, image_size, src.name, src.task, src.fs, workers, png_level,
                            mask_threshold)
-    for kind, item in results:
-        done += 1
-        if kind == "skip":
-            if strict:
-                writer.abort()
-                raise DataError(f"{_file_uri(src, item)}: {item['reason']} (--strict)")
-            item.pop("file", None)
-            skipped.append(item)
-        else:
-            non_binary.extend(item.pop("_non_binary", ()))
-            writer.add(item)
-        prog.update(done, len(skipped))
+        for k, chunk in enumerate(chunks):
+            rows = []
+            for _ in chunk:
+                kind, item = next(results)
+                done += 1
+                if kind == "skip":
+                    if strict:
+                        raise fail(item)
+                    item.pop("file", None)
+                    skipped.append(item)
+                else:
+                    non_binary.extend(item.pop("_non_binary", ()))
+                    rows.append(item)
+                prog.update(done, len(skipped))
+            writer.add_chunk(k, rows)
     prog.update(done, len(skipped), final=True)
     parameters = {"source_uri": source_uri, "layout": src.layout, "split": src.split,
                   "image_size": image_size, "strict": strict, "shard_rows": shard_rows,
@@ -717,7 +850,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "the default when RAY_ADDRESS is set. Same output as without")
     p.add_argument("--no-ray", dest="ray", action="store_false",
                    help="use local processes even when RAY_ADDRESS is set")
-    p.add_argument("--shard-rows", type=int, default=1000, help="rows per Parquet shard")
+    p.add_argument("--shard-rows", type=int, default=1000,
+                   help="files per Parquet shard (fewer rows where files are skipped; on Ray, "
+                        "one task per shard)")
     p.add_argument("--png-level", type=int, default=IMAGE_PNG_LEVEL, metavar="0-9",
                    help="zlib level of the stored images (default 0: uncompressed, ~1.4x the "
                         "bytes of 1, decoded 3-7x faster on every epoch; 1-9: smaller shards)")

@@ -29,9 +29,8 @@ def tree(tmp_path):
     return root
 
 
-def test_ray_prepare_equals_the_single_process_output(ray_local, tree, tmp_path, capsys,
-                                                      monkeypatch):
-    monkeypatch.setattr(prep, "RAY_BATCH", 24)  # 3 blocks and tasks: order must hold
+def test_ray_prepare_equals_the_single_process_output(ray_local, tree, tmp_path, capsys):
+    # 5 chunks of 16 records: 5 tasks, each writing its shard; the order must hold
     kw = dict(layout="images", image_size=16, shard_rows=16, progress=True)
     a = prep.prepare(str(tree), str(tmp_path / "a"), workers=1, **kw)
     b = prep.prepare(str(tree), str(tmp_path / "b"), ray=True, **kw)
@@ -44,6 +43,37 @@ def test_ray_prepare_equals_the_single_process_output(ray_local, tree, tmp_path,
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
     assert json.loads((tmp_path / "a" / "report.json").read_text()) == json.loads(
         (tmp_path / "b" / "report.json").read_text())
+
+
+def test_ray_tasks_write_the_shards_and_strict_leaves_nothing(ray_local, tree, tmp_path):
+    """--strict on Ray: the chunk holding the bad file writes nothing, the driver stops at it
+    and removes the shards other tasks wrote; no manifest, nothing left under data/."""
+    from multimix.errors import DataError
+
+    out = tmp_path / "strict"
+    with pytest.raises(DataError, match=r"bad\.png.*--strict"):
+        prep.prepare(str(tree), str(out), layout="images", image_size=16, shard_rows=8,
+                     progress=False, ray=True, strict=True)
+    assert not (out / "manifest.json").exists() and not list(out.glob("data/*"))
+
+
+def test_a_chunk_past_the_byte_cap_is_split_into_numbered_shards(tmp_path):
+    from multimix.data import storage
+
+    rows = [{"id": f"r{i}", "source": "s", "task": "unlabeled", "image": bytes([i]) * 100,
+             "hash": f"{i:064x}", "path": f"r{i}.png", "orig_height": 4, "orig_width": 4}
+            for i in range(5)]
+    target = prep.ShardTarget(str(tmp_path / "ds"), "part-", shard_bytes=250)
+    infos = prep.write_chunk(target, 3, rows)
+    assert [i["path"] for i in infos] == ["data/part-00003.parquet", "data/part-00003-1.parquet",
+                                          "data/part-00003-2.parquet"]
+    assert [i["rows"] for i in infos] == [2, 2, 1]
+    got = [r for i in infos for r in prep.pq.read_table(tmp_path / "ds" / i["path"])
+           .column("id").to_pylist()]
+    assert got == [r["id"] for r in rows]
+    assert infos[0]["sha256"] == prep.hashlib.sha256(storage.read_bytes(
+        str(tmp_path / "ds" / infos[0]["path"]))).hexdigest()
+    assert prep.write_chunk(target, 4, []) == []
 
 
 def test_ray_is_chosen_by_flag_or_ray_address(monkeypatch):
