@@ -220,3 +220,39 @@ def test_preflight_opens_every_extra_pool_and_names_the_key(planted, tmp_path):
     with pytest.raises(UserError, match="leaves no unlabeled images .* or data.unlabeled_data"):
         check_inputs(load_config(base, ["data.cls_labeled=all", "data.unlabeled_data=[]"]),
                      storage=False)
+
+
+@pytest.mark.parametrize("frm, uris, weights", [
+    ("cls", ["cls"], None),
+    ("extra", ["e1", "e2"], [2.0, 3.0]),
+    ("cls+extra", ["cls", "e1", "e2"], [1.0, 2.0, 3.0]),
+    ("/e2", ["e2"], None),
+])
+def test_unlabeled_seg_from_names_the_pools(frm, uris, weights):
+    from types import SimpleNamespace
+
+    from multimix.data import pipeline as P
+
+    cfg = load_config("cpu-small", ["data.cls_data=/cls", "data.unlabeled_data=[/e1, /e2]",
+                                    "data.unlabeled_weights=[1, 2, 3]",
+                                    f"data.unlabeled_seg_from={frm}"])
+    split = SimpleNamespace(labeled=["a"], val=["b"], unlabeled=["c", "d"])
+    sources, w = P.stream_sources(cfg, {"cls": split}, "unl_seg", {"/e2": frozenset({"x"})})
+    assert [s.uri.lstrip("/") for s in sources] == uris and w == weights
+    assert all(s.exclude == ({"x"} if s.uri == "/e2" else set()) for s in sources)
+    assert all((s.ids == {"c", "d"}) if s.uri == "/cls" else s.ids is None for s in sources)
+    # the pools the guard checks: each once, whatever the streams share
+    assert sorted(s.uri for s in P.unlabeled_pools(cfg, {"cls": split})) == \
+        sorted({"/cls", "/e1", "/e2", *("/" + u for u in uris)})
+
+
+def test_tune_makes_the_pool_paths_absolute(tmp_path, monkeypatch):
+    from multimix.tune import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = absolute_paths(load_config("cpu-small", [
+        "data.unlabeled_data=[rel/a, s3://b/c]", "data.unlabeled_seg_from=rel/a",
+        "data.eval_data=[ev]"]))
+    assert cfg.data.unlabeled_data == [str(tmp_path / "rel/a"), "s3://b/c"]
+    assert cfg.data.unlabeled_seg_from == str(tmp_path / "rel/a")
+    assert cfg.data.eval_data == [str(tmp_path / "ev")]
