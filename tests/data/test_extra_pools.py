@@ -256,3 +256,23 @@ def test_tune_makes_the_pool_paths_absolute(tmp_path, monkeypatch):
     assert cfg.data.unlabeled_data == [str(tmp_path / "rel/a"), "s3://b/c"]
     assert cfg.data.unlabeled_seg_from == str(tmp_path / "rel/a")
     assert cfg.data.eval_data == [str(tmp_path / "ev")]
+
+
+def test_preflight_refuses_an_extra_pool_of_another_size_and_a_missing_eval_set(planted,
+                                                                                tmp_path):
+    import numpy as np
+
+    from multimix.errors import UserError
+    from multimix.preflight import check_inputs
+    from multimix.testing import write_dataset
+
+    rows = [{"id": f"r{i}", "image": np.full((64, 64), i, np.uint8)} for i in range(4)]
+    big = write_dataset(str(tmp_path / "big"), rows, "unlabeled", 64, shards=1)
+    base = load_config(planted.cfg.to_dict(), ["data.cls_labeled=5"]).to_dict()
+    with pytest.raises(UserError, match=r"^data.unlabeled_data\[1\]: .*big was prepared at "
+                                        r"64², but data.image_size is 32"):
+        check_inputs(load_config(base, [f"data.unlabeled_data=[{planted.extra}, {big}]"]),
+                     storage=False)
+    with pytest.raises(UserError, match=r"^data.eval_data\[0\]: .*nope"):
+        check_inputs(load_config(base, [f"data.eval_data=[{tmp_path / 'nope'}]"]),
+                     storage=False)
