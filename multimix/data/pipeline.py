@@ -209,7 +209,8 @@ def contamination_guard(cfg, splits: Mapping[str, Any]) -> tuple[dict, dict]:
     unlabeled pool the run reads that are copies (same sha256, or phash within
     ``data.near_threshold`` bits) of a labeled or validation image of ``data.cls_data`` /
     ``data.seg_data`` or of any ``data.eval_data`` image. Reads only the id/hash/phash columns
-    (:func:`multimix.data.overlap.load_hashes`), on the driver; prints one line.
+    (:func:`multimix.data.overlap.iter_hashes`; a pool in chunks of whole shards, so the
+    driver's memory does not grow with it), on the driver; prints one line.
 
     Returns:
         ``({pool URI: frozenset of excluded ids}, report)`` (``report``: the run's
@@ -220,21 +221,19 @@ def contamination_guard(cfg, splits: Mapping[str, Any]) -> tuple[dict, dict]:
 
     if not cfg.data.contamination_guard:
         return {}, {"enabled": False}
-    tables: dict = {}
+    def hashes(uri: str, ids=None, name=None, chunk_rows=None):
+        return overlap.iter_hashes(uri, cfg.storage, name=name or uri, ids=ids,
+                                   chunk_rows=chunk_rows)
 
-    def hashes(uri: str) -> Any:
-        if uri not in tables:
-            tables[uri] = overlap.load_hashes(uri, storage_cfg=cfg.storage)
-        return tables[uri]
-
-    protected = []
+    protected = []  # in memory: the labeled + validation ids, the evaluation sets
     for task, split in sorted(splits.items()):
-        uri = getattr(cfg.data, f"{task}_data")
-        protected.append(overlap.subset(hashes(uri), [*split.labeled, *split.val],
-                                        f"{uri} ({task} labeled + validation)"))
-    protected += [hashes(u) for u in cfg.data.eval_data]
-    pools = [hashes(src.uri) if src.ids is None else
-             overlap.subset(hashes(src.uri), src.ids, src.uri)
+        uri, name = getattr(cfg.data, f"{task}_data"), f"{{}} ({task} labeled + validation)"
+        protected.append(overlap.concat(name.format(uri), list(hashes(
+            uri, [*split.labeled, *split.val], name.format(uri)))))
+    protected += [overlap.concat(u, list(hashes(u))) for u in cfg.data.eval_data]
+    # the pools: read in chunks of whole shards (the driver never holds a large pool's hashes)
+    pools = [(src.uri, hashes(src.uri, sorted(src.ids) if src.ids is not None else None,
+                              chunk_rows=overlap.GUARD_CHUNK_ROWS))
              for src in unlabeled_pools(cfg, splits)]
     threshold = cfg.data.near_threshold
     res = overlap.guard_pools(protected, pools, overlap.NEAR_THRESHOLD if threshold is None

@@ -153,7 +153,7 @@ def planted(tmp_path_factory):
     cls = prepare(str(root / "cls"), str(root / "cls_ds"), layout="folders", image_size=32,
                   workers=1, progress=False)
     extra = prepare(str(root / "extra"), str(root / "extra_ds"), layout="images", image_size=32,
-                    workers=1, progress=False)
+                    workers=1, progress=False, shard_rows=5)  # 4 shards
     ids = sorted([*files, "NORMAL/dup00"])
     assert cls["num_rows"] == 25 and extra["num_rows"] == 16 and extra["task"] == "unlabeled"
     split = SimpleNamespace(labeled=lab, val=val,
@@ -191,6 +191,18 @@ def test_guard_removes_planted_copies_of_labeled_and_validation_images(planted, 
     from multimix.data.verify import open_dataset
 
     assert [source_rows(s, open_dataset(s.uri)) for s in sources] == [19, 12]
+
+
+def test_guard_reads_a_pool_in_chunks_of_whole_shards(planted, monkeypatch, capsys):
+    from multimix.data import overlap
+    from multimix.data import pipeline as P
+
+    chunks = list(overlap.iter_hashes(planted.extra, chunk_rows=6))
+    assert [len(c) for c in chunks] == [10, 6] and chunks[0].phash.shape == (10, 4)
+    assert len(list(overlap.iter_hashes(planted.extra, chunk_rows=None))) == 1
+    whole = P.contamination_guard(planted.cfg, planted.splits)
+    monkeypatch.setattr(overlap, "GUARD_CHUNK_ROWS", 1)  # one shard at a time
+    assert P.contamination_guard(planted.cfg, planted.splits) == whole
 
 
 def test_guard_protects_eval_sets_and_can_be_turned_off(planted, capsys):
