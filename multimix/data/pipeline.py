@@ -221,6 +221,9 @@ def contamination_guard(cfg, splits: Mapping[str, Any]) -> tuple[dict, dict]:
 
     if not cfg.data.contamination_guard:
         return {}, {"enabled": False}
+    sources = unlabeled_pools(cfg, splits)
+    if not sources:  # a variant without unlabeled streams: nothing to guard
+        return {}, {"enabled": True, "pools": [], "removed": {"exact": 0, "near": 0}}
     def hashes(uri: str, ids=None, name=None, chunk_rows=None):
         return overlap.iter_hashes(uri, cfg.storage, name=name or uri, ids=ids,
                                    chunk_rows=chunk_rows)
@@ -234,7 +237,7 @@ def contamination_guard(cfg, splits: Mapping[str, Any]) -> tuple[dict, dict]:
     # the pools: read in chunks of whole shards (the driver never holds a large pool's hashes)
     pools = [(src.uri, hashes(src.uri, sorted(src.ids) if src.ids is not None else None,
                               chunk_rows=overlap.GUARD_CHUNK_ROWS))
-             for src in unlabeled_pools(cfg, splits)]
+             for src in sources]
     threshold = cfg.data.near_threshold
     res = overlap.guard_pools(protected, pools, overlap.NEAR_THRESHOLD if threshold is None
                               else threshold)

@@ -318,7 +318,9 @@ def _row_group_dataset(sources: list, datas: list, cfg, spec: StreamSpec,
     plan = plan_reads(counts, rows, weights, spec.seed, spec.stream)
     n = plan.groups_per_pass
     if not n or not sum(rows):
-        raise DataError(f"{', '.join(s.uri for s in sources)}: no rows left to stream")
+        raise DataError(f"{', '.join(s.uri for s in sources)}: no rows left to stream "
+                        f"{spec.stream} (after the split's labeled/validation ids and the contamination "
+                        "guard's exclusions: see contamination.json)")
     # Few, large tasks: one per ~TASK_ROWS rows (at least min(row groups, 4) so the CPUs stay
     # busy), each reading several row groups that a seeded per-pass permutation scatters over
     # the pools, and shuffling their rows together.

@@ -216,6 +216,8 @@ def test_guard_protects_eval_sets_and_can_be_turned_off(planted, capsys):
     assert len(excluded[planted.extra]) == 16
     off = load_config(planted.cfg.to_dict(), ["data.contamination_guard=false"])
     assert P.contamination_guard(off, planted.splits) == ({}, {"enabled": False})
+    enc = load_config(planted.cfg.to_dict(), ["model.variant=enc"])  # no unlabeled stream
+    assert P.contamination_guard(enc, planted.splits)[1]["pools"] == []
 
 
 def test_preflight_opens_every_extra_pool_and_names_the_key(planted, tmp_path):
