@@ -224,6 +224,7 @@ def contamination_guard(cfg, splits: Mapping[str, Any]) -> tuple[dict, dict]:
     sources = unlabeled_pools(cfg, splits)
     if not sources:  # a variant without unlabeled streams: nothing to guard
         return {}, {"enabled": True, "pools": [], "removed": {"exact": 0, "near": 0}}
+
     def hashes(uri: str, ids=None, name=None, chunk_rows=None):
         return overlap.iter_hashes(uri, cfg.storage, name=name or uri, ids=ids,
                                    chunk_rows=chunk_rows)
