@@ -290,3 +290,30 @@ def test_preflight_refuses_an_extra_pool_of_another_size_and_a_missing_eval_set(
     with pytest.raises(UserError, match=r"^data.eval_data\[0\]: .*nope"):
         check_inputs(load_config(base, [f"data.eval_data=[{tmp_path / 'nope'}]"]),
                      storage=False)
+
+
+def test_paper_table_protects_its_evaluation_sets(monkeypatch, tmp_path):
+    """``experiment paper-table --eval-cls/--eval-seg`` puts the sets into data.eval_data
+    (absolute paths) for every trial's guard; stops before Tune starts."""
+    import argparse
+
+    from multimix import experiment, tune
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_tune(cfg, search, restart=False):
+        seen["cfg"] = cfg
+        raise Stop
+
+    monkeypatch.setattr(tune, "tune", fake_tune)
+    monkeypatch.chdir(tmp_path)
+    p = argparse.ArgumentParser()
+    experiment.add_arguments(p)
+    args = p.parse_args(["paper-table", "--cls-data", "c", "--seg-data", "s", "--eval-cls", "k2",
+                         "--eval-seg", "g", "k2", "--preset", "cpu-small", "--rows", "enc"])
+    with pytest.raises(Stop):
+        experiment.run(args)
+    assert seen["cfg"].data.eval_data == [str(tmp_path / "k2"), str(tmp_path / "g")]
