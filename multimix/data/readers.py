@@ -125,14 +125,18 @@ def plan_reads(counts: Sequence[int], rows: Sequence[int], weights: Optional[Seq
     ``i`` gets ``m_i = round(w_i / sum(w) * R / (rows[i] / counts[i]))`` row groups of it (at
     least 1 when ``w_i > 0`` and it has rows; 0 when ``w_i = 0``), i.e. a share ``w_i / sum(w)``
     of the pass's rows to within one row group (:data:`multimix.data.prepare.ROW_GROUP_ROWS`
-    rows) per source."""
+    rows) per source (``sum(w)`` over the sources that have rows)."""
     starts = tuple(int(x) for x in np.concatenate([[0], np.cumsum(counts)[:-1]]))
     counts = tuple(int(c) for c in counts)
     if weights is None:
         return ReadPlan(starts, counts, None, int(seed), stream)
     if len(weights) != len(counts):
         raise ValueError(f"{len(weights)} weights for {len(counts)} sources")
-    total_w, total_r = float(sum(weights)), float(sum(rows))
+    # a source with no rows left (e.g. cls_data all labeled) gives its share to the others
+    total_w = float(sum(w for w, r, c in zip(weights, rows, counts) if r > 0 and c > 0))
+    total_r = float(sum(rows))
+    if total_w <= 0:
+        return ReadPlan(starts, counts, tuple(0 for _ in counts), int(seed), stream)
     per = []
     for c, r, w in zip(counts, rows, weights):
         if w <= 0 or r <= 0 or c <= 0:

@@ -98,6 +98,11 @@ def test_weights_give_each_source_its_share_of_every_pass():
     assert R.pass_groups(plan, 4).tolist() != R.pass_groups(plan, 5).tolist()
 
 
+def test_an_empty_source_gives_its_share_to_the_others():
+    plan = R.plan_reads([4, 10], [0, 10 * 256], [1, 1], seed=0, stream="unl_cls")
+    assert plan.per_pass == (0, 10)  # a pass still holds the pools' rows
+
+
 def test_weights_count_filtered_rows():
     """A source read through an id filter (cls_data's unlabeled part: 1/4 of its rows) gets
     proportionally more row groups for the same share."""
