@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -43,11 +43,16 @@ __all__ = [
     "HashTable",
     "Match",
     "load_hashes",
+    "iter_hashes",
+    "concat",
+    "GUARD_CHUNK_ROWS",
     "hamming",
     "near_pairs",
     "exact_pairs",
     "find_contamination",
     "overlap_report",
+    "GuardResult",
+    "guard_pools",
     "add_arguments",
     "run",
 ]
@@ -129,38 +134,89 @@ def load_hashes(uri: str, ids: Optional[Iterable[str]] = None,
     Raises:
         DataError: not a prepared dataset; an id of ``ids`` is not in it.
     """
+    from multimix.errors import DataError
+
+    want = list(ids) if ids is not None else None
+    table = concat(name or uri, list(iter_hashes(uri, storage_cfg, name=name, ids=want,
+                                                 chunk_rows=None)))
+    if want is not None and len(table) != len(set(want)):
+        have = set(table.ids.tolist())
+        missing = [i for i in want if i not in have]
+        raise DataError(f"{uri}: {len(missing)} id(s) not in the dataset, e.g. "
+                        f"{missing[:3]}")
+    return table
+
+
+#: rows of hashes the run-time guard holds at once per pool (whole shards are read until this
+#: many rows are buffered): the driver's memory for the guard does not grow with the pool
+GUARD_CHUNK_ROWS = 1 << 16
+
+
+def iter_hashes(uri: str, storage_cfg: Optional[StorageConfig] = None,
+                name: Optional[str] = None, ids: Optional[Iterable[str]] = None,
+                chunk_rows: Optional[int] = GUARD_CHUNK_ROWS) -> Iterator[HashTable]:
+    """The ``id``/``hash``/``phash`` columns of a prepared dataset as :class:`HashTable`
+    chunks of whole shards, each of at least ``chunk_rows`` rows (None: one chunk), the last
+    one possibly smaller; at least one (maybe empty) chunk. ``ids``: only these rows."""
+    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from multimix.data import storage
-    from multimix.data.prepare import read_table, shard_paths
-    from multimix.errors import DataError
+    from multimix.data.prepare import shard_paths
+    from multimix.data.verify import open_dataset
 
-    fs, paths, _ = shard_paths(uri, storage_cfg)
+    fs, paths, manifest = shard_paths(uri, storage_cfg)
+    paths = open_dataset(uri, storage_cfg, manifest=manifest).paths  # shards checked
     with storage.storage_errors(uri, storage_cfg):
         names = pq.read_schema(paths[0], filesystem=fs).names
     cols = ["id", "hash"] + (["phash"] if "phash" in names else [])
-    table = read_table(uri, cols, storage_cfg)
-    if ids is not None:
-        want = list(ids)
-        table = table.filter(pc.is_in(table.column("id"), value_set=_str_array(want)))
-        if table.num_rows != len(set(want)):
-            have = set(table.column("id").to_pylist())
-            missing = [i for i in want if i not in have]
-            raise DataError(f"{uri}: {len(missing)} id(s) not in the dataset, e.g. "
-                            f"{missing[:3]}")
-    ids_a = np.asarray(table.column("id").to_pylist(), dtype=object)
-    sha_a = np.asarray(table.column("hash").to_pylist(), dtype=object)
-    if "phash" not in cols:
-        return HashTable(name or uri, ids_a, sha_a, None, np.zeros(len(ids_a), bool))
+    keep = _str_array(list(ids)) if ids is not None else None
+    buf: list = []
+    rows, sent = 0, False
+    for k, path in enumerate(paths):
+        with storage.storage_errors(uri, storage_cfg):
+            t = pq.read_table(path, columns=cols, filesystem=fs)
+        if keep is not None:
+            t = t.filter(pc.is_in(t.column("id"), value_set=keep))
+        buf.append(t)
+        rows += t.num_rows
+        last = k == len(paths) - 1
+        if last or (chunk_rows is not None and rows >= chunk_rows):
+            if rows or last and not sent:
+                yield _table(name or uri, pa.concat_tables(buf, promote_options="default"),
+                             "phash" in cols)
+                sent = True
+            buf, rows = [], 0
+
+
+def _table(name: str, table, has_phash_column: bool) -> HashTable:
+    """A :class:`HashTable` from an Arrow table of ``id``, ``hash`` (and ``phash``)."""
     import pyarrow as pa
 
+    ids_a = np.asarray(table.column("id").to_pylist(), dtype=object)
+    sha_a = np.asarray(table.column("hash").to_pylist(), dtype=object)
+    if not has_phash_column:
+        return HashTable(name, ids_a, sha_a, None, np.zeros(len(ids_a), bool))
     col = table.column("phash").combine_chunks()
     has = ~np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
     filled = col.fill_null(pa.scalar(bytes(32), col.type))
     raw = np.frombuffer(filled.buffers()[1], np.uint8)[filled.offset * 32:
                                                       (filled.offset + len(filled)) * 32]
-    return HashTable(name or uri, ids_a, sha_a, _words(raw.tobytes(), len(ids_a)), has)
+    return HashTable(name, ids_a, sha_a, _words(raw.tobytes(), len(ids_a)), has)
+
+
+def concat(name: str, tables: Sequence[HashTable]) -> HashTable:
+    """One :class:`HashTable` of ``tables`` (chunks of one dataset) under ``name``."""
+    if len(tables) == 1:
+        t = tables[0]
+        return HashTable(name, t.ids, t.sha, t.phash, t.has_phash)
+    phash = None if any(t.phash is None for t in tables) else \
+        np.concatenate([t.phash for t in tables]).reshape(-1, 4)
+    return HashTable(name, np.concatenate([t.ids for t in tables]),
+                     np.concatenate([t.sha for t in tables]), phash,
+                     np.concatenate([t.has_phash for t in tables]) if phash is not None
+                     else np.zeros(sum(len(t) for t in tables), bool))
 
 
 def _words(raw: bytes, n: int) -> np.ndarray:
@@ -346,6 +402,77 @@ def overlap_report(a: HashTable, b: Optional[HashTable] = None,
                           dtype=bool)
         out["near"] = part(i[keep], j[keep], d[keep])
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the guard at run time (data.contamination_guard; DESIGN.md §3b)
+
+
+@dataclass
+class GuardResult:
+    """What :func:`guard_pools` removed: ``excluded`` ``{pool name: frozenset of ids}``,
+    ``report`` (the run's ``contamination.json``) and ``line`` (one line for the log)."""
+
+    excluded: dict
+    report: dict
+    line: str
+
+
+def guard_pools(protected: Sequence[HashTable],
+                pools: Sequence[Union[HashTable, tuple[str, Iterable[HashTable]]]],
+                threshold: Optional[int] = NEAR_THRESHOLD, examples: int = 5) -> GuardResult:
+    """Remove from every unlabeled pool the rows that are copies of a protected row.
+
+    Args:
+        protected: hashes of the labeled, validation and evaluation sets given to a run.
+        pools: the unlabeled pools: each a :class:`HashTable` (its ``name`` names it in the
+            report) or ``(name, chunks)`` (e.g. :func:`iter_hashes`: one chunk in memory at a
+            time; the chunks of a pool hold distinct ids).
+        threshold: near-duplicate distance (bits of 256); None: exact matches only.
+        examples: example matches per pool in the report.
+
+    Returns:
+        a :class:`GuardResult`; ``report``: ``{"enabled", "threshold", "protected": [{"name",
+        "rows", "phash"}], "pools": [{"name", "rows", "phash", "removed": {"exact", "near"},
+        "kept", "examples": [[pool id, kind, protected set, protected id, distance]]}],
+        "removed", "exact_only"}`` (``exact_only``: sets without a ``phash`` column, matched by
+        sha256 alone).
+    """
+    if threshold is not None:
+        _check_threshold(threshold)
+    excluded, rows, exact_only = {}, [], [t.name for t in protected if t.phash is None]
+    for pool in pools:
+        name, chunks = (pool.name, [pool]) if isinstance(pool, HashTable) else pool
+        found: dict = {}
+        n, phash = 0, True
+        for chunk in chunks:
+            found.update(find_contamination(protected, chunk, threshold))
+            n += len(chunk)
+            phash = phash and chunk.phash is not None
+        if not phash:
+            exact_only.append(name)
+        kinds = [m.kind for m in found.values()]
+        excluded[name] = frozenset(found)
+        ex = sorted(found.values(), key=lambda m: (m.kind != "exact", m.distance, m.id))
+        rows.append({"name": name, "rows": n, "phash": phash,
+                     "removed": {"exact": kinds.count("exact"), "near": kinds.count("near")},
+                     "kept": n - len(found),
+                     "examples": [[m.id, m.kind, m.other, m.other_id, m.distance]
+                                  for m in ex[:examples]]})
+    removed = {k: sum(r["removed"][k] for r in rows) for k in ("exact", "near")}
+    report = {"enabled": True, "threshold": threshold,
+              "protected": [{"name": t.name, "rows": len(t), "phash": t.phash is not None}
+                            for t in protected],
+              "pools": rows, "removed": removed, "exact_only": exact_only}
+    per = ", ".join(f"{r['name']} {r['removed']['exact']}+{r['removed']['near']}"
+                    for r in rows)
+    near = f"phash within {threshold} bits" if threshold is not None else "near: off"
+    line = (f"contamination guard: removed {removed['exact']} exact (sha256) + "
+            f"{removed['near']} near ({near}) copies of {sum(len(t) for t in protected)} "
+            f"labeled/validation/evaluation images from the unlabeled pools ({per})")
+    if exact_only:
+        line += f"; exact only for {', '.join(exact_only)} (no phash column: prepare again)"
+    return GuardResult(excluded, report, line)
 
 
 # ---------------------------------------------------------------------------------------------
