@@ -76,8 +76,30 @@ class DataConfig:
     #: decoded (rows × image_size² × 1 plane, 3 for segmentation): checked before decoding
     max_labeled_mb: float = 2048.0
     #: pool the unlabeled segmentation stream is drawn from: the unlabeled classification
-    #: images ("cls", the paper's cross-dataset setting) or the seg images beyond the budget ("seg")
-    unlabeled_seg_from: Literal["cls", "seg"] = "cls"
+    #: images ("cls", the paper's cross-dataset setting), the seg images beyond the budget
+    #: ("seg"), every data.unlabeled_data pool ("extra", mixed by their data.unlabeled_weights),
+    #: the same mix as the unlabeled classification stream ("cls+extra"), or one URI listed in
+    #: data.unlabeled_data (that pool alone)
+    unlabeled_seg_from: str = "cls"
+    # --- larger unlabeled corpora (issue #18; docs/DESIGN.md §3b) ---
+    #: extra unlabeled pools: URIs (folder or s3://) of prepared datasets of any task
+    #: (unlabeled / cls / seg; labels and masks ignored, no split written), all of whose rows
+    #: join the unlabeled classification stream after the unlabeled part of cls_data
+    unlabeled_data: list[str] = field(default_factory=list)
+    #: mixing weights of the unlabeled classification stream, one per source: the unlabeled
+    #: part of cls_data first, then each unlabeled_data entry (>= 0, not all 0; normalised);
+    #: null: proportional to rows (plain concatenation). Each pass draws round(w_i * total)
+    #: rows from source i (row groups without replacement, cycling a smaller pool)
+    unlabeled_weights: Optional[list[float]] = None
+    #: prepared datasets the run is evaluated on afterwards (experiment paper-table fills it):
+    #: protected by the contamination guard like the labeled and validation splits
+    eval_data: list[str] = field(default_factory=list)
+    #: drop unlabeled rows that are copies of a labeled, validation or eval_data image (same
+    #: sha256, or phash within near_threshold bits); counts in <run dir>/contamination.json
+    contamination_guard: bool = True
+    #: near-duplicate distance of the guard in bits of 256; null: multimix.data.overlap's
+    #: measured NEAR_THRESHOLD
+    near_threshold: Optional[int] = None
     #: rows of a local shuffle buffer in each Train worker that also mixes the blocks of
     #: concurrent data tasks; 0 (default): none, batches are cut from whole blocks, whose rows
     #: each task already shuffled (row groups a seeded permutation scatters over the pool,
@@ -232,6 +254,8 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if origin is Union:
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + (
             " or null" if type(None) in typing.get_args(tp) else ""
@@ -259,6 +283,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value in typing.get_args(tp) and type(value) is not bool:
             return value
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, e.g. [a, b], got {value!r}")
+        item = typing.get_args(tp)[0]
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -361,6 +390,7 @@ def _validate(cfg: Config) -> None:
         _check(getattr(d, key) >= 1, f"data.{key}", "must be >= 1", getattr(d, key))
     _check(d.shuffle_buffer_rows >= 0, "data.shuffle_buffer_rows", "must be >= 0 (0: none)",
            d.shuffle_buffer_rows)
+    _validate_unlabeled(d)
 
     _check(m.variant in VARIANTS, "model.variant", f"must be one of {', '.join(VARIANTS)}", m.variant)
     _check(m.width > 0, "model.width", "must be > 0", m.width)
@@ -406,6 +436,40 @@ def _validate(cfg: Config) -> None:
 
     _check(bool(cfg.run.name.strip()), "run.name", "must not be empty", cfg.run.name)
     _check(cfg.run.log_every >= 1, "run.log_every", "must be >= 1", cfg.run.log_every)
+
+
+def _validate_unlabeled(d: DataConfig) -> None:
+    """The issue-#18 keys: extra unlabeled pools, their weights, the guard."""
+    for key in ("unlabeled_data", "eval_data"):
+        uris = getattr(d, key)
+        for i, uri in enumerate(uris):
+            _check(bool(uri.strip()), f"data.{key}[{i}]", "must be a dataset URI", uri)
+        dup = sorted({u for u in uris if uris.count(u) > 1})
+        _check(not dup, f"data.{key}", f"lists {dup[0] if dup else ''} twice", uris)
+    for i, uri in enumerate(d.unlabeled_data):
+        _check(uri.rstrip("/") not in (d.cls_data.rstrip("/"), d.seg_data.rstrip("/"))
+               or not uri, f"data.unlabeled_data[{i}]",
+               "is data.cls_data or data.seg_data (their unlabeled part is used already)", uri)
+    w = d.unlabeled_weights
+    if w is not None:
+        n = 1 + len(d.unlabeled_data)
+        _check(len(w) == n, "data.unlabeled_weights",
+               f"needs {n} weights (cls_data's unlabeled part, then each of "
+               f"data.unlabeled_data), or null", w)
+        _check(all(x >= 0 for x in w) and sum(w) > 0, "data.unlabeled_weights",
+               "must be >= 0 and not all 0", w)
+    known = ("cls", "seg", "extra", "cls+extra")
+    _check(d.unlabeled_seg_from in known or d.unlabeled_seg_from in d.unlabeled_data,
+           "data.unlabeled_seg_from", f"must be one of {', '.join(known)} or a URI listed in "
+           "data.unlabeled_data", d.unlabeled_seg_from)
+    _check(d.unlabeled_seg_from not in ("extra", "cls+extra") or bool(d.unlabeled_data),
+           "data.unlabeled_seg_from", "needs data.unlabeled_data (no extra pools given)",
+           d.unlabeled_seg_from)
+    from multimix.data.overlap import MAX_THRESHOLD  # here: overlap imports this module
+
+    _check(d.near_threshold is None or 0 <= d.near_threshold <= MAX_THRESHOLD,
+           "data.near_threshold", f"must be in [0, {MAX_THRESHOLD}] bits (of 256) or null",
+           d.near_threshold)
 
 
 # ---------------------------------------------------------------------------------------------

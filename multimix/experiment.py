@@ -274,9 +274,13 @@ def run(args) -> int:
 
     rows = parse_rows(args.rows)
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
-    cfg = tune.absolute_paths(load_config(args.preset, [
+    cfg = load_config(args.preset, [
         f"data.cls_data={args.cls_data}", f"data.seg_data={args.seg_data}",
-        f"run.name={args.name}", *args.set]))
+        f"run.name={args.name}", *args.set])
+    # the evaluation sets are protected by every trial's contamination guard (DESIGN §3b)
+    cfg.data.eval_data = list(dict.fromkeys([*cfg.data.eval_data, *args.eval_cls,
+                                             *args.eval_seg]))
+    cfg = tune.absolute_paths(cfg.validate())
     search = search_for(rows, budgets, args.seeds, args.concurrent, args.retries)
     t0 = time.perf_counter()
     grid = tune.tune(cfg, search, restart=args.restart)

@@ -11,8 +11,11 @@ Checked, each failure one :class:`~multimix.errors.UserError` line naming the co
   dataset of the right task (a segmentation set given as ``data.cls_data`` is refused), was
   prepared at ``data.image_size``, has ``model.num_classes`` classes, and its shards match its
   manifest (:func:`multimix.data.verify.open_dataset`: shard list, sizes, row counts);
+- every extra unlabeled pool (``data.unlabeled_data``: any task, prepared at
+  ``data.image_size``, no split, nothing written into it) and evaluation set
+  (``data.eval_data``) opens: manifest and shards;
 - the label budgets fit the pools (the split is computed in memory, never written here), and
-  a variant that trains on unlabeled images has some left;
+  a variant that trains on unlabeled images has some left (or extra pools);
 - (``train``) the labeled and validation pools decode, losing at most ``data.allow_skipped``
   rows each.
 
@@ -140,6 +143,39 @@ def check_run_storage(cfg) -> str:
     return run_dir
 
 
+def _extra_pools(cfg, names) -> dict:
+    """Open every ``data.unlabeled_data`` pool (manifest and shards, any task, prepared at
+    ``data.image_size``) and every ``data.eval_data`` set (manifest and shards), when the
+    variant reads unlabeled images (``names``: its datasets). Returns ``{URI: manifest}`` of
+    the extra pools.
+
+    Raises:
+        ConfigError / DataError / StorageError: one line naming ``data.unlabeled_data[i]`` (or
+            ``data.eval_data[i]``) and the URI.
+    """
+    from multimix.data.prepare import read_manifest
+    from multimix.data.verify import open_dataset
+
+    out = {}
+    keys = [("unlabeled_data", u) for u in (cfg.data.unlabeled_data if names else [])]
+    keys += [("eval_data", u) for u in cfg.data.eval_data]
+    for key, uri in keys:
+        key = f"data.{key}[{getattr(cfg.data, key).index(uri)}]"
+        try:
+            man = read_manifest(uri, cfg.storage)
+            open_dataset(uri, cfg.storage, manifest=man)
+        except UserError as exc:
+            raise _keyed(key, exc) from None
+        if key.startswith("data.unlabeled_data") and \
+                int(man.get("image_size", -1)) != cfg.data.image_size:
+            raise ConfigError(f"{key}: {uri} was prepared at {man.get('image_size')}², but "
+                              f"data.image_size is {cfg.data.image_size} (prepare it again "
+                              f"with --size {cfg.data.image_size})")
+        if key.startswith("data.unlabeled_data"):
+            out[uri] = man
+    return out
+
+
 def check_inputs(cfg, *, storage: bool = True, pools: bool = False,
                  unlabeled: bool = True) -> Preflight:
     """Every check of the module docstring, in order (first failure raised). ``storage``:
@@ -162,22 +198,27 @@ def check_inputs(cfg, *, storage: bool = True, pools: bool = False,
         out.manifests[task], out.datasets[task] = check_dataset(cfg, task)
         if task == "cls":
             out.classes = list(out.manifests[task]["classes"])
+    names = datasets_for(cfg.model.variant)
+    extra = _extra_pools(cfg, names)
     for task in out.datasets:
         uri = getattr(cfg.data, f"{task}_data")
         budget = getattr(cfg.data, f"{task}_labeled")
         out.splits[task] = splits_mod.ensure_split(
             uri, budget, cfg.data.val_fraction, cfg.data.split_seed, cfg.storage,
             budget_key=f"data.{task}_labeled", write=False)
-    for name in datasets_for(cfg.model.variant):
-        task = "cls" if name == "unl_cls" else cfg.data.unlabeled_seg_from
-        if task not in out.splits:
+    for name in names:
+        frm = "cls+extra" if name == "unl_cls" else cfg.data.unlabeled_seg_from
+        task = frm.split("+")[0] if frm in ("cls", "seg", "cls+extra") else None
+        if task is not None and task not in out.splits:
             raise ConfigError(f"data.unlabeled_seg_from: is {task!r} but variant "
                               f"{cfg.model.variant!r} has no {_TASK_WORD[task]} dataset")
-        if unlabeled and not out.splits[task].unlabeled:
+        more = bool(extra) and frm != task  # the stream also reads the extra pools
+        if unlabeled and task is not None and not out.splits[task].unlabeled and not more:
             raise ConfigError(
                 f"data.{task}_labeled: {getattr(cfg.data, f'{task}_labeled')!r} leaves no "
                 f"unlabeled images in {getattr(cfg.data, f'{task}_data')}, but variant "
-                f"{cfg.model.variant!r} trains on them ({name}); give a smaller budget")
+                f"{cfg.model.variant!r} trains on them ({name}); give a smaller budget"
+                + (" or data.unlabeled_data" if name == "unl_cls" else ""))
     if pools:
         from multimix.data.pipeline import check_skipped, load_pools
 

@@ -233,6 +233,8 @@ def train(cfg: Config, callbacks: list | None = None, checked=None) -> TrainResu
     inputs = prepare_inputs(cfg, checked)
     storage.write_bytes(storage.join(run_dir, "config.json"),
                         json.dumps(cfg.to_dict(), indent=2).encode(), cfg.storage)
+    storage.write_bytes(storage.join(run_dir, CONTAMINATION),  # the guard's counts (issue #18)
+                        json.dumps(inputs.contamination, indent=1).encode(), cfg.storage)
     trainer = build_trainer(cfg, inputs, callbacks)
     try:
         trainer.fit()
@@ -243,6 +245,8 @@ def train(cfg: Config, callbacks: list | None = None, checked=None) -> TrainResu
 
 #: the file in the run directory that holds the full traceback of a failed run
 ERROR_LOG = "error.log"
+#: the file in the run directory with what the contamination guard removed (DESIGN §3b)
+CONTAMINATION = "contamination.json"
 
 
 def _traceback_text(exc: BaseException) -> str:

@@ -255,10 +255,16 @@ def absolute_paths(cfg: Config) -> Config:
     """Local path values made absolute (Tune trials run with the trial folder as cwd)."""
     from multimix.data import storage
 
+    def absolute(v: str) -> str:
+        return os.path.abspath(v) if v and not storage.is_s3(v) and "://" not in v else v
+
     for sec, key in _PATH_KEYS:
-        v = getattr(getattr(cfg, sec), key)
-        if v and not storage.is_s3(v) and "://" not in v:
-            setattr(getattr(cfg, sec), key, os.path.abspath(v))
+        setattr(getattr(cfg, sec), key, absolute(getattr(getattr(cfg, sec), key)))
+    d = cfg.data  # the lists of paths (issue #18), and unlabeled_seg_from naming one of them
+    if d.unlabeled_seg_from in d.unlabeled_data:
+        d.unlabeled_seg_from = absolute(d.unlabeled_seg_from)
+    d.unlabeled_data = [absolute(u) for u in d.unlabeled_data]
+    d.eval_data = [absolute(u) for u in d.eval_data]
     return cfg
 
 

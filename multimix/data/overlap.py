@@ -48,6 +48,9 @@ __all__ = [
     "exact_pairs",
     "find_contamination",
     "overlap_report",
+    "GuardResult",
+    "guard_pools",
+    "subset",
     "add_arguments",
     "run",
 ]
@@ -346,6 +349,75 @@ def overlap_report(a: HashTable, b: Optional[HashTable] = None,
                           dtype=bool)
         out["near"] = part(i[keep], j[keep], d[keep])
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the guard at run time (data.contamination_guard; DESIGN.md §3b)
+
+
+@dataclass
+class GuardResult:
+    """What :func:`guard_pools` removed: ``excluded`` ``{pool name: frozenset of ids}``,
+    ``report`` (the run's ``contamination.json``) and ``line`` (one line for the log)."""
+
+    excluded: dict
+    report: dict
+    line: str
+
+
+def subset(table: HashTable, ids: Iterable[str], name: str) -> HashTable:
+    """The rows ``ids`` of ``table`` (ids it lacks are ignored) under the name ``name``."""
+    want = set(ids)
+    mask = np.fromiter((i in want for i in table.ids), bool, count=len(table))
+    return HashTable(name, table.ids[mask], table.sha[mask],
+                     None if table.phash is None else table.phash[mask], table.has_phash[mask])
+
+
+def guard_pools(protected: Sequence[HashTable], pools: Sequence[HashTable],
+                threshold: Optional[int] = NEAR_THRESHOLD, examples: int = 5) -> GuardResult:
+    """Remove from every unlabeled pool the rows that are copies of a protected row.
+
+    Args:
+        protected: hashes of the labeled, validation and evaluation sets given to a run.
+        pools: the unlabeled pools (``name`` = how the report names each).
+        threshold: near-duplicate distance (bits of 256); None: exact matches only.
+        examples: example matches per pool in the report.
+
+    Returns:
+        a :class:`GuardResult`; ``report``: ``{"enabled", "threshold", "protected": [{"name",
+        "rows", "phash"}], "pools": [{"name", "rows", "phash", "removed": {"exact", "near"},
+        "kept", "examples": [[pool id, kind, protected set, protected id, distance]]}],
+        "removed", "exact_only"}`` (``exact_only``: sets without a ``phash`` column, matched by
+        sha256 alone).
+    """
+    if threshold is not None:
+        _check_threshold(threshold)
+    excluded, rows = {}, []
+    for pool in pools:
+        found = find_contamination(protected, pool, threshold)
+        kinds = [m.kind for m in found.values()]
+        excluded[pool.name] = frozenset(found)
+        ex = sorted(found.values(), key=lambda m: (m.kind != "exact", m.distance, m.id))
+        rows.append({"name": pool.name, "rows": len(pool), "phash": pool.phash is not None,
+                     "removed": {"exact": kinds.count("exact"), "near": kinds.count("near")},
+                     "kept": len(pool) - len(found),
+                     "examples": [[m.id, m.kind, m.other, m.other_id, m.distance]
+                                  for m in ex[:examples]]})
+    exact_only = [t.name for t in [*protected, *pools] if t.phash is None]
+    removed = {k: sum(r["removed"][k] for r in rows) for k in ("exact", "near")}
+    report = {"enabled": True, "threshold": threshold,
+              "protected": [{"name": t.name, "rows": len(t), "phash": t.phash is not None}
+                            for t in protected],
+              "pools": rows, "removed": removed, "exact_only": exact_only}
+    per = ", ".join(f"{r['name']} {r['removed']['exact']}+{r['removed']['near']}"
+                    for r in rows)
+    near = f"phash within {threshold} bits" if threshold is not None else "near: off"
+    line = (f"contamination guard: removed {removed['exact']} exact (sha256) + "
+            f"{removed['near']} near ({near}) copies of {sum(len(t) for t in protected)} "
+            f"labeled/validation/evaluation images from the unlabeled pools ({per})")
+    if exact_only:
+        line += f"; exact only for {', '.join(exact_only)} (no phash column: prepare again)"
+    return GuardResult(excluded, report, line)
 
 
 # ---------------------------------------------------------------------------------------------

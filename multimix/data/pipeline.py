@@ -24,10 +24,11 @@ Each dataset is split across the Train workers by Ray Train (``streaming_split``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from multimix.data.pools import LabeledPool, StreamedPool, decoded_mb, load_labeled_pool
-from multimix.data.readers import configure_data_context, passes_per_execution, stream_dataset
+from multimix.data.readers import (Source, configure_data_context, passes_per_execution,
+                                   source_rows, stream_dataset)
 from multimix.data.state import create_state
 from multimix.errors import DataError
 from multimix.variants import datasets_for, streams_for
@@ -37,10 +38,13 @@ __all__ = [
     "build_data",
     "build_datasets",
     "check_skipped",
+    "contamination_guard",
     "dataset_config",
     "load_pools",
     "skipped_counts",
     "steps_per_epoch",
+    "stream_sources",
+    "unlabeled_pools",
 ]
 
 
@@ -54,7 +58,9 @@ class DataInputs:
     and ``{"cls_val", "seg_val"}`` → :class:`~multimix.data.pools.StreamedPool` (those that
     exist; :func:`load_pools`);
     ``datasets``: ``{"unl_cls", "unl_seg"}`` → Ray Dataset (those the variant reads);
-    ``state``: the pipeline's state actor; ``steps``: global steps per epoch.
+    ``state``: the pipeline's state actor; ``steps``: global steps per epoch;
+    ``contamination``: the contamination guard's report (``<run dir>/contamination.json``,
+    :func:`contamination_guard`).
     """
 
     splits: dict = field(default_factory=dict)
@@ -63,6 +69,7 @@ class DataInputs:
     datasets: dict = field(default_factory=dict)
     state: Any = None
     steps: int = 1
+    contamination: dict = field(default_factory=dict)
 
 
 def build_data(cfg, checked=None) -> DataInputs:
@@ -76,6 +83,7 @@ def build_data(cfg, checked=None) -> DataInputs:
             :func:`check_skipped`.
     """
     from multimix.data import splits as splits_mod
+    from multimix.data.verify import open_dataset
     from multimix.preflight import check_inputs
 
     checked = checked if checked is not None else check_inputs(cfg, storage=False)
@@ -87,9 +95,13 @@ def build_data(cfg, checked=None) -> DataInputs:
         check_skipped(cfg, out.pools, out.splits)
     for task, split in out.splits.items():  # made by the checks; written only now
         splits_mod.store_split(getattr(cfg.data, f"{task}_data"), split, cfg.storage)
+    excluded, out.contamination = contamination_guard(cfg, out.splits)
     out.state = create_state()
-    out.datasets = build_datasets(cfg, out.splits, state=out.state)
-    n_unl = len(out.splits["cls"].unlabeled) if "weak" in streams_for(cfg.model.variant) else 0
+    out.datasets = build_datasets(cfg, out.splits, state=out.state, excluded=excluded)
+    n_unl = 0
+    if "weak" in streams_for(cfg.model.variant):  # the rows of one unweighted pass
+        n_unl = sum(source_rows(src, open_dataset(src.uri, cfg.storage))
+                    for src in stream_sources(cfg, out.splits, "unl_cls", excluded)[0])
     lab = out.splits.get("cls") or out.splits.get("seg")
     out.steps = steps_per_epoch(cfg, n_unl, cfg.scaling.num_workers, n_labeled=len(lab.labeled))
     return out
@@ -164,34 +176,120 @@ def load_pools(cfg, splits: Mapping[str, Any]) -> dict:
     return pools
 
 
-def build_datasets(cfg, splits: Mapping[str, Any], state=None) -> dict:
+def stream_sources(cfg, splits: Mapping[str, Any], name: str,
+                   excluded: Optional[Mapping[str, frozenset]] = None
+                   ) -> tuple[list[Source], Optional[list[float]]]:
+    """The pools stream ``name`` reads and their mixing weights (None: by rows).
+
+    ``unl_cls``: the unlabeled part of ``data.cls_data``, then every ``data.unlabeled_data``
+    pool (all rows), weighted by ``data.unlabeled_weights``. ``unl_seg``: by
+    ``data.unlabeled_seg_from``: ``cls`` / ``seg`` (the unlabeled part of that task's
+    dataset), ``extra`` (every extra pool, weighted by the extra pools' entries of
+    ``data.unlabeled_weights``), ``cls+extra`` (the ``unl_cls`` mix) or one extra pool's URI.
+    ``excluded``: ``{pool URI: ids}`` the contamination guard removed (:func:`unlabeled_pools`
+    names the pools).
+
+    Raises:
+        DataError: a task split the stream needs is missing.
+    """
+    d, excluded = cfg.data, excluded or {}
+
+    def part(task: str) -> Source:
+        if splits.get(task) is None:
+            raise DataError(f"no {task} split given (needed by this model variant)")
+        uri = getattr(d, f"{task}_data")
+        return Source(uri, frozenset(splits[task].unlabeled), excluded.get(uri, frozenset()))
+
+    def extra(uris) -> list:
+        return [Source(u, None, excluded.get(u, frozenset())) for u in uris]
+
+    w = list(d.unlabeled_weights) if d.unlabeled_weights is not None else None
+    frm = d.unlabeled_seg_from if name == "unl_seg" else "cls+extra"
+    if frm == "cls+extra":
+        return [part("cls"), *extra(d.unlabeled_data)], w
+    if frm in ("cls", "seg"):
+        return [part(frm)], None
+    if frm == "extra":
+        return extra(d.unlabeled_data), (w[1:] if w is not None and sum(w[1:]) > 0 else None)
+    return extra([frm]), None
+
+
+def unlabeled_pools(cfg, splits: Mapping[str, Any]) -> list[Source]:
+    """Every pool the variant's streams read, once each (by URI, before the guard)."""
+    out: dict = {}
+    for name in datasets_for(cfg.model.variant):
+        for src in stream_sources(cfg, splits, name)[0]:
+            out.setdefault(src.uri, src)
+    return list(out.values())
+
+
+def contamination_guard(cfg, splits: Mapping[str, Any]) -> tuple[dict, dict]:
+    """The contamination guard (``data.contamination_guard``; DESIGN §3b): the rows of every
+    unlabeled pool the run reads that are copies (same sha256, or phash within
+    ``data.near_threshold`` bits) of a labeled or validation image of ``data.cls_data`` /
+    ``data.seg_data`` or of any ``data.eval_data`` image. Reads only the id/hash/phash columns
+    (:func:`multimix.data.overlap.load_hashes`), on the driver; prints one line.
+
+    Returns:
+        ``({pool URI: frozenset of excluded ids}, report)`` (``report``: the run's
+        ``contamination.json``, :func:`multimix.data.overlap.guard_pools`; ``{"enabled":
+        False}`` with the guard off).
+    """
+    from multimix.data import overlap
+
+    if not cfg.data.contamination_guard:
+        return {}, {"enabled": False}
+    tables: dict = {}
+
+    def hashes(uri: str) -> Any:
+        if uri not in tables:
+            tables[uri] = overlap.load_hashes(uri, storage_cfg=cfg.storage)
+        return tables[uri]
+
+    protected = []
+    for task, split in sorted(splits.items()):
+        uri = getattr(cfg.data, f"{task}_data")
+        protected.append(overlap.subset(hashes(uri), [*split.labeled, *split.val],
+                                        f"{uri} ({task} labeled + validation)"))
+    protected += [hashes(u) for u in cfg.data.eval_data]
+    pools = [hashes(src.uri) if src.ids is None else
+             overlap.subset(hashes(src.uri), src.ids, src.uri)
+             for src in unlabeled_pools(cfg, splits)]
+    threshold = cfg.data.near_threshold
+    res = overlap.guard_pools(protected, pools, overlap.NEAR_THRESHOLD if threshold is None
+                              else threshold)
+    print(f"[multimix] {res.line}", flush=True)
+    return res.excluded, res.report
+
+
+def build_datasets(cfg, splits: Mapping[str, Any], state=None,
+                   excluded: Optional[Mapping[str, frozenset]] = None,
+                   debug: bool = False) -> dict:
     """The streaming datasets the variant reads (:func:`multimix.variants.datasets_for`).
 
     Args:
         splits: ``{"cls": Split, "seg": Split}`` (objects with ``labeled``, ``val`` and
             ``unlabeled`` id lists; a task the variant does not use may be missing).
         state: :func:`multimix.data.state.create_state` handle (strongly recommended).
+        excluded: ``{pool URI: ids}`` left out (the contamination guard's,
+            :func:`contamination_guard`).
+        debug: add the ``id`` and ``source`` columns (index into :func:`stream_sources`).
 
     Returns ``{"unl_cls": Dataset, "unl_seg": Dataset}``: ``unl_cls`` yields
-    ``weak_img``/``strong_img``; ``unl_seg`` yields ``useg_img`` drawn from the unlabeled
-    classification images (``data.unlabeled_seg_from="cls"``, the paper) or the segmentation
-    images beyond the label budget (``"seg"``). One execution spans
+    ``weak_img``/``strong_img`` from the unlabeled classification images and every
+    ``data.unlabeled_data`` pool, mixed by ``data.unlabeled_weights``; ``unl_seg`` yields
+    ``useg_img`` drawn from the pools ``data.unlabeled_seg_from`` names
+    (:func:`stream_sources`). One execution spans
     :func:`~multimix.data.readers.passes_per_execution` passes.
     """
     configure_data_context()
     passes = passes_per_execution(cfg)
     out: dict = {}
     for name in datasets_for(cfg.model.variant):
-        if name == "unl_cls":
-            uri, task, augment = cfg.data.cls_data, "cls", True
-        else:
-            task = cfg.data.unlabeled_seg_from
-            uri = cfg.data.cls_data if task == "cls" else cfg.data.seg_data
-            augment = cfg.augment.seg_augment
-        if splits.get(task) is None:
-            raise DataError(f"no {task} split given (needed by this model variant)")
-        out[name] = stream_dataset(uri, splits[task].unlabeled, cfg, stream=name, state=state,
-                                   passes=passes, augment=augment)
+        sources, weights = stream_sources(cfg, splits, name, excluded)
+        augment = True if name == "unl_cls" else cfg.augment.seg_augment
+        out[name] = stream_dataset(sources, None, cfg, stream=name, state=state, passes=passes,
+                                   augment=augment, weights=weights, debug=debug)
     return out
 
 

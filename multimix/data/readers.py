@@ -20,6 +20,13 @@ one :class:`StreamSpec`. How it reads (DESIGN §3 has the measurements behind ea
 - each dataset is built with Ray Data's target block size at 3/4 of one yielded block
   (:func:`block_target`), so every yield leaves its task whole as soon as it is rendered.
 - undecodable rows are dropped in the task, logged and counted on the state actor.
+- several pools make one stream (``data.unlabeled_data``, issue #18): the row groups of every
+  :class:`Source` form one list, and a :class:`ReadPlan` says which of them each pass reads
+  (:func:`pass_groups`): all once (no weights: proportional to rows), or ``m_i`` row groups of
+  source ``i`` per pass, drawn from a seeded cycle of permutations of its row groups (without
+  replacement until the pool is used up, so a large pool continues where the last pass
+  stopped and a small one is repeated), ``m_i`` giving source ``i`` a share ``w_i / sum(w)``
+  of the pass's rows (:func:`plan_reads`).
 """
 
 from __future__ import annotations
@@ -43,12 +50,17 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "TASK_ROWS",
+    "ReadPlan",
+    "Source",
     "StreamSpec",
     "block_bytes",
     "block_rows",
     "block_target",
     "configure_data_context",
+    "pass_groups",
     "passes_per_execution",
+    "plan_reads",
+    "source_rows",
     "stream_dataset",
 ]
 
@@ -58,6 +70,101 @@ TASK_ROWS = 1024
 #: most passes over a pool in one execution, and most task items
 MAX_PASSES = 500
 _MAX_ITEMS = 4096
+
+
+@dataclass(frozen=True)
+class Source:
+    """One pool of a stream: the rows ``ids`` of the prepared dataset ``uri`` (None: all of
+    them) less the rows ``exclude`` (the contamination guard's)."""
+
+    uri: str
+    ids: Optional[frozenset] = None
+    exclude: frozenset = frozenset()
+
+    def accepts(self, ids: Sequence[str]) -> list:
+        """Indices of ``ids`` this source reads."""
+        keep, drop = self.ids, self.exclude
+        return [i for i, v in enumerate(ids)
+                if (keep is None or v in keep) and v not in drop]
+
+
+def source_rows(source: "Source", data) -> int:
+    """Rows ``source`` contributes to one unweighted pass (``data``: its
+    :class:`~multimix.data.verify.VerifiedDataset`)."""
+    if source.ids is not None:
+        return len(source.ids - source.exclude)
+    return max(0, sum(g[2] for g in data.row_groups()) - len(source.exclude))
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """Which row groups each pass reads (picklable, a few ints per source).
+
+    ``starts``/``counts``: each source's row groups are ``starts[i] .. starts[i] + counts[i]``
+    of the stream's flat row-group list; ``per_pass``: row groups of source ``i`` read per pass
+    (None: every row group once, i.e. rows in proportion to the pools); ``seed``/``stream``
+    seed the permutations."""
+
+    starts: tuple
+    counts: tuple
+    per_pass: Optional[tuple]
+    seed: int
+    stream: str
+
+    @property
+    def groups_per_pass(self) -> int:
+        return sum(self.per_pass) if self.per_pass is not None else sum(self.counts)
+
+
+def plan_reads(counts: Sequence[int], rows: Sequence[int], weights: Optional[Sequence[float]],
+               seed: int, stream: str) -> ReadPlan:
+    """The :class:`ReadPlan` for sources of ``counts[i]`` row groups holding ``rows[i]`` rows
+    that the stream reads (after id filters).
+
+    With ``weights``, a pass holds as many rows as the pools (``R = sum(rows)``) and source
+    ``i`` gets ``m_i = round(w_i / sum(w) * R / (rows[i] / counts[i]))`` row groups of it (at
+    least 1 when ``w_i > 0`` and it has rows; 0 when ``w_i = 0``), i.e. a share ``w_i / sum(w)``
+    of the pass's rows to within one row group (:data:`multimix.data.prepare.ROW_GROUP_ROWS`
+    rows) per source."""
+    starts = tuple(int(x) for x in np.concatenate([[0], np.cumsum(counts)[:-1]]))
+    counts = tuple(int(c) for c in counts)
+    if weights is None:
+        return ReadPlan(starts, counts, None, int(seed), stream)
+    if len(weights) != len(counts):
+        raise ValueError(f"{len(weights)} weights for {len(counts)} sources")
+    total_w, total_r = float(sum(weights)), float(sum(rows))
+    per = []
+    for c, r, w in zip(counts, rows, weights):
+        if w <= 0 or r <= 0 or c <= 0:
+            per.append(0)
+            continue
+        per.append(max(1, int(round(w / total_w * total_r * c / r))))
+    return ReadPlan(starts, counts, tuple(per), int(seed), stream)
+
+
+def pass_groups(plan: ReadPlan, pass_no: int) -> np.ndarray:
+    """Indices (into the flat row-group list) of the row groups pass ``pass_no`` reads, in the
+    pass's seeded order (``int64 (plan.groups_per_pass,)``). Without weights: a permutation
+    of all row groups (the order :func:`task_groups` cuts); with weights: source ``i``'s
+    ``per_pass[i]`` row groups at positions ``pass_no * m_i ..`` of the endless sequence of
+    its permutations (cycle ``c`` is permutation ``c`` of its row groups), then shuffled."""
+    tag = zlib.crc32(plan.stream.encode())
+    order_rng = np.random.default_rng([plan.seed, pass_no, tag, 7])
+    if plan.per_pass is None:
+        return order_rng.permutation(sum(plan.counts))
+    picked = []
+    for i, (start, n, m) in enumerate(zip(plan.starts, plan.counts, plan.per_pass)):
+        if not m:
+            continue
+        pos = np.arange(pass_no * m, (pass_no + 1) * m, dtype=np.int64)
+        cycles = pos // n
+        out = np.empty(m, np.int64)
+        for c in np.unique(cycles):
+            perm = np.random.default_rng([plan.seed, int(c), tag, 13, i]).permutation(n)
+            sel = cycles == c
+            out[sel] = perm[pos[sel] % n]
+        picked.append(start + out)
+    return order_rng.permutation(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
 
 
 @dataclass(frozen=True)
@@ -148,16 +255,21 @@ def passes_per_execution(cfg) -> int:
     return max(1, min(int(cfg.optim.epochs), MAX_PASSES))
 
 
-def stream_dataset(uri: str, ids: Optional[Sequence[str]], cfg, *, stream: str,
+def stream_dataset(uri, ids: Optional[Sequence[str]], cfg, *, stream: str,
                    augment: bool = True, state=None, epoch: int = 0, debug: bool = False,
                    rows: Optional[int] = None, passes: int = 1,
-                   augmenter: Optional[Augmenter] = None):
-    """A Ray Dataset of the decoded, augmented rows ``ids`` of ``uri`` (all rows: None).
+                   augmenter: Optional[Augmenter] = None,
+                   weights: Optional[Sequence[float]] = None):
+    """A Ray Dataset of the decoded, augmented rows ``ids`` of ``uri`` (all rows: None), or of
+    several pools mixed into one stream.
 
     Args:
+        uri: a prepared dataset's URI, or a sequence of :class:`Source` (then ``ids`` is None),
+            read as one stream (:class:`ReadPlan`).
         stream: ``"unl_cls"`` → columns ``weak_img``, ``strong_img`` (weak and strong view of
             the same image); ``"unl_seg"`` → ``useg_img`` (weak view when ``augment``). All
-            ``uint8 (N, H, W)``; plus ``id`` with ``debug``.
+            ``uint8 (N, H, W)``; plus ``id`` (str) and ``source`` (index of the source) with
+            ``debug``.
         state: :func:`multimix.data.state.create_state` handle (augmentation pass, skipped
             counts) or None (base pass = ``epoch``; skipped rows only logged).
         rows: rows per yielded block (default :func:`block_rows`).
@@ -167,42 +279,54 @@ def stream_dataset(uri: str, ids: Optional[Sequence[str]], cfg, *, stream: str,
             ``Augmenter.from_config(cfg.augment, image_size)``); any picklable object with the
             same ``pair`` / ``weak`` methods (``multimix bench data`` passes one that renders
             nothing, to measure the pipeline's own cost).
+        weights: one per source, the share of each pass's rows it gets (:func:`plan_reads`);
+            None: every row once per pass.
     """
     if stream not in DATASETS:
         raise ValueError(f"unknown stream dataset {stream!r} (one of {', '.join(DATASETS)})")
+    if isinstance(uri, str):
+        sources = [Source(uri, frozenset(ids) if ids is not None else None)]
+    else:
+        sources = list(uri)
     size = cfg.data.image_size
     spec = StreamSpec(stream=stream, size=size, seed=int(cfg.optim.seed),
                       augmenter=augmenter or Augmenter.from_config(cfg.augment, size),
                       augment=augment, rows=rows or block_rows(size), state=state,
                       epoch=epoch, debug=debug)
-    data = open_dataset(uri, cfg.storage)  # shards checked against the manifest
+    datas = [open_dataset(src.uri, cfg.storage) for src in sources]  # checked vs the manifest
     with _block_size(block_target(size, stream)):
-        return _row_group_dataset(uri, data, cfg, spec,
-                                  frozenset(ids) if ids is not None else None, passes)
+        return _row_group_dataset(sources, datas, cfg, spec, weights, passes)
 
 
-def _row_group_dataset(uri: str, data, cfg, spec: StreamSpec,
-                       keep: Optional[frozenset], passes: int):
+def _row_group_dataset(sources: list, datas: list, cfg, spec: StreamSpec,
+                       weights: Optional[Sequence[float]], passes: int):
     """``from_items`` slots → a generator ``map_batches`` that reads row groups with pyarrow,
-    picked by a seeded per-pass permutation (see the module docstring): ``passes``
+    picked by a seeded per-pass :class:`ReadPlan` (see the module docstring): ``passes``
     consecutive passes make one execution, the items being ``(pass k, slot)`` in pass order.
-    ``data``: the :class:`~multimix.data.verify.VerifiedDataset` (its footers give the row
-    groups)."""
+    ``datas``: each source's :class:`~multimix.data.verify.VerifiedDataset` (its footers give
+    the row groups)."""
     import ray.data
 
-    fs, groups = data.fs, data.row_groups()
-    if not groups:
-        raise DataError(f"{uri}: the Parquet shards hold no rows")
-    rows = sum(g[2] for g in groups)
+    groups, counts = [], []
+    for k, (src, data) in enumerate(zip(sources, datas)):
+        g = data.row_groups()
+        if not g:
+            raise DataError(f"{src.uri}: the Parquet shards hold no rows")
+        groups += [(k, path, group, n) for path, group, n in g]
+        counts.append(len(g))
+    rows = [source_rows(src, data) for src, data in zip(sources, datas)]
+    plan = plan_reads(counts, rows, weights, spec.seed, spec.stream)
+    n = plan.groups_per_pass
+    if not n or not sum(rows):
+        raise DataError(f"{', '.join(s.uri for s in sources)}: no rows left to stream")
     # Few, large tasks: one per ~TASK_ROWS rows (at least min(row groups, 4) so the CPUs stay
     # busy), each reading several row groups that a seeded per-pass permutation scatters over
-    # the dataset, and shuffling their rows together.
-    n = len(groups)
-    n_tasks = min(n, _MAX_ITEMS, max(min(n, 4), -(-int(rows) // TASK_ROWS)))
+    # the pools, and shuffling their rows together.
+    n_tasks = min(n, _MAX_ITEMS, max(min(n, 4), -(-int(sum(rows)) // TASK_ROWS)))
     per_task = -(-n // n_tasks)
     n_tasks = -(-n // per_task)
-    fn = partial(_read_map_fn, fs=fs, groups=tuple(groups), per_task=per_task, keep=keep,
-                 spec=spec)
+    fn = partial(_read_map_fn, fss=tuple(d.fs for d in datas), groups=tuple(groups),
+                 per_task=per_task, plan=plan, sources=tuple(sources), spec=spec)
     passes = max(1, min(int(passes), MAX_PASSES, _MAX_ITEMS // n_tasks))
     items = [{"pass": p, "slot": k} for p in range(passes) for k in range(n_tasks)]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -215,14 +339,20 @@ def _row_group_dataset(uri: str, data, cfg, spec: StreamSpec,
 
 def task_groups(slot: int, n_groups: int, per_task: int, seed: int, pass_no: int,
                 stream: str) -> list:
-    """Row groups of task ``slot`` in pass ``pass_no``: a seeded permutation of all row groups,
-    new every pass, cut into consecutive runs of ``per_task``."""
-    perm = np.random.default_rng([seed, pass_no, zlib.crc32(stream.encode()), 7]
-                                 ).permutation(n_groups)
-    return sorted(int(g) for g in perm[slot * per_task:(slot + 1) * per_task])
+    """Row groups of task ``slot`` in pass ``pass_no`` of one unweighted source: a seeded
+    permutation of all row groups, new every pass, cut into consecutive runs of
+    ``per_task``."""
+    plan = ReadPlan((0,), (int(n_groups),), None, int(seed), stream)
+    return _slot_groups(plan, slot, per_task, pass_no)
 
 
-def _read_map_fn(items, *, fs, groups, per_task, keep: Optional[frozenset], spec: StreamSpec):
+def _slot_groups(plan: ReadPlan, slot: int, per_task: int, pass_no: int) -> list:
+    """The row groups (flat indices, sorted) task ``slot`` reads in pass ``pass_no``."""
+    order = pass_groups(plan, pass_no)
+    return sorted(int(g) for g in order[slot * per_task:(slot + 1) * per_task])
+
+
+def _read_map_fn(items, *, fss, groups, per_task, plan: ReadPlan, sources, spec: StreamSpec):
     """Read a task's row groups, shuffle their rows together and yield decoded/augmented
     blocks of ``spec.rows`` rows (generator UDF)."""
     import pyarrow as pa
@@ -235,36 +365,41 @@ def _read_map_fn(items, *, fs, groups, per_task, keep: Optional[frozenset], spec
     base = current_pass(spec.state, spec.stream, spec.epoch)
     for k, slot in zip(np.asarray(items["pass"]).tolist(), np.asarray(items["slot"]).tolist()):
         pass_no = base + int(k)
-        tables = []
-        for g in task_groups(int(slot), len(groups), per_task, spec.seed, pass_no, spec.stream):
-            path, group, _ = groups[g]
-            with fs.open_input_file(path) as f:
+        tables, origin = [], []
+        for g in _slot_groups(plan, int(slot), per_task, pass_no):
+            src_no, path, group, _ = groups[g]
+            src = sources[src_no]
+            with fss[src_no].open_input_file(path) as f:
                 t = pq.ParquetFile(f).read_row_group(group, columns=["id", "image"])
-            if keep is not None:
-                ids = t.column("id").to_pylist()
-                sel = [i for i, v in enumerate(ids) if v in keep]
-                if len(sel) != len(ids):
+            if src.ids is not None or src.exclude:
+                sel = src.accepts(t.column("id").to_pylist())
+                if len(sel) != t.num_rows:
                     t = t.take(pa.array(sel, pa.int64()))
             if t.num_rows:
-                tables.append(t)
+                tables.append(t.select(["id", "image"]))
+                origin += [src_no] * t.num_rows
         if not tables:
             continue
         # shards may differ in nullability only (verify checks names and types)
         table = pa.concat_tables(tables, promote_options="default")
         order = np.random.default_rng([spec.seed, pass_no, int(slot), 11]
                                       ).permutation(table.num_rows).tolist()
-        yield from _render_rows(table, order, spec, pass_no)
+        yield from _render_rows(table, order, spec, pass_no, origin)
 
 
-def _render_rows(table, order: list, spec: StreamSpec, pass_no: int):
+def _render_rows(table, order: list, spec: StreamSpec, pass_no: int,
+                 origin: Optional[list] = None):
     """Rows ``order`` (indices into the ``pyarrow.Table`` ``table``) → decoded, augmented
-    blocks of ``spec.rows`` rows; the PNGs are read in place (:func:`binary_cells`)."""
+    blocks of ``spec.rows`` rows; the PNGs are read in place (:func:`binary_cells`).
+    ``origin``: each row's source index (the ``source`` column with ``spec.debug``)."""
     ids = table.column("id").to_pylist()
     cells = binary_cells(table.column("image"))
     for s in range(0, len(order), spec.rows):
         idx = order[s:s + spec.rows]
-        yield render(spec, {"id": [ids[i] for i in idx], "image": [cells[i] for i in idx]},
-                     pass_no)
+        batch = {"id": [ids[i] for i in idx], "image": [cells[i] for i in idx]}
+        if spec.debug and origin is not None:
+            batch["source"] = [origin[i] for i in idx]
+        yield render(spec, batch, pass_no)
 
 
 def render(spec: StreamSpec, batch: Mapping[str, Any], pass_no: int) -> dict:
@@ -286,4 +421,8 @@ def render(spec: StreamSpec, batch: Mapping[str, Any], pass_no: int) -> dict:
         out = {"useg_img": spec.augmenter.weak(img, keys) if spec.augment else img}
     if spec.debug:
         out["id"] = np.array(ids, dtype=object)
+        if "source" in batch:
+            keep = set(ids)  # undecodable rows were dropped: keep the others' sources
+            out["source"] = np.array([s for i, s in zip(batch["id"], batch["source"])
+                                      if i in keep], dtype=np.int64)
     return out
