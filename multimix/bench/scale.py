@@ -376,7 +376,8 @@ def run(args) -> int:
         return 0
     s = res["settings"]
     print(f"bench scale: {s['config']} at {s['size']}², {s['num_workers']} Train worker(s), "
-          f"{s['epochs']} epoch(s) × {s['steps']} steps; corpora in {s['work']} ({s['corpus_s']} s); "
+          f"{s['epochs']} epoch(s) × {s['steps']} steps; corpora in {s['work']} "
+          f"({s['corpus_s']} s); "
           f"load average {s['load_avg']}")
     for key in ("baseline", "scaled"):
         r = res[key]

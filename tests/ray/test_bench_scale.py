@@ -1,6 +1,6 @@
-"""``multimix bench scale`` at a modest N (6,000 rows, 32 px, one epoch of 2 steps): the corpus is a valid
-prepared ``unlabeled`` dataset reused on the second call, and the JSON has every figure with sane
-values (no timing assertions)."""
+"""``multimix bench scale`` at a modest N (6,000 rows, 32 px, one epoch of 2 steps): the corpus is
+a valid prepared ``unlabeled`` dataset reused on the second call, and the JSON has every figure
+with sane values (no timing assertions)."""
 
 from __future__ import annotations
 
