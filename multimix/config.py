@@ -72,6 +72,9 @@ class DataConfig:
     #: rows of a labeled or validation pool that may fail to decode (each pool) before the run is
     #: refused: 0 (default) trains only on every row the split asked for (issue #16)
     allow_skipped: int = 0
+    #: largest labeled training pool held in memory on the driver and every Train worker, in MB
+    #: decoded (rows × image_size² × 1 plane, 3 for segmentation): checked before decoding
+    max_labeled_mb: float = 2048.0
     #: pool the unlabeled segmentation stream is drawn from: the unlabeled classification
     #: images ("cls", the paper's cross-dataset setting), the seg images beyond the budget
     #: ("seg"), every data.unlabeled_data pool ("extra", mixed by their data.unlabeled_weights),
@@ -382,6 +385,7 @@ def _validate(cfg: Config) -> None:
         _check(v == "all" or v >= 1, f"data.{key}", "must be a positive number or 'all'", v)
     _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)", d.val_fraction)
     _check(d.allow_skipped >= 0, "data.allow_skipped", "must be >= 0", d.allow_skipped)
+    _check(d.max_labeled_mb > 0, "data.max_labeled_mb", "must be > 0", d.max_labeled_mb)
     for key in ("cls_batch", "unlabeled_batch", "seg_batch", "unlabeled_seg_batch", "eval_batch"):
         _check(getattr(d, key) >= 1, f"data.{key}", "must be >= 1", getattr(d, key))
     _check(d.shuffle_buffer_rows >= 0, "data.shuffle_buffer_rows", "must be >= 0 (0: none)",

@@ -153,7 +153,7 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
     """:func:`evaluate_checkpoint` into the local folder ``out``; ``dest`` maps a file in it to
     its final place (reported paths)."""
     from multimix import checkpoint, plots
-    from multimix.data.pools import load_labeled_pool
+    from multimix.data.pools import StreamedPool
     from multimix.data.prepare import read_manifest, read_table
     from multimix.errors import UserError
     from multimix.metrics import classification_metrics, roc_curve
@@ -187,18 +187,18 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
             ids, what = _select(uri, task, subset, cfg, state.get("splits", {}), storage_cfg)
             if ids is None:
                 ids = read_table(uri, ["id"], storage_cfg).column("id").to_pylist()
-            pool = load_labeled_pool(uri, ids, cfg)
-            if pool.images.shape[1:] != (cfg.data.image_size,) * 2:
-                raise UserError(f"{uri} was prepared at {pool.images.shape[1]}², the checkpoint "
+            if int(man.get("image_size", cfg.data.image_size)) != cfg.data.image_size:
+                raise UserError(f"{uri} was prepared at {man['image_size']}², the checkpoint "
                                 f"expects {cfg.data.image_size}² (prepare it with --size "
                                 f"{cfg.data.image_size})")
-            if pool.skipped:
-                what += f"; {pool.skipped} undecodable row(s) skipped"
+            # streamed: read and decoded one row group at a time while scored (issue #18)
+            pool = StreamedPool(uri, ids, cfg)
             name = man.get("source") or Path(uri).name
             if name in report[task]:
                 name = f"{name} ({Path(uri.rstrip('/')).name})"
             if task == "cls":
                 res = validate(model, device, cls=pool, classes=classes, batch_size=bs).cls
+                what += _skipped_note(pool)
                 probs = res.probs
                 m = dict(res.metrics)
                 if threshold is not None:  # decide at the stored threshold, argmax beside it
@@ -221,14 +221,16 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
                 if len(np.unique(res.labels)) > 1:
                     fpr, tpr, _ = roc_curve(probs[:, 1], res.labels)
                     rocs[name] = (fpr, tpr, m.get("auc", float("nan")))
-                sal = _plot_outputs(model, pool.images[:n_show], device)
+                shown = pool.head(n_show).images
+                sal = _plot_outputs(model, shown, device)
                 if "saliency" in sal:
-                    p = plots.plot_saliency(pool.images[:n_show], sal["saliency"][:, 0],
+                    p = plots.plot_saliency(shown, sal["saliency"][:, 0],
                                             out / f"saliency_{_slug(name)}.png",
                                             probs=sal["cls_prob"][:, 1], class_names=classes)
                     report["plots"][f"saliency {name}"] = dest(p)
             else:
                 res = validate(model, device, seg=pool, batch_size=bs).seg
+                what += _skipped_note(pool)
                 per = res.per_image
                 s = dict(res.metrics)
                 s.update(dataset=uri, rows=what, n=int(len(res.ids)))
@@ -237,15 +239,16 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
                 per_image["seg"] += [{"set": name, "id": i, **{k: float(v[j]) for k, v in
                                                              per.items()}}
                                      for j, i in enumerate(res.ids)]
-                k = min(n_show, len(pool.images))
-                shown = _plot_outputs(model, pool.images[:k], device)
-                p = plots.plot_boundaries(pool.images[:k], pool.masks[:k],
+                head = pool.head(n_show)
+                k = len(head)
+                shown = _plot_outputs(model, head.images, device)
+                p = plots.plot_boundaries(head.images, head.masks,
                                           shown["seg_prob"][:k, 0] >= 0.5,
                                           out / f"boundaries_{_slug(name)}.png",
                                           titles=[f"Dice {d:.3f}" for d in per["dice"][:k]])
                 report["plots"][f"boundaries {name}"] = dest(p)
                 if "saliency" in shown:
-                    p = plots.plot_saliency(pool.images[:k], shown["saliency"][:, 0],
+                    p = plots.plot_saliency(head.images, shown["saliency"][:, 0],
                                             out / f"saliency_{_slug(name)}.png")
                     report["plots"][f"saliency {name}"] = dest(p)
     if rocs:
@@ -267,6 +270,11 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
     (out / "report.md").write_text(markdown)
     return {"json": dest(out / "report.json"), "markdown": dest(out / "report.md"),
             "markdown_text": markdown, "sets": {"cls": report["cls"], "seg": report["seg"]}}
+
+
+def _skipped_note(pool) -> str:
+    """``"; N undecodable row(s) skipped"`` for a pool that lost rows while scored, else ``""``."""
+    return f"; {pool.skipped} undecodable row(s) skipped" if pool.skipped else ""
 
 
 def _decide(p: np.ndarray, threshold) -> int:

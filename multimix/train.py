@@ -99,7 +99,8 @@ class WorkerInputs:
     ``splits``: ``{"cls"|"seg": split record}`` (:func:`multimix.data.splits.split_record`: the
     split file beside the data and the sha256 of its ids; stored in the checkpoints);
     ``classes``: class names in label order; ``pools``: object ref of
-    ``{"cls_labeled", "cls_val", "seg_labeled", "seg_val"} → LabeledPool``; ``state``: the
+    ``{"cls_labeled", "seg_labeled"} → LabeledPool`` and ``{"cls_val", "seg_val"} →
+    StreamedPool`` (validation rows read per row group when scored; issue #18); ``state``: the
     pipeline's state actor; ``datasets``: names of the Train datasets this worker reads
     (``ray.train.get_dataset_shard``); ``steps``: global steps per epoch; ``extra``: what a
     replacement loop needs besides (``multimix bench train``).

@@ -107,7 +107,8 @@ def validate(model, device, *, cls=None, seg=None, classes: Optional[Sequence[st
             bare, in eval mode; the mode it was in is restored afterwards).
         device: where the model runs (the batches move there).
         cls, seg: :class:`~multimix.data.pools.LabeledPool` (uint8 images; labels, or masks and
-            ignore maps), or None to skip the task.
+            ignore maps) or :class:`~multimix.data.pools.StreamedPool` (the same rows read
+            from their shards while scored: the same batches), or None to skip the task.
         classes: class names in label order (None / empty: inferred from the head's width).
         batch_size: images per forward (``data.eval_batch``).
         rank, world_size: this process's share (every ``world_size``-th image from ``rank``);

@@ -1,4 +1,5 @@
-"""``multimix bench step`` (the pure-torch training step) and ``multimix bench data`` (augmentation).
+"""``multimix bench step`` (the pure-torch training step), ``data`` (augmentation), ``train``
+(Ray Data feeding the step) and ``scale`` (memory vs the unlabeled corpus's size).
 
 Benchmarks print numbers (img/s, peak memory) and ratios against a baseline measured in the same
 process; they are not timed tests.
@@ -13,6 +14,8 @@ SUBCOMMANDS = {
     "data": ("multimix.bench.data", "weak+strong augmentation pairs/s per core vs the paper's"),
     "train": ("multimix.bench.train", "does Ray Data keep the step fed? pipeline → Train "
                                       "worker → train_step vs the bare step"),
+    "scale": ("multimix.bench.scale", "peak memory and steps/s of a run with an N-row "
+                                      "unlabeled pool vs a 5,000-row one"),
 }
 
 

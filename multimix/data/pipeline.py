@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from multimix.data.pools import LabeledPool, load_labeled_pool
+from multimix.data.pools import LabeledPool, StreamedPool, decoded_mb, load_labeled_pool
 from multimix.data.readers import (Source, configure_data_context, passes_per_execution,
                                    source_rows, stream_dataset)
 from multimix.data.state import create_state
@@ -54,8 +54,9 @@ class DataInputs:
 
     ``splits``: ``{"cls": Split, "seg": Split}`` (the tasks the variant uses);
     ``classes``: class names of the classification set (label order), ``[]`` without one;
-    ``pools``: ``{"cls_labeled", "cls_val", "seg_labeled", "seg_val"}`` →
-    :class:`~multimix.data.pools.LabeledPool` (those that exist);
+    ``pools``: ``{"cls_labeled", "seg_labeled"}`` → :class:`~multimix.data.pools.LabeledPool`
+    and ``{"cls_val", "seg_val"}`` → :class:`~multimix.data.pools.StreamedPool` (those that
+    exist; :func:`load_pools`);
     ``datasets``: ``{"unl_cls", "unl_seg"}`` → Ray Dataset (those the variant reads);
     ``state``: the pipeline's state actor; ``steps``: global steps per epoch;
     ``contamination``: the contamination guard's report (``<run dir>/contamination.json``,
@@ -144,16 +145,34 @@ def check_skipped(cfg, pools: Mapping[str, LabeledPool], splits: Mapping[str, An
                           for name, p, asked, _ in lost), flush=True)
 
 
-def load_pools(cfg, splits: Mapping[str, Any]) -> dict[str, LabeledPool]:
-    """The small in-memory pools: labeled training images (``<task>_labeled``) and held-out
-    validation images (``<task>_val``, when the split has any)."""
-    pools = {}
+def load_pools(cfg, splits: Mapping[str, Any]) -> dict:
+    """The labeled training pools in memory (``<task>_labeled``:
+    :class:`~multimix.data.pools.LabeledPool`) and the held-out validation pools streamed
+    (``<task>_val``, when the split has any: :class:`~multimix.data.pools.StreamedPool`,
+    scanned once here so their undecodable rows are counted; issue #18).
+
+    Raises:
+        DataError: a labeled pool would decode to more than ``data.max_labeled_mb`` (checked
+            before anything is decoded), or see :func:`~multimix.data.pools.load_labeled_pool`.
+    """
+    size, limit = cfg.data.image_size, float(cfg.data.max_labeled_mb)
+    for task, uri in (("cls", cfg.data.cls_data), ("seg", cfg.data.seg_data)):
+        if task in splits:
+            n = len(splits[task].labeled)
+            mb = decoded_mb(n, size, seg=task == "seg")
+            if mb > limit:
+                raise DataError(
+                    f"the {task}_labeled pool of {uri}: {n} rows at {size}² decode to "
+                    f"{mb:,.0f} MB > data.max_labeled_mb={limit:g}, held on the driver and every "
+                    f"Train worker (lower data.{task}_labeled, or raise data.max_labeled_mb if "
+                    "each worker has the memory)")
+    pools: dict = {}
     for task, uri in (("cls", cfg.data.cls_data), ("seg", cfg.data.seg_data)):
         if task not in splits:
             continue
         pools[f"{task}_labeled"] = load_labeled_pool(uri, splits[task].labeled, cfg)
         if splits[task].val:
-            pools[f"{task}_val"] = load_labeled_pool(uri, splits[task].val, cfg)
+            pools[f"{task}_val"] = StreamedPool(uri, splits[task].val, cfg).scan()
     return pools
 
 
