@@ -75,6 +75,13 @@ class DataConfig:
     #: largest labeled training pool held in memory on the driver and every Train worker, in MB
     #: decoded (rows × image_size² × 1 plane, 3 for segmentation): checked before decoding
     max_labeled_mb: float = 2048.0
+    #: object-store memory each streaming dataset's execution may fill ahead of the Train
+    #: workers, in MB (Ray Data's resource_limits.object_store_memory); null: Ray's default, a
+    #: fraction of the object store. Ray Data reads ahead until that budget is full: with a
+    #: pool larger than it, the default makes the data tasks decode rows (CPU) long before
+    #: they are used; 256 MB holds ~8 blocks of 256² rows (issue #18, README "Memory vs the
+    #: size of the unlabeled corpus")
+    readahead_mb: Optional[float] = 256.0
     #: pool the unlabeled segmentation stream is drawn from: the unlabeled classification
     #: images ("cls", the paper's cross-dataset setting), the seg images beyond the budget
     #: ("seg"), every data.unlabeled_data pool ("extra", mixed by their data.unlabeled_weights),
@@ -386,6 +393,8 @@ def _validate(cfg: Config) -> None:
     _check(0.0 <= d.val_fraction < 1.0, "data.val_fraction", "must be in [0, 1)", d.val_fraction)
     _check(d.allow_skipped >= 0, "data.allow_skipped", "must be >= 0", d.allow_skipped)
     _check(d.max_labeled_mb > 0, "data.max_labeled_mb", "must be > 0", d.max_labeled_mb)
+    _check(d.readahead_mb is None or d.readahead_mb > 0, "data.readahead_mb",
+           "must be > 0 MB or null (Ray's default)", d.readahead_mb)
     for key in ("cls_batch", "unlabeled_batch", "seg_batch", "unlabeled_seg_batch", "eval_batch"):
         _check(getattr(d, key) >= 1, f"data.{key}", "must be >= 1", getattr(d, key))
     _check(d.shuffle_buffer_rows >= 0, "data.shuffle_buffer_rows", "must be >= 0 (0: none)",

@@ -177,7 +177,7 @@ def build_trainer(cfg: Config, inputs, callbacks: list | None = None, loop=None,
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         datasets=inputs.datasets,
-        dataset_config=pipeline.dataset_config(inputs.datasets),
+        dataset_config=pipeline.dataset_config(inputs.datasets, cfg),
     )
 
 

@@ -416,3 +416,19 @@ def test_augmenter_hook_renders_the_views(real_sets, ray_local):
     for rid, r in rows.items():
         src = real_sets["cls_rows"][rid]["image"]
         assert np.array_equal(r["weak_img"], src) and np.array_equal(r["strong_img"], src)
+
+
+def test_each_split_dataset_gets_the_readahead_cap():
+    """data.readahead_mb caps each streaming dataset's object-store budget (Ray Data reads
+    ahead until it is full: issue #18); null leaves Ray's default."""
+    from multimix.config import ConfigError
+
+    cfg = load_config("cpu-small", ["data.readahead_mb=64"])
+    dc = P.dataset_config({"unl_cls": None, "unl_seg": None}, cfg)
+    opts = dc._user_execution_options
+    assert set(opts) == {"unl_cls", "unl_seg"}
+    assert all(o.resource_limits.object_store_memory == 64 * 2**20 for o in opts.values())
+    assert P.dataset_config({"unl_cls": None}, load_config(
+        "cpu-small", ["data.readahead_mb=null"]))._user_execution_options is None
+    with pytest.raises(ConfigError, match="data.readahead_mb"):
+        load_config("cpu-small", ["data.readahead_mb=0"])
