@@ -60,6 +60,20 @@ def test_auc_matches_pairwise_count_with_many_ties():
         assert M.roc_auc(s, y) == pytest.approx(_brute_auc(s, y), abs=1e-12)
 
 
+def test_average_ranks_are_scipys_and_metrics_do_not_import_scipy_stats():
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(0)
+    for n, k in [(0, 2), (1, 2), (7, 1), (100, 3), (500, 50), (300, 10**9)]:
+        x = rng.integers(0, k, n).astype(np.float64)  # few distinct values: many ties
+        assert np.array_equal(M._average_ranks(x), rankdata(x, method="average")), (n, k)
+    x = np.array([0.5, np.inf, -np.inf, 0.5])
+    assert np.array_equal(M._average_ranks(x), rankdata(x, method="average"))
+    assert np.isnan(M._average_ranks(np.array([0.1, np.nan]))).all()
+    code = "import sys, multimix.metrics; assert 'scipy.stats' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
 def test_auc_all_tied_is_half_and_perfect_is_one():
     assert M.roc_auc([0.3, 0.3, 0.3], [0, 1, 1]) == 0.5
     assert M.roc_auc([0.1, 0.2, 0.9], [0, 1, 1]) == 1.0

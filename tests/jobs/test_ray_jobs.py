@@ -54,7 +54,10 @@ class Head:
         self.token = uuid.uuid4().hex + uuid.uuid4().hex
         (root / "auth_token").write_text(self.token)
         self.auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(root / "auth_token")}
-        env = {**env, **self.auth_env}
+        # no drain on SIGTERM (Ray's default waits up to 30 s for it at every stop): no Serve here
+        env = {**env, **self.auth_env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+               "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S":  # as tests/conftest.py sets it
+               os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")}
         self.temp_dir = tempfile.mkdtemp(prefix="mmray-", dir="/tmp")  # short: socket paths
         self.dashboard = _free_port()
         self.gcs = _free_port()

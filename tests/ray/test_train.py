@@ -154,14 +154,15 @@ def test_worker_killed_mid_run_restarts_without_gaps_or_repeats(ray_local, demo_
 
     marker = tmp_path / "killed.txt"
     monkeypatch.setenv(FAULT_ENV, f"1:1:2:{marker}")  # rank 1 SIGKILLs itself at epoch 1 step 2
-    # the restarted worker group splits the datasets again and resumes from the checkpoint
-    cfg = _cfg(tmp_path, *demo_data, "faulty", "optim.epochs=3", "scaling.max_failures=2",
+    # the restarted worker group splits the datasets again and resumes from the checkpoint of
+    # epoch 0 (the last epoch is the one redone: 2 epochs are enough)
+    cfg = _cfg(tmp_path, *demo_data, "faulty", "optim.epochs=2", "scaling.max_failures=2",
                "data.cls_labeled=40", "data.seg_labeled=10")
     result = train(cfg)
     assert marker.exists(), "the fault was never injected"
-    assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    assert [h["epoch"] for h in result.history] == [0, 1]
     assert result.epochs == cfg.optim.epochs
-    _check_continuity(Path(result.run_dir), 3, cfg.optim.steps_per_epoch)
+    _check_continuity(Path(result.run_dir), 2, cfg.optim.steps_per_epoch)
 
 
 def test_rerun_resumes_after_interruption(demo_data, tmp_path):
@@ -169,7 +170,7 @@ def test_rerun_resumes_after_interruption(demo_data, tmp_path):
     cmd = [sys.executable, "-m", "multimix.cli", "train", "--config", "cpu-small",
            "--set", f"data.cls_data={cls_uri}", "--set", f"data.seg_data={seg_uri}",
            "--set", f"run.storage_path={tmp_path / 'runs'}", "--set", "run.name=resumable",
-           "--set", "optim.epochs=3", "--set", "optim.steps_per_epoch=6",
+           "--set", "optim.epochs=2", "--set", "optim.steps_per_epoch=6",
            "--set", "data.cls_labeled=40", "--set", "data.seg_labeled=10",
            "--set", "scaling.cpus_per_worker=0.5", "--set", "scaling.data_cpus_per_task=0.5"]
     run_dir = tmp_path / "runs" / "resumable"
@@ -189,11 +190,11 @@ def test_rerun_resumes_after_interruption(demo_data, tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the interruption: driver and its Ray die at once
         proc.wait(timeout=30)
-    assert len(first) < 3
+    assert len(first) < 2  # killed after epoch 0: epoch 1 is the resumed remainder
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resumed from epoch" in second.stdout + second.stderr
     history = _history(run_dir)
-    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert [h["epoch"] for h in history] == [0, 1]
     assert history[0] == first[0]  # epochs done before the interruption are kept, not redone
-    _check_continuity(run_dir, 3, 6)
+    _check_continuity(run_dir, 2, 6)
