@@ -216,7 +216,7 @@ def write_shard(fs: pafs.FileSystem, root: str, out_uri: str, rel: str, rows: li
 class ShardTarget:
     """Where the shards of record chunks go (:meth:`DatasetWriter.shard_target`): the dataset
     URI, this write's shard-name prefix, the byte cap of one shard and the storage settings
-    the writing process resolves the URI with."""
+    a Ray task resolves the URI with."""
 
     out_uri: str
     prefix: str
@@ -225,16 +225,15 @@ class ShardTarget:
 
 
 def write_chunk(target: ShardTarget, k: int, rows: list[dict],
-                fs: Optional[pafs.FileSystem] = None) -> list[dict]:
+                where: Optional[tuple[pafs.FileSystem, str]] = None) -> list[dict]:
     """Write the rows made from record chunk ``k`` (``shard_rows`` records of the final order;
     fewer rows when files were skipped) as ``data/<prefix><k:05d>.parquet``, split into
     ``…-1``, ``…-2`` … when the rows pass ``target.shard_bytes``. The same function runs in
     ``multimix prepare``'s process and in its Ray tasks, so both write the same bytes under the
-    same names. Returns the ``shard_info`` entries (none for a chunk without rows)."""
-    if fs is None:
-        fs, root = storage.resolve(target.out_uri, target.storage_cfg)
-    else:
-        root = storage.resolve(target.out_uri, target.storage_cfg)[1]
+    same names. ``where``: ``(filesystem, root path)`` of ``target.out_uri`` when the caller
+    has them (default: resolved here, as a Ray task does). Returns the ``shard_info`` entries
+    (none for a chunk without rows)."""
+    fs, root = where or storage.resolve(target.out_uri, target.storage_cfg)
     parts: list[list[dict]] = [[]]
     size = 0
     for r in rows:
@@ -340,17 +339,15 @@ class DatasetWriter:
         self.record([info], [row_meta(r) for r in self._buf])
         self._buf, self._buf_bytes = [], 0
 
-    def shard_target(self, storage_cfg: Optional[StorageConfig] = None) -> "ShardTarget":
+    def shard_target(self) -> "ShardTarget":
         """Where :func:`write_chunk` puts the shards of a record chunk (picklable: what Ray
-        tasks get; ``storage_cfg``: the settings their filesystem is made with, e.g. keyless
-        :func:`storage.chain_storage`)."""
-        return ShardTarget(self.out_uri, self._prefix, self.shard_bytes,
-                           storage_cfg if storage_cfg is not None else self.st)
+        tasks get)."""
+        return ShardTarget(self.out_uri, self._prefix, self.shard_bytes, self.st)
 
     def add_chunk(self, k: int, rows: list[dict]) -> None:
         """Write the rows made from record chunk ``k`` (:func:`write_chunk`, in this process)
         and record them; rows must come in the final order."""
-        self.record(write_chunk(self.shard_target(), k, rows, fs=self.fs),
+        self.record(write_chunk(self.shard_target(), k, rows, where=(self.fs, self.root)),
                     [row_meta(r) for r in rows])
 
     def record(self, infos: list[dict], metas: list[dict]) -> None:
