@@ -49,7 +49,6 @@ import csv
 import io
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -253,10 +252,7 @@ def search_from_args(args) -> Search:
 
 def absolute_paths(cfg: Config) -> Config:
     """Local path values made absolute (Tune trials run with the trial folder as cwd)."""
-    from multimix.data import storage
-
-    def absolute(v: str) -> str:
-        return os.path.abspath(v) if v and not storage.is_s3(v) and "://" not in v else v
+    from multimix.data.storage import absolute_uri as absolute
 
     for sec, key in _PATH_KEYS:
         setattr(getattr(cfg, sec), key, absolute(getattr(getattr(cfg, sec), key)))

@@ -126,7 +126,8 @@ class StreamedPool:
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
-        self.uri, self.cfg = uri, cfg
+        # absolute: the pool is scored in Train workers, whose working directory differs
+        self.uri, self.cfg = storage.absolute_uri(uri), cfg
         data = open_dataset(uri, cfg.storage)
         self.task = "seg" if data.manifest.get("task") == "seg" else "cls"
         want = pa.array([str(i) for i in ids], pa.string())

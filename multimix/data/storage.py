@@ -142,6 +142,13 @@ def resolve(uri: str, storage_cfg: Optional[StorageConfig] = None) -> tuple[pafs
 _MANGLED = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):/(?!/)")
 
 
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute (``os.path.abspath``); ``s3://`` and other URIs, and the
+    empty string, unchanged. For values another process uses from another working directory
+    (a Ray Train worker, a Tune trial)."""
+    return os.path.abspath(uri) if uri and not is_s3(uri) and "://" not in uri else uri
+
+
 def _check_not_mangled(uri: str) -> None:
     """``s3:/b/x`` or ``./s3:/b/x`` is a URI that lost a slash: refuse it as a local path."""
     for part in (uri, uri[2:] if uri.startswith("./") else uri):

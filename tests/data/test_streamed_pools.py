@@ -102,6 +102,23 @@ class _Split:
 
 
 @pytest.mark.realdata
+def test_streamed_pool_from_a_relative_path_is_scored_from_another_directory(
+        sets, tmp_path, monkeypatch):
+    """A pool made from a relative dataset path (``make demo``: ``out/demo/...``) is scored in
+    Train workers, whose working directory differs: it keeps the absolute path."""
+    import os
+    import pickle
+
+    uri = sets["cls"]
+    monkeypatch.chdir(os.path.dirname(uri))
+    pool = StreamedPool(os.path.basename(uri), sets["cls_ids"][:6], _cfg())
+    monkeypatch.chdir(tmp_path)  # another process's working directory
+    moved = pickle.loads(pickle.dumps(pool))
+    assert [i for b in eval_batches(moved, 4) for i in b["ids"]] == pool.ids
+    assert moved.uri == os.path.abspath(uri)
+
+
+@pytest.mark.realdata
 def test_load_pools_streams_val_and_limits_labeled(sets):
     """``load_pools``: labeled pools in memory, validation pools streamed (scanned: the bad row
     counted, check_skipped's contract kept); a labeled pool over ``data.max_labeled_mb`` is
