@@ -283,3 +283,25 @@ def tune_args(argv: list[str]):
     p = argparse.ArgumentParser()
     tune.add_arguments(p)
     return p.parse_args(argv)
+
+
+def test_an_all_digit_trial_id_stays_the_run_name(monkeypatch):
+    """Tune's trial ids are 5 hex digits + _ + index; an all-digit one (83046_00000) parses as
+    a YAML integer unless quoted: the trial's run.name must stay that string."""
+    import ray.tune
+
+    from multimix import tune, train
+
+    seen = {}
+
+    class Ctx:
+        def get_trial_id(self):
+            return "83046_00000"
+
+    from ray.tune.integration import ray_train
+
+    monkeypatch.setattr(ray.tune, "get_context", lambda: Ctx())
+    monkeypatch.setattr(ray_train, "TuneReportCallback", lambda: None)
+    monkeypatch.setattr(train, "train", lambda cfg, callbacks: seen.update(name=cfg.run.name))
+    tune.trial({}, load_config("cpu-small").to_dict(), "/tmp/exp")
+    assert seen["name"] == "83046_00000"
