@@ -4,7 +4,8 @@
         --epochs 4 --steps 30
 
 Runs ``multimix train`` (preset cpu-small, 64²) once per (config, seed) on the prepared Kermany
-and V7 sets in ``--data`` (``kermany64``, ``v7_64``; ``gb64`` for the cross-domain Dice),
+and V7 sets in ``--data`` (``kermany64``, ``v7_64``; ``gb64`` or ``gb_64`` for the
+cross-domain Dice),
 ``--lanes`` runs at a time. Writes ``runs.json`` (one row per run: the last epoch's validation
 numbers, the number of epochs whose validation predicted a single class, wall time) and prints
 the mean ± std (sample std, ddof 1) table (Markdown; ``--table`` prints it from ``runs.json``
@@ -36,7 +37,13 @@ CONFIGS = {
     # at seed 0), EMA and the validation-chosen threshold
     "da-uniform+ema+thr": ["objective.dist_align=uniform", "objective.ema_decay=0.95",
                            "objective.decision=balanced_accuracy"],
-    "freematch": ["objective.pl_threshold=freematch"],
+    "freematch": ["objective.pl_threshold=freematch", "objective.decision=argmax"],
+    # the 10 x 100 schedule (session 11): each lever alone, then all three together; a decay of
+    # 0.99 (an average over ~100 steps) suits 1,000 steps
+    "da-uniform": ["objective.dist_align=uniform", "objective.decision=argmax"],
+    "ema-0.99": ["objective.ema_decay=0.99", "objective.decision=argmax"],
+    "combo": ["objective.dist_align=uniform", "objective.pl_threshold=freematch",
+              "objective.ema_decay=0.99", "objective.decision=argmax"],
 }
 
 #: table columns: (label, key in a run row); "thr" = at the threshold chosen on the same split
@@ -116,7 +123,9 @@ def crossfit(row: dict, args) -> dict:
             (dest / "report.json").stat().st_mtime < (run_dir / "last.json").stat().st_mtime:
         ev = subprocess.run(["nice", "-n", "5", args.multimix, "evaluate", "--checkpoint",
                              str(run_dir / last["checkpoint"]), "--cls-data",
-                             str(data / "kermany64"), "--seg-data", str(data / "gb64"),
+                             str(data / "kermany64"), "--seg-data",
+                             str(next((data / d for d in ("gb64", "gb_64") if (data / d).exists()),
+                                      data / "gb64")),
                              "--out", str(dest)], capture_output=True, text=True)
         if ev.returncode != 0:
             return {"xfit_error": ev.stderr[-300:]}
