@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -270,6 +271,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+#: a number as written in a config or --set (``1e-4``, ``-2.5E3``, ``.5``)
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
     origin = typing.get_origin(tp)
@@ -305,6 +310,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            # YAML 1.1 (PyYAML) reads 1e-4 as a string: it wants a dot (1.0e-4)
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
@@ -521,10 +529,37 @@ def _read_yaml(source: str) -> dict:
     return data
 
 
+def _field_type(key: str) -> Any:
+    """The annotation of the Config field ``key`` (``"run.name"``), or None where ``key`` names
+    no leaf field (an unknown key is reported by ``_build``)."""
+    tp: Any = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        hints = typing.get_type_hints(tp)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return None if dataclasses.is_dataclass(tp) else tp
+
+
+def _fits(value: Any, tp: Any, key: str) -> bool:
+    try:
+        _coerce(value, tp, key)
+    except ConfigError:
+        return False
+    return True
+
+
 def parse_overrides(items: list[str] | None) -> dict:
     """``["objective.threshold=0.8", "data.cls_labeled=all"]`` → nested dict.
 
-    Values are parsed as YAML scalars (``0.8`` → float, ``true`` → bool, ``null`` → None).
+    Values are parsed as YAML scalars (``0.8`` → float, ``true`` → bool, ``null`` → None),
+    then by the type of the field they set: where the YAML value does not fit the field and the
+    text as written does (a string field), the text is kept. So ``run.name=2024_01`` stays the
+    name ``"2024_01"`` (YAML reads an integer) and ``run.name=true`` the name ``"true"``, while
+    ``storage.endpoint=null`` still clears an optional field. (Unknown keys are kept as parsed;
+    ``load_config`` reports them.)
     """
     out: dict = {}
     for item in items or []:
@@ -538,6 +573,10 @@ def parse_overrides(items: list[str] | None) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        tp = _field_type(key)
+        if tp is not None and value != raw.strip():
+            if not _fits(value, tp, key) and _fits(raw.strip(), tp, key):
+                value = raw.strip()
         node = out
         parts = key.split(".")
         for part in parts[:-1]:

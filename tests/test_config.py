@@ -85,7 +85,7 @@ def test_parse_overrides_types_and_errors():
     (["optim.channels_last=1"], "optim.channels_last: expected true or false"),
     (["optim.precision=fp8"], "optim.precision: expected 'none' or 'bf16'"),
     (["data.cls_labeled=some"], "data.cls_labeled: expected"),
-    (["run.name=3"], "run.name: expected a string"),
+    (["data.unlabeled_data=3"], "data.unlabeled_data: expected a list"),
 ])
 def test_wrong_keys_and_types_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -187,3 +187,30 @@ def test_a_stored_config_with_removed_keys_still_loads():
     old["data"].update(reader="row_groups", sharding="streaming_split")
     assert load_config(without_removed_keys(old)) == load_config("cpu-small")
     assert old["data"]["reader"] == "row_groups"  # the input is left as it was
+
+
+def test_set_values_are_read_by_the_type_of_their_field():
+    # YAML alone reads 2024_01 as the integer 202401 and true as a bool: a string field keeps
+    # the text as written
+    cfg = load_config("cpu-small", ["run.name=2024_01", "model.variant=enc"])
+    assert cfg.run.name == "2024_01"
+    assert load_config("cpu-small", ["run.name=true"]).run.name == "true"
+    assert parse_overrides(["run.name=007"]) == {"run": {"name": "007"}}
+    # numbers, booleans and null still parse where the field wants them
+    cfg = load_config("cpu-small", ["optim.epochs=3", "data.cls_labeled=50", "optim.lr=0.5"])
+    assert (cfg.optim.epochs, cfg.data.cls_labeled, cfg.optim.lr) == (3, 50, 0.5)
+    assert parse_overrides(["storage.endpoint=null"]) == {"storage": {"endpoint": None}}
+    assert load_config("cpu-small", ["data.cls_labeled=all"]).data.cls_labeled == "all"
+    # PyYAML reads 1e-4 (no dot) as a string; a float field takes it as the number
+    assert load_config("cpu-small", ["optim.lr=1e-4"]).optim.lr == pytest.approx(1e-4)
+    assert load_config({"optim": {"lr": "2.5E-3"}}).optim.lr == pytest.approx(2.5e-3)
+    # a YAML file is read as YAML: there a string field needs quotes
+    with pytest.raises(ConfigError, match="run.name: expected a string, got 3"):
+        load_config({"run": {"name": 3}})
+    # a value that fits neither way is still an error naming the field
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'abc'"):
+        load_config("cpu-small", ["optim.lr=abc"])
+    with pytest.raises(ConfigError, match="optim.epochs: expected an integer"):
+        load_config("cpu-small", ["optim.epochs=2.5"])
+    # unknown keys pass through unparsed by type and are reported by load_config
+    assert parse_overrides(["nosuch.key=2024_01"]) == {"nosuch": {"key": 202401}}
