@@ -67,6 +67,12 @@ class DataConfig:
     cls_labeled: Budget = 100
     #: labeled segmentation images: a number or "all" (paper: 10 / 50 / all)
     seg_labeled: Budget = 10
+    #: how the labeled classification batch is drawn from the labeled pool (with replacement):
+    #: "uniform" (the paper: each image equally, so batches keep the pool's class ratio) or
+    #: "balanced" (a class uniformly, then an image of it: on average equal classes per batch;
+    #: class-balanced sampling, Kang et al., ICLR 2020 — a lever against the drift of the
+    #: decision and the pseudo-labels to the majority class, issue #20)
+    cls_sampling: Literal["uniform", "balanced"] = "uniform"
     #: fraction of each pool held out (stratified) as labeled validation data
     val_fraction: float = 0.1
     split_seed: int = 0

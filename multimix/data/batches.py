@@ -192,7 +192,15 @@ class TrainBatches:
         seed = self.cfg.optim.seed
         tag = 1 if stream == "cls" else 2
         rng = np.random.default_rng([seed, self.rank, self.epoch, step, tag])
-        idx = rng.integers(0, len(pool), size=n)
+        if stream == "cls" and self.cfg.data.cls_sampling == "balanced":
+            # a class uniformly among those present, then an image of it (with replacement)
+            classes, inverse = np.unique(pool.labels, return_inverse=True)
+            members = [np.flatnonzero(inverse == c) for c in range(len(classes))]
+            pick = rng.integers(0, len(classes), size=n)
+            idx = np.array([members[c][rng.integers(0, len(members[c]))] for c in pick],
+                           dtype=np.int64)
+        else:
+            idx = rng.integers(0, len(pool), size=n)
         keys = np.array([mix_keys(seed, self.rank, self.epoch, step, j, tag)
                          for j in range(n)], dtype=np.uint64)
         return idx, keys

@@ -233,6 +233,37 @@ def test_labeled_seg_batches_augment_image_mask_and_ignore_alike(seg_augment):
         assert changed >= 10
 
 
+@pytest.mark.parametrize("sampling", ["uniform", "balanced"])
+def test_labeled_cls_batches_by_cls_sampling(sampling):
+    """The labeled classification stream (Ray-free): ``data.cls_sampling=uniform`` keeps the
+    pool's class ratio (here 1 : 9), ``balanced`` draws each class about equally; both are the
+    same batches for the same seed, and the labels match the images drawn."""
+    from multimix.data.pools import LabeledPool
+
+    labels = np.array([0] * 6 + [1] * 54, dtype=np.int64)
+    images = np.repeat(np.arange(60, dtype=np.uint8)[:, None, None], SIZE, 1).repeat(SIZE, 2)
+    pool = LabeledPool(ids=[f"c{i}" for i in range(60)], images=images, labels=labels)
+    # constant images (value = index): the weak view (flip, reflect-pad crop) keeps them
+    cfg = _cfg(model={"variant": "enc"}, data={"cls_batch": 16, "cls_sampling": sampling})
+
+    def draw():
+        return list(TrainBatches(cfg, {}, pool, None, 0, 0, steps_per_epoch=50))
+
+    batches = draw()
+    y = np.concatenate([b["cls_label"].numpy() for b in batches])
+    centre = np.concatenate([b["cls_img"][:, 0, SIZE // 2, SIZE // 2].numpy() for b in batches])
+    assert np.array_equal(labels[centre.astype(np.int64)], y)  # each label is its image's
+    frac0 = float(np.mean(y == 0))
+    if sampling == "uniform":
+        assert 0.05 <= frac0 <= 0.16, frac0  # 800 draws at p = 0.1
+    else:
+        assert 0.44 <= frac0 <= 0.56, frac0  # at p = 0.5
+        # every image of the minority class is drawn, not one of them over and over
+        assert set(centre[y == 0].tolist()) == set(range(6))
+    again = draw()
+    assert all(np.array_equal(a["cls_label"], b["cls_label"]) for a, b in zip(batches, again))
+
+
 def _classes(batch) -> set:
     """The classes (id prefixes) of an unlabeled debug batch."""
     return {i.split("/")[0] for i in batch["unl_id"]}
