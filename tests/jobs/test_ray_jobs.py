@@ -39,10 +39,24 @@ TINY = ["--config", "cpu-small", "--set", "optim.epochs=2", "--set", "optim.step
         "--set", "scaling.data_concurrency=1"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(n: int, avoid: range = range(0)) -> list[int]:
+    """``n`` distinct free loopback ports outside ``avoid``: all sockets stay bound until every
+    port is chosen (one at a time, the OS may hand out a port it just gave: CI once got the
+    same port for the dashboard agent's HTTP and gRPC ports and `ray start` refused it)."""
+    socks: list[socket.socket] = []
+    try:
+        ports: list[int] = []
+        while len(ports) < n:
+            sock = socket.socket()
+            socks.append(sock)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            if port not in avoid:
+                ports.append(port)
+        return ports
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 class Head:
@@ -59,17 +73,13 @@ class Head:
                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S":  # as tests/conftest.py sets it
                os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")}
         self.temp_dir = tempfile.mkdtemp(prefix="mmray-", dir="/tmp")  # short: socket paths
-        self.dashboard = _free_port()
-        self.gcs = _free_port()
-        ports = {
-            "--port": self.gcs, "--dashboard-port": self.dashboard,
-            "--dashboard-agent-listen-port": _free_port(),
-            "--dashboard-agent-grpc-port": _free_port(),
-            "--runtime-env-agent-port": _free_port(), "--metrics-export-port": _free_port(),
-            "--node-manager-port": _free_port(), "--object-manager-port": _free_port(),
-            "--ray-client-server-port": _free_port(),
-        }
         lo = 20000 + (os.getpid() % 200) * 100
+        names = ["--port", "--dashboard-port", "--dashboard-agent-listen-port",
+                 "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                 "--metrics-export-port", "--node-manager-port", "--object-manager-port",
+                 "--ray-client-server-port"]
+        ports = dict(zip(names, _free_ports(len(names), avoid=range(lo, lo + 100))))
+        self.gcs, self.dashboard = ports["--port"], ports["--dashboard-port"]
         cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2",
                "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
                "--include-dashboard", "true", "--temp-dir", self.temp_dir,
