@@ -63,7 +63,9 @@ COLUMNS = [
     ("V7 val Dice", "val_seg_dice_mean"),
     ("GB Dice", "gb_dice_mean"),
     ("accept normal / pneumonia", "train_accept_rate_c0|train_accept_rate_c1"),
+    ("pseudo-labels normal", "pl_hist_normal"),
     ("single-class epochs", "single_class_epochs"),
+    ("two classes from epoch", "two_class_from"),
 ]
 
 
@@ -150,6 +152,19 @@ def crossfit(row: dict, args) -> dict:
             "xfit_argmax_balanced_accuracy": float(np.mean(arg_ba)), "xfit_n": int(len(y))}
 
 
+def history_stats(row: dict, args) -> dict:
+    """From the run's history: the share of normal among the last epoch's accepted
+    pseudo-labels (``pl_hist_normal``) and the first epoch (1-based) from which validation's
+    argmax predicted both classes in every later epoch (``two_class_from``; nan: never)."""
+    run_dir = Path(args.out).resolve() / "runs" / f"{row['config']}-s{row['seed']}"
+    hist = json.loads((run_dir / "history.json").read_text())
+    single = [h.get("val_cls_pred_classes") == 1 for h in hist]
+    last_single = max((i for i, s in enumerate(single) if s), default=-1)
+    return {"pl_hist_normal": float(hist[-1].get("train_pl_hist_c0", np.nan)),
+            "two_class_from": float(last_single + 2) if last_single + 1 < len(hist)
+            else float("nan")}
+
+
 def _finished(run_dir: Path, epochs: int) -> bool:
     try:
         return json.loads((run_dir / "last.json").read_text())["epoch"] == epochs - 1
@@ -174,6 +189,10 @@ def table(rows: list[dict]) -> str:
             v = np.array([float(r.get(key, np.nan)) for r in rs])
             if key == "single_class_epochs":
                 cells.append(f"{int(v.sum())} of {sum(r['epochs'] for r in rs)}")
+            elif key == "two_class_from":  # nan: single-class up to the last epoch
+                never = int(np.isnan(v).sum())
+                cells.append((" ".join(f"{x:.0f}" for x in v[~np.isnan(v)]) or "—")
+                             + (f" ({never} never)" if never else ""))
             else:
                 sd = f" ± {np.nanstd(v, ddof=1):.3f}" if len(v) > 1 else ""
                 cells.append(f"{np.nanmean(v):.3f}{sd}")
@@ -204,6 +223,8 @@ def main() -> int:
     if args.crossfit:
         rows = json.loads((out / "runs.json").read_text())
         for row in rows:
+            if "error" not in row:
+                row.update(history_stats(row, args))
             if "error" not in row and "xfit_thr_balanced_accuracy" not in row:
                 row.update(crossfit(row, args))
                 print(row["config"], row["seed"], row.get("xfit_thr_balanced_accuracy"),
