@@ -184,6 +184,11 @@ class TrainBatches:
         for name, carried in DATASETS.items():
             if self.need & set(carried) and name not in self.streams:
                 raise DataError(f"variant {cfg.model.variant} needs the dataset shard {name!r}")
+        #: data.cls_sampling=balanced: the labeled pool's indices of each class present
+        self._cls_members = None
+        if "cls" in self.need and cfg.data.cls_sampling == "balanced":
+            classes, inverse = np.unique(self.cls_pool.labels, return_inverse=True)
+            self._cls_members = [np.flatnonzero(inverse == c) for c in range(len(classes))]
 
     def __len__(self) -> int:
         return self.steps
@@ -192,11 +197,10 @@ class TrainBatches:
         seed = self.cfg.optim.seed
         tag = 1 if stream == "cls" else 2
         rng = np.random.default_rng([seed, self.rank, self.epoch, step, tag])
-        if stream == "cls" and self.cfg.data.cls_sampling == "balanced":
+        if stream == "cls" and self._cls_members is not None:
             # a class uniformly among those present, then an image of it (with replacement)
-            classes, inverse = np.unique(pool.labels, return_inverse=True)
-            members = [np.flatnonzero(inverse == c) for c in range(len(classes))]
-            pick = rng.integers(0, len(classes), size=n)
+            members = self._cls_members
+            pick = rng.integers(0, len(members), size=n)
             idx = np.array([members[c][rng.integers(0, len(members[c]))] for c in pick],
                            dtype=np.int64)
         else:
