@@ -335,10 +335,10 @@ def trial(params: dict, base: dict, exp_uri: str) -> None:
     from multimix.train import train
 
     tid = ray.tune.get_context().get_trial_id()
-    # quoted: an all-digit trial id such as 83046_00000 is a YAML integer (the underscore is
-    # a digit separator), and run.name would be refused in ~10 % of trials
+    # an all-digit trial id such as 83046_00000 stays a string: --set values are read by the
+    # type of their field (config.parse_overrides)
     cfg = load_config(base, param_overrides(params) + [
-        f"run.storage_path={exp_uri.rstrip('/')}/trials", f"run.name='{tid}'"])
+        f"run.storage_path={exp_uri.rstrip('/')}/trials", f"run.name={tid}"])
     train(cfg, callbacks=[TuneReportCallback()])
 
 
