@@ -33,7 +33,7 @@ from multimix.config import ConfigError
 from multimix.errors import DataError, StorageError, UserError
 from multimix.variants import datasets_for, variant_flags
 
-__all__ = ["Preflight", "check_inputs", "check_cluster_keys", "check_dataset",
+__all__ = ["Preflight", "Reads", "check_inputs", "check_cluster_keys", "check_dataset",
            "check_run_storage"]
 
 _TASK_WORD = {"cls": "classification", "seg": "segmentation"}
@@ -53,30 +53,72 @@ class Preflight:
     pools: Optional[dict] = None
 
 
+class Reads:
+    """The dataset reads of the checks (manifests, opened shards, computed splits), each made
+    once per dataset (and budget) and kept: ``tune`` checks every searched combination with one
+    ``Reads``, so a grid of budgets × variants reads each dataset once, not once per combination
+    (on S3 each read is a request). A failed read is not kept (it raises, as without the memo).
+    One ``Reads`` serves one storage config (``storage_cfg``)."""
+
+    def __init__(self, storage_cfg=None):
+        self.storage = storage_cfg
+        self._manifests: dict = {}
+        self._datasets: dict = {}
+        self._splits: dict = {}
+
+    def manifest(self, uri: str) -> dict:
+        """:func:`multimix.data.prepare.read_manifest` of ``uri``."""
+        if uri not in self._manifests:
+            from multimix.data.prepare import read_manifest
+
+            self._manifests[uri] = read_manifest(uri, self.storage)
+        return self._manifests[uri]
+
+    def dataset(self, uri: str, manifest: dict):
+        """:func:`multimix.data.verify.open_dataset` of ``uri`` (shards checked against
+        ``manifest``)."""
+        if uri not in self._datasets:
+            from multimix.data.verify import open_dataset
+
+            self._datasets[uri] = open_dataset(uri, self.storage, manifest=manifest)
+        return self._datasets[uri]
+
+    def split(self, uri: str, budget, val_fraction: float, seed: int, budget_key: str):
+        """:func:`multimix.data.splits.ensure_split` computed in memory (``write=False``);
+        ``budget_key`` names the key in its error."""
+        key = (uri, str(budget), float(val_fraction), int(seed))
+        if key not in self._splits:
+            from multimix.data import splits as splits_mod
+
+            self._splits[key] = splits_mod.ensure_split(
+                uri, budget, val_fraction, seed, self.storage, budget_key=budget_key,
+                write=False)
+        return self._splits[key]
+
+
 def _keyed(key: str, exc: UserError) -> UserError:
     """``exc`` as the same error class with its message prefixed by ``key``."""
     msg = str(exc)
     return type(exc)(msg if msg.startswith(f"{key}:") else f"{key}: {msg}")
 
 
-def check_dataset(cfg, task: str, key: Optional[str] = None):
-    """The manifest and verified shards of the ``task`` dataset (``data.<task>_data``).
+def check_dataset(cfg, task: str, key: Optional[str] = None, reads: Optional[Reads] = None):
+    """The manifest and verified shards of the ``task`` dataset (``data.<task>_data``), read
+    through ``reads`` (a fresh :class:`Reads` when None).
 
     Raises:
         ConfigError: not set, wrong task, other image size, other class count (names the key).
         DataError / StorageError: missing, not a prepared dataset, shards that do not match the
             manifest, storage trouble (message prefixed with the key).
     """
-    from multimix.data.prepare import read_manifest
-    from multimix.data.verify import open_dataset
-
+    reads = reads or Reads(cfg.storage)
     key = key or f"data.{task}_data"
     uri = getattr(cfg.data, f"{task}_data")
     if not uri:
         raise ConfigError(f"{key}: variant {cfg.model.variant!r} needs a prepared "
                           f"{_TASK_WORD[task]} dataset (multimix prepare ...)")
     try:
-        man = read_manifest(uri, cfg.storage)
+        man = reads.manifest(uri)
     except UserError as exc:
         raise _keyed(key, exc) from None
     got = man.get("task")
@@ -96,7 +138,7 @@ def check_dataset(cfg, task: str, key: Optional[str] = None):
             raise ConfigError(f"model.num_classes: is {cfg.model.num_classes} but {uri} has "
                               f"classes {list(classes)}")
     try:
-        data = open_dataset(uri, cfg.storage, manifest=man)
+        data = reads.dataset(uri, man)
     except UserError as exc:
         raise _keyed(key, exc) from None
     return man, data
@@ -143,7 +185,7 @@ def check_run_storage(cfg) -> str:
     return run_dir
 
 
-def _extra_pools(cfg, names) -> dict:
+def _extra_pools(cfg, names, reads: Reads) -> dict:
     """Open every ``data.unlabeled_data`` pool (manifest and shards, any task, prepared at
     ``data.image_size``) and every ``data.eval_data`` set (manifest and shards), when the
     variant reads unlabeled images (``names``: its datasets). Returns ``{URI: manifest}`` of
@@ -153,17 +195,14 @@ def _extra_pools(cfg, names) -> dict:
         ConfigError / DataError / StorageError: one line naming ``data.unlabeled_data[i]`` (or
             ``data.eval_data[i]``) and the URI.
     """
-    from multimix.data.prepare import read_manifest
-    from multimix.data.verify import open_dataset
-
     out = {}
     keys = [("unlabeled_data", u) for u in (cfg.data.unlabeled_data if names else [])]
     keys += [("eval_data", u) for u in cfg.data.eval_data]
     for key, uri in keys:
         key = f"data.{key}[{getattr(cfg.data, key).index(uri)}]"
         try:
-            man = read_manifest(uri, cfg.storage)
-            open_dataset(uri, cfg.storage, manifest=man)
+            man = reads.manifest(uri)
+            reads.dataset(uri, man)
         except UserError as exc:
             raise _keyed(key, exc) from None
         if key.startswith("data.unlabeled_data") and \
@@ -177,16 +216,16 @@ def _extra_pools(cfg, names) -> dict:
 
 
 def check_inputs(cfg, *, storage: bool = True, pools: bool = False,
-                 unlabeled: bool = True) -> Preflight:
+                 unlabeled: bool = True, reads: Optional[Reads] = None) -> Preflight:
     """Every check of the module docstring, in order (first failure raised). ``storage``:
     also check the run directory (False for a config only compared, never run); ``unlabeled``:
     refuse a variant that trains on unlabeled images when the budget leaves none (``tune``
     leaves this to the trial: ``experiment paper-table``'s default ``all:all`` budget gives
     the SSL rows none, and those trials fail alone, with this line); ``pools``:
     also load the labeled and validation pools and refuse undecodable rows beyond
-    ``data.allow_skipped`` (:func:`multimix.data.pipeline.check_skipped`)."""
-    from multimix.data import splits as splits_mod
-
+    ``data.allow_skipped`` (:func:`multimix.data.pipeline.check_skipped`); ``reads``: a
+    :class:`Reads` shared with other checks of the same storage (a fresh one when None)."""
+    reads = reads or Reads(cfg.storage)
     check_cluster_keys(cfg.storage)
     if storage:
         check_run_storage(cfg)
@@ -195,17 +234,16 @@ def check_inputs(cfg, *, storage: bool = True, pools: bool = False,
     for task, need in (("cls", flags.has_cls), ("seg", flags.has_seg)):
         if not need:
             continue
-        out.manifests[task], out.datasets[task] = check_dataset(cfg, task)
+        out.manifests[task], out.datasets[task] = check_dataset(cfg, task, reads=reads)
         if task == "cls":
             out.classes = list(out.manifests[task]["classes"])
     names = datasets_for(cfg.model.variant)
-    extra = _extra_pools(cfg, names)
+    extra = _extra_pools(cfg, names, reads)
     for task in out.datasets:
         uri = getattr(cfg.data, f"{task}_data")
         budget = getattr(cfg.data, f"{task}_labeled")
-        out.splits[task] = splits_mod.ensure_split(
-            uri, budget, cfg.data.val_fraction, cfg.data.split_seed, cfg.storage,
-            budget_key=f"data.{task}_labeled", write=False)
+        out.splits[task] = reads.split(uri, budget, cfg.data.val_fraction,
+                                       cfg.data.split_seed, f"data.{task}_labeled")
     for name in names:
         frm = "cls+extra" if name == "unl_cls" else cfg.data.unlabeled_seg_from
         task = frm.split("+")[0] if frm in ("cls", "seg", "cls+extra") else None

@@ -305,18 +305,20 @@ def check_search_inputs(cfg: Config, search: Search) -> None:
     values that changes a run's inputs (datasets, budgets, variant, classes), and the
     experiment directory once. Raises the first failure's one line, naming the key. A budget
     that leaves an SSL variant no unlabeled images fails that trial only (its one line in the
-    results table)."""
+    results table). Each dataset's manifest and shards, and each budget's split, are read once
+    for all combinations (:class:`multimix.preflight.Reads`)."""
     import itertools
 
-    from multimix.preflight import check_inputs, check_run_storage
+    from multimix.preflight import Reads, check_inputs, check_run_storage
 
     check_run_storage(cfg)
     values = _input_values(search)
     base = cfg.to_dict(include_secrets=True)
+    reads = Reads(cfg.storage)  # the combinations vary data.*, model.*, budget; never storage.*
     for combo in itertools.product(*values.values()):
         params = dict(zip(values, combo))
         check_inputs(load_config(base, param_overrides(params)) if params else cfg,
-                     storage=False, unlabeled=False)
+                     storage=False, unlabeled=False, reads=reads)
 
 
 def trial_run_dir(exp_uri: str, trial_id: str) -> str:

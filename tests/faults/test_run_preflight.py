@@ -173,3 +173,31 @@ def test_cluster_keys_refused_first(sets, tmp_path, capsys, no_ray, monkeypatch)
     assert line.startswith("multimix train: error: storage.access_key_id/secret_access_key/"
                            "session_token are for local runs")
     assert "inline-secret-xyz" not in line
+
+
+def test_search_check_reads_each_dataset_once(sets, tmp_path, monkeypatch):
+    """``tune`` checks every combination of its searched inputs (here 2 budgets x 3 variants)
+    but opens each dataset once and reads each budget's split columns once."""
+    from collections import Counter
+
+    from multimix.data import prepare
+    from multimix.tune import Search, check_search_inputs, parse_grid
+
+    calls: Counter = Counter()
+    for mod, name in ((prepare, "read_table"), (verify, "open_dataset")):
+        def counted(uri, *a, _real=getattr(mod, name), _name=name, **k):
+            calls[(_name, Path(uri).name)] += 1
+            return _real(uri, *a, **k)
+        monkeypatch.setattr(mod, name, counted)
+    search = Search(grid=parse_grid(["budget=10:4,20:8", "model.variant=multimix,umtl,enc",
+                                     "objective.threshold=0.6,0.9"]))
+    check_search_inputs(_cfg(sets, tmp_path), search)
+    # per dataset: its split columns once per budget (read_table checks the shards too), and
+    # the dataset check once; unshared, each of the 6 combinations would read them again
+    assert calls == {("read_table", "cls"): 2, ("read_table", "seg"): 2,
+                     ("open_dataset", "cls"): 1 + 2, ("open_dataset", "seg"): 1 + 2}
+    assert not (sets["cls"] / "splits").exists() and not (tmp_path / "runs").exists()
+    # a budget that does not fit is still found, in whichever combination it comes
+    search = Search(grid=parse_grid(["model.variant=enc,multimix", "budget=10:4,10:40"]))
+    with pytest.raises(Exception, match="^data.seg_labeled: asked for 40 labeled images"):
+        check_search_inputs(_cfg(sets, tmp_path), search)
