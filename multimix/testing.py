@@ -4,17 +4,44 @@
 (``manifest.json`` + Parquet shards) without ``multimix prepare``'s source discovery, so a test
 controls row order, row-group size, PNG level or a corrupt cell; :func:`kermany_rows`,
 :func:`v7_rows` and :func:`synthetic_rows` make such rows from the real chest X-rays
-(``$MULTIMIX_DATA``) or synthetic phantoms. Used by the tests and by ``multimix bench data``.
+(``$MULTIMIX_DATA``) or synthetic phantoms. Used by the tests and by ``multimix bench data``. :func:`free_ports`: loopback ports for
+test servers (SeaweedFS, a Ray head) and ``multimix bench collectives``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 
 import numpy as np
 
-__all__ = ["kermany_rows", "synthetic_rows", "v7_rows", "write_dataset"]
+__all__ = ["free_ports", "kermany_rows", "synthetic_rows", "v7_rows", "write_dataset"]
+
+
+def free_ports(n: int = 1, avoid: range = range(0)) -> list[int]:
+    """``n`` distinct free loopback (127.0.0.1) ports outside ``avoid``. Every socket stays
+    bound until all ports are chosen: bound and closed one at a time, the OS may hand out the
+    same port twice (CI once gave a Ray head's dashboard agent the same HTTP and gRPC port, and
+    `ray start` refused it). A port is free when returned, not reserved: the caller binds it
+    soon (a server that finds it taken is retried by the caller)."""
+    socks: list[socket.socket] = []
+    try:
+        ports: list[int] = []
+        while len(ports) < n:
+            if len(socks) >= n + 1000:
+                raise RuntimeError(f"free_ports: no {n} free ports outside {avoid} in "
+                                   f"{len(socks)} tries")
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            if port not in avoid and port not in ports:
+                ports.append(port)
+        return ports
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def write_dataset(root: str, rows: list[dict], task: str, size: int, shards: int = 2,

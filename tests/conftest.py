@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from multimix.testing import free_ports
 
 DATA_ENV = "MULTIMIX_DATA"
 
@@ -75,12 +76,6 @@ def shared_data() -> Path:
     if not (path / "kermany-cxr").is_dir():
         pytest.skip(f"{DATA_ENV}={root} does not hold kermany-cxr/ (see ../shared/data/README.md)")
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _weed_binary() -> str | None:
@@ -147,7 +142,7 @@ def s3_server(tmp_path_factory) -> S3Server:
     log = open(root / "weed.log", "wb")
     proc = None
     for _attempt in range(3):
-        port = _free_port()
+        port = free_ports(1)[0]
         proc = subprocess.Popen(
             [weed, "mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={port}",
              f"-s3.config={root / 'creds.json'}", f"-dir={root / 'data'}"],

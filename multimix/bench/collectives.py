@@ -19,20 +19,15 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import time
 from datetime import timedelta
 
+from multimix.testing import free_ports
+
 #: metric tolerance between the gathered and the single-process numbers (the shards' batches
 #: differ from the full batch, so convolution algorithms and summation orders may too)
 RTOL, ATOL = 1e-4, 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _setup(size: int):
@@ -119,7 +114,7 @@ def check(backend: str = "gloo", world: int = 2, size: int = 32) -> dict:
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mm-coll-") as d:
-        mp.spawn(_worker, args=(world, backend, _free_port(), size, d), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, backend, free_ports(1)[0], size, d), nprocs=world, join=True)
         ranks = []
         for r in range(world):
             with open(os.path.join(d, f"rank{r}.pkl"), "rb") as f:

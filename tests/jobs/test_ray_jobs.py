@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from multimix.testing import free_ports
+
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,26 +38,6 @@ SIZE = 64
 TINY = ["--config", "cpu-small", "--set", "optim.epochs=2", "--set", "optim.steps_per_epoch=2",
         "--set", "run.log_every=1", "--set", "data.cls_labeled=40", "--set", "data.seg_labeled=10",
         "--set", "scaling.data_concurrency=1"]
-
-
-def _free_ports(n: int, avoid: range = range(0)) -> list[int]:
-    """``n`` distinct free loopback ports outside ``avoid``: all sockets stay bound until every
-    port is chosen (one at a time, the OS may hand out a port it just gave: CI once got the
-    same port for the dashboard agent's HTTP and gRPC ports and `ray start` refused it)."""
-    socks: list[socket.socket] = []
-    try:
-        ports: list[int] = []
-        while len(ports) < n:
-            sock = socket.socket()
-            socks.append(sock)
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            if port not in avoid:
-                ports.append(port)
-        return ports
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 class Head:
@@ -78,7 +59,7 @@ class Head:
                  "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
                  "--metrics-export-port", "--node-manager-port", "--object-manager-port",
                  "--ray-client-server-port"]
-        ports = dict(zip(names, _free_ports(len(names), avoid=range(lo, lo + 100))))
+        ports = dict(zip(names, free_ports(len(names), avoid=range(lo, lo + 100))))
         self.gcs, self.dashboard = ports["--port"], ports["--dashboard-port"]
         cmd = [str(BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2",
                "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
