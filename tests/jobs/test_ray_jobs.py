@@ -280,10 +280,29 @@ def test_jobs_on_a_ray_cluster_with_s3(cluster, shared_data, tmp_path):
     print(f"\n[e2e] jobs: {t_jobs - t0:.0f} s ({', '.join(took)}), {len(keys)} objects on S3")
 
 
-def test_jobs_that_cannot_start_fail_with_one_line(cluster, tmp_path):
+def _tiny_sets_on_s3(s3, bucket: str, shared_data: Path, root: Path) -> list[str]:
+    """``--set`` arguments naming a tiny classification set (80 Kermany) and segmentation set
+    (20 V7) at 64 px, written with pyarrow and uploaded to ``s3://<bucket>/tiny/``: a test of its
+    own, not leaning on the datasets another test prepared."""
+    from multimix.data import verify
+    from multimix.testing import kermany_rows, v7_rows, write_dataset
+
+    write_dataset(str(root / "cls"), kermany_rows(shared_data, 80, SIZE), "cls", SIZE)
+    write_dataset(str(root / "seg"), v7_rows(shared_data, 20, SIZE), "seg", SIZE)
+    client = s3.client()
+    for name in ("cls", "seg"):
+        verify.add_shard_info(str(root / name))
+        for p in sorted((root / name).rglob("*")):
+            if p.is_file():
+                client.upload_file(str(p), bucket, f"tiny/{name}/{p.relative_to(root / name)}")
+    return ["--set", f"data.cls_data=s3://{bucket}/tiny/cls",
+            "--set", f"data.seg_data=s3://{bucket}/tiny/seg"]
+
+
+def test_jobs_that_cannot_start_fail_with_one_line(cluster, shared_data, tmp_path):
     head, s3, bucket = cluster
     b = f"s3://{bucket}"
-    data = ["--set", f"data.cls_data={b}/cls", "--set", f"data.seg_data={b}/seg"]
+    data = _tiny_sets_on_s3(s3, bucket, shared_data, tmp_path / "sets")
     cases = [
         (["--set", "optim.epochs=0", "--set", f"run.storage_path={b}/runs"], "default",
          "multimix train: error: optim.epochs"),
