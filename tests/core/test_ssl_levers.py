@@ -164,10 +164,13 @@ def test_config_keys_default_to_the_paper_and_are_checked():
     o = load_config(None).objective  # the dataclass defaults: the paper's behaviour
     assert (o.pl_threshold, o.dist_align, o.ema_decay, o.decision) == \
         ("fixed", "none", 0.0, "argmax")
-    o = load_config("paper").objective  # the presets: only the measured gain (docs/RESULTS.md)
+    o = load_config("paper").objective  # the presets: only the measured gains (docs/RESULTS.md)
     assert (o.pl_threshold, o.dist_align, o.ema_decay, o.decision) == \
         ("fixed", "none", 0.0, "balanced_accuracy")
     assert load_config("paper").run.checkpoint_metric == "val_score_balanced"
+    assert load_config(None).data.cls_sampling == "uniform"  # the paper's labeled batches
+    for preset in ("paper", "cpu-small"):  # the presets: class-balanced (docs/RESULTS.md)
+        assert load_config(preset).data.cls_sampling == "balanced"
     for bad in ("objective.ema_decay=1.0", "objective.ssl_momentum=-0.1",
                 "objective.pl_threshold=softmatch"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
