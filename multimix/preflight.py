@@ -65,6 +65,7 @@ class Reads:
         self._manifests: dict = {}
         self._datasets: dict = {}
         self._splits: dict = {}
+        self._columns: dict = {}
 
     def manifest(self, uri: str) -> dict:
         """:func:`multimix.data.prepare.read_manifest` of ``uri``."""
@@ -83,16 +84,31 @@ class Reads:
             self._datasets[uri] = open_dataset(uri, self.storage, manifest=manifest)
         return self._datasets[uri]
 
+    def columns(self, uri: str):
+        """The split columns (id, label, hash) of ``uri`` as one Arrow table, read once from
+        the shards :meth:`dataset` checked."""
+        if uri not in self._columns:
+            from multimix.data.prepare import read_table
+            from multimix.data.splits import SPLIT_COLUMNS
+
+            manifest = self.manifest(uri)
+            data = self.dataset(uri, manifest) if manifest.get("shards") else None
+            self._columns[uri] = read_table(uri, SPLIT_COLUMNS, self.storage,
+                                            manifest=manifest, data=data)
+        return self._columns[uri]
+
     def split(self, uri: str, budget, val_fraction: float, seed: int, budget_key: str):
-        """:func:`multimix.data.splits.ensure_split` computed in memory (``write=False``);
-        ``budget_key`` names the key in its error."""
+        """:func:`multimix.data.splits.ensure_split` computed in memory (``write=False``) from
+        :meth:`columns`; ``budget_key`` names the key in its error."""
         key = (uri, str(budget), float(val_fraction), int(seed))
         if key not in self._splits:
             from multimix.data import splits as splits_mod
 
+            manifest = self.manifest(uri)
+            table = None if manifest.get("task") == "unlabeled" else self.columns(uri)
             self._splits[key] = splits_mod.ensure_split(
                 uri, budget, val_fraction, seed, self.storage, budget_key=budget_key,
-                write=False)
+                write=False, manifest=manifest, table=table)
         return self._splits[key]
 
 

@@ -147,17 +147,22 @@ def shard_paths(uri: str, storage_cfg: Optional[StorageConfig] = None):
 
 
 def read_table(uri: str, columns: Optional[list[str]] = None,
-               storage_cfg: Optional[StorageConfig] = None) -> pa.Table:
+               storage_cfg: Optional[StorageConfig] = None, *, manifest: Optional[dict] = None,
+               data=None) -> pa.Table:
     """Read (some columns of) a prepared dataset into one Arrow table, in shard order.
 
     ``columns=["id", "label", "hash"]`` reads only those column chunks, not the image bytes.
+    ``manifest`` / ``data`` (a :class:`multimix.data.verify.VerifiedDataset` of ``uri``): what
+    the caller already read and checked, not read or checked again.
     """
     from multimix.data.verify import open_dataset
 
-    manifest = read_manifest(uri, storage_cfg)
+    if manifest is None:
+        manifest = read_manifest(uri, storage_cfg)
     if not manifest.get("shards"):
         return SCHEMA.empty_table().select(columns) if columns else SCHEMA.empty_table()
-    data = open_dataset(uri, storage_cfg, manifest=manifest)  # shards checked (issue #16)
+    if data is None:
+        data = open_dataset(uri, storage_cfg, manifest=manifest)  # shards checked (issue #16)
     fs, paths = data.fs, data.paths
     with storage.storage_errors(uri, storage_cfg):
         tables = [pq.read_table(p, columns=columns, filesystem=fs) for p in paths]

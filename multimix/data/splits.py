@@ -34,6 +34,8 @@ __all__ = ["Split", "make_split", "split_name", "ensure_split", "store_split", "
            "recorded_split", "add_arguments", "run"]
 
 SPLIT_FORMAT = "multimix-split/1"
+#: the columns a split is made from (not the image bytes)
+SPLIT_COLUMNS = ["id", "label", "hash"]
 
 
 @dataclass
@@ -273,12 +275,15 @@ def make_split(ids: Sequence[str], labels: Optional[Sequence[Optional[int]]],
 
 def ensure_split(dataset_uri: str, n_labeled: Union[int, str], val_fraction: float, seed: int,
                  storage_cfg: Optional[StorageConfig] = None,
-                 budget_key: str = "data.cls_labeled", write: bool = True) -> Split:
+                 budget_key: str = "data.cls_labeled", write: bool = True, *,
+                 manifest: Optional[dict] = None, table=None) -> Split:
     """The split ``splits/L{n}-V{val}-S{seed}.json`` of a prepared dataset: read it when it exists
     (and belongs to this dataset's ids), otherwise make and write it (``write=False``: only make
     it, e.g. to check inputs before a run).
 
-    Reads only the ``id``, ``label`` and ``hash`` columns. Labels are used for cls datasets only.
+    Reads only the ``id``, ``label`` and ``hash`` columns (``table``: those columns, already
+    read, e.g. by ``multimix.preflight.Reads`` for every budget of a search; ``manifest``: the
+    dataset's, already read). Labels are used for cls datasets only.
 
     Raises:
         DataError: not a prepared dataset. ConfigError: budget too large (names ``budget_key``).
@@ -286,12 +291,14 @@ def ensure_split(dataset_uri: str, n_labeled: Union[int, str], val_fraction: flo
     from multimix.data import storage
     from multimix.data.prepare import read_manifest, read_table
 
-    manifest = read_manifest(dataset_uri, storage_cfg)
+    if manifest is None:
+        manifest = read_manifest(dataset_uri, storage_cfg)
     if manifest.get("task") == "unlabeled":
         raise DataError(f"{dataset_uri} is an unlabeled dataset (prepare --layout images): it has "
                         "no labels to split; use it as an unlabeled pool")
     uri = split_uri(dataset_uri, split_name(n_labeled, val_fraction, seed))
-    table = read_table(dataset_uri, ["id", "label", "hash"], storage_cfg)
+    if table is None:
+        table = read_table(dataset_uri, SPLIT_COLUMNS, storage_cfg, manifest=manifest)
     ids = table.column("id").to_pylist()
     if storage.exists(uri, storage_cfg):
         try:
