@@ -18,6 +18,7 @@ Issue #20 additions (absent in older checkpoints, which load as before):
 
 - ``student``: with an EMA teacher (``objective.ema_decay > 0``), the trained weights; ``model``
   then holds the EMA weights (the model validated, evaluated and predicted with); ``ema_decay``
+  and ``ema_updates`` (the EMA's update count: a resumed run continues its warm-up)
 - ``labeler``: the running statistics of :class:`multimix.objective.PseudoLabeler`
 - ``threshold``: the decision threshold on p(class 1) chosen on the validation split at this
   epoch (None for more than two classes), and ``decision`` (``objective.decision``): evaluate and
@@ -101,7 +102,8 @@ def build_state(
     extra: dict = {"threshold": None if threshold is None else float(threshold),
                    "decision": config.objective.decision}
     if ema is not None:
-        extra.update(student=unwrap(model).state_dict(), ema_decay=float(ema.decay))
+        extra.update(student=unwrap(model).state_dict(), ema_decay=float(ema.decay),
+                     ema_updates=int(ema.updates))
     if labeler is not None:
         extra["labeler"] = labeler.state_dict()
     return {

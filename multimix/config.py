@@ -158,6 +158,9 @@ class ObjectiveConfig:
     ssl_momentum: float = 0.99
     #: EMA teacher decay (makes the pseudo-labels, is validated and checkpointed); 0 = none
     ema_decay: float = 0.0
+    #: EMA warm-up (Mean Teacher): decay min(ema_decay, 1 - 1/(t+1)) at update t, so a short
+    #: schedule does not validate and save a copy that is still mostly the initial weights
+    ema_warmup: bool = True
     #: classification decision of evaluate / predict: "argmax" (the paper) or a threshold on
     #: p(class 1) chosen on the validation split by "balanced_accuracy" or "youden"
     decision: Literal["argmax", "balanced_accuracy", "youden"] = "argmax"

@@ -398,11 +398,13 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     if cfg.objective.ema_decay > 0:  # issue #20: EMA teacher (pseudo-labels, validated, saved)
         from multimix.ema import ModelEMA
 
-        ema = ModelEMA(unwrap(model), cfg.objective.ema_decay)
+        ema = ModelEMA(unwrap(model), cfg.objective.ema_decay, warmup=cfg.objective.ema_warmup)
     if state is not None:
         unwrap(model).load_state_dict(state.get("student", state["model"]))
         if ema is not None:
             ema.load_state_dict(state["model"])
+            # the warm-up continues where it stopped (a checkpoint without the count: past it)
+            ema.updates = int(state.get("ema_updates", 1 << 30))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ckpt_mod.set_rng_state(state["rng"])

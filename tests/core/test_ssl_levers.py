@@ -122,7 +122,7 @@ def test_class_rates():
 def test_ema_update_is_exact():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
-    ema = ModelEMA(model, decay=0.9)
+    ema = ModelEMA(model, decay=0.9, warmup=False)
     old = {k: v.clone() for k, v in ema.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
@@ -139,6 +139,32 @@ def test_ema_update_is_exact():
     assert not any(p.requires_grad for p in ema.module.parameters())
     with pytest.raises(ValueError):
         ModelEMA(model, 1.0)
+
+
+def test_ema_warmup_averages_the_models_so_far_then_uses_the_decay():
+    """Mean Teacher's warm-up: update t uses min(d, 1 - 1/(t+1)), so after t+1 updates the copy
+    is the plain mean of those models (none of the initial weights) until d takes over."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    ema = ModelEMA(model, decay=0.75)
+    assert ema.warmup and ema.current_decay() == 0.0
+    seen = []
+    for t in range(6):
+        with torch.no_grad():
+            model.weight.copy_(torch.randn(2, 3))
+        seen.append(model.weight.detach().clone())
+        d = ema.current_decay()
+        assert d == pytest.approx(min(0.75, 1 - 1 / (t + 1)))
+        ema.update(model)
+        if t <= 3:  # 1 - 1/(t+1) <= 0.75 up to t = 3: the mean of every model so far
+            torch.testing.assert_close(ema.module.weight, torch.stack(seen).mean(0))
+    assert ema.updates == 6 and ema.current_decay() == 0.75
+    # off: the first update already keeps d of the initial weights
+    init = nn.Linear(3, 2)
+    plain = ModelEMA(init, decay=0.75, warmup=False)
+    w0 = init.weight.detach().clone()
+    plain.update(model)
+    torch.testing.assert_close(plain.module.weight, 0.75 * w0 + 0.25 * model.weight)
 
 
 def test_train_step_teacher_makes_the_pseudo_labels():
@@ -164,6 +190,7 @@ def test_config_keys_default_to_the_paper_and_are_checked():
     o = load_config(None).objective  # the dataclass defaults: the paper's behaviour
     assert (o.pl_threshold, o.dist_align, o.ema_decay, o.decision) == \
         ("fixed", "none", 0.0, "argmax")
+    assert o.ema_warmup is True
     o = load_config("paper").objective  # the presets: only the measured gains (docs/RESULTS.md)
     assert (o.pl_threshold, o.dist_align, o.ema_decay, o.decision) == \
         ("fixed", "none", 0.0, "balanced_accuracy")
@@ -199,6 +226,7 @@ def test_checkpoint_keeps_ema_student_labeler_and_threshold(tmp_path):
     torch.testing.assert_close(back["model"]["weight"], ema.module.weight)  # evaluated: EMA
     torch.testing.assert_close(back["student"]["weight"], model.weight)
     assert back["ema_decay"] == 0.5 and checkpoint.decision_threshold(back) == 0.6
+    assert back["ema_updates"] == 1  # a resumed run continues the warm-up from here
     again = PseudoLabeler(2, 0.7, mode="freematch", momentum=0.5)
     again.load_state_dict(back["labeler"])
     torch.testing.assert_close(again.thresholds(), lab.thresholds())

@@ -174,7 +174,9 @@ def test_rerun_resumes_after_interruption(demo_data, tmp_path):
            "--set", f"run.storage_path={tmp_path / 'runs'}", "--set", "run.name=resumable",
            "--set", "optim.epochs=2", "--set", "optim.steps_per_epoch=6",
            "--set", "data.cls_labeled=40", "--set", "data.seg_labeled=10",
-           "--set", "scaling.cpus_per_worker=0.5", "--set", "scaling.data_cpus_per_task=0.5"]
+           "--set", "scaling.cpus_per_worker=0.5", "--set", "scaling.data_cpus_per_task=0.5",
+           # an EMA teacher: its weights, and its warm-up's update count, resume too
+           "--set", "objective.ema_decay=0.9"]
     run_dir = tmp_path / "runs" / "resumable"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
@@ -200,3 +202,7 @@ def test_rerun_resumes_after_interruption(demo_data, tmp_path):
     assert [h["epoch"] for h in history] == [0, 1]
     assert history[0] == first[0]  # epochs done before the interruption are kept, not redone
     _check_continuity(run_dir, 2, 6)
+    from multimix import checkpoint
+
+    state = checkpoint.load(str(run_dir), which="last")
+    assert "student" in state and state["ema_updates"] == 2 * 6  # counted across the restart
