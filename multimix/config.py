@@ -51,6 +51,11 @@ class ConfigError(UserError, ValueError):
 Budget = Union[int, Literal["all"]]
 
 
+#: the largest near-duplicate threshold accepted (``data.near_threshold``, ``multimix overlap
+#: --threshold``): bits of the 256-bit perceptual hash (:mod:`multimix.data.overlap`)
+MAX_THRESHOLD = 63
+
+
 @dataclass
 class DataConfig:
     """Where the prepared data lives and how it is split and batched.
@@ -491,8 +496,6 @@ def _validate_unlabeled(d: DataConfig) -> None:
     _check(d.unlabeled_seg_from not in ("extra", "cls+extra") or bool(d.unlabeled_data),
            "data.unlabeled_seg_from", "needs data.unlabeled_data (no extra pools given)",
            d.unlabeled_seg_from)
-    from multimix.data.overlap import MAX_THRESHOLD  # here: overlap imports this module
-
     _check(d.near_threshold is None or 0 <= d.near_threshold <= MAX_THRESHOLD,
            "data.near_threshold", f"must be in [0, {MAX_THRESHOLD}] bits (of 256) or null",
            d.near_threshold)

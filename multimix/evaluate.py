@@ -154,7 +154,7 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
     its final place (reported paths)."""
     from multimix import checkpoint, plots
     from multimix.data.pools import StreamedPool
-    from multimix.data.prepare import read_manifest, read_table
+    from multimix.data.dataset import read_manifest, read_table
     from multimix.errors import UserError
     from multimix.metrics import classification_metrics, roc_curve
     from multimix.validate import validate

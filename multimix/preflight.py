@@ -10,7 +10,7 @@ Checked, each failure one :class:`~multimix.errors.UserError` line naming the co
 - every dataset the variant needs is set (``data.cls_data`` / ``data.seg_data``), is a prepared
   dataset of the right task (a segmentation set given as ``data.cls_data`` is refused), was
   prepared at ``data.image_size``, has ``model.num_classes`` classes, and its shards match its
-  manifest (:func:`multimix.data.verify.open_dataset`: shard list, sizes, row counts);
+  manifest (:func:`multimix.data.dataset.open_dataset`: shard list, sizes, row counts);
 - every extra unlabeled pool (``data.unlabeled_data``: any task, prepared at
   ``data.image_size``, no split, nothing written into it) and evaluation set
   (``data.eval_data``) opens: manifest and shards;
@@ -29,11 +29,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from multimix import resources
 from multimix.config import ConfigError
+from multimix.data import dataset, splits, storage
+from multimix.data.pipeline import check_skipped, load_pools
 from multimix.errors import DataError, StorageError, UserError
 from multimix.variants import datasets_for, variant_flags
 
-__all__ = ["Preflight", "Reads", "check_inputs", "check_cluster_keys", "check_dataset",
+__all__ = ["Preflight", "Reads", "check_inputs", "check_dataset",
            "check_run_storage"]
 
 _TASK_WORD = {"cls": "classification", "seg": "segmentation"}
@@ -42,7 +45,7 @@ _TASK_WORD = {"cls": "classification", "seg": "segmentation"}
 @dataclass
 class Preflight:
     """What the checks found: per task (``cls`` / ``seg``) the manifest, the verified dataset
-    (:class:`~multimix.data.verify.VerifiedDataset`) and the split (computed, not written);
+    (:class:`~multimix.data.dataset.VerifiedDataset`) and the split (computed, not written);
     ``classes``: class names of the classification set; ``pools``: the decoded labeled and
     validation pools (:func:`multimix.data.pipeline.load_pools`), when asked for."""
 
@@ -68,32 +71,25 @@ class Reads:
         self._columns: dict = {}
 
     def manifest(self, uri: str) -> dict:
-        """:func:`multimix.data.prepare.read_manifest` of ``uri``."""
+        """:func:`multimix.data.dataset.read_manifest` of ``uri``."""
         if uri not in self._manifests:
-            from multimix.data.prepare import read_manifest
-
-            self._manifests[uri] = read_manifest(uri, self.storage)
+            self._manifests[uri] = dataset.read_manifest(uri, self.storage)
         return self._manifests[uri]
 
     def dataset(self, uri: str, manifest: dict):
-        """:func:`multimix.data.verify.open_dataset` of ``uri`` (shards checked against
+        """:func:`multimix.data.dataset.open_dataset` of ``uri`` (shards checked against
         ``manifest``)."""
         if uri not in self._datasets:
-            from multimix.data.verify import open_dataset
-
-            self._datasets[uri] = open_dataset(uri, self.storage, manifest=manifest)
+            self._datasets[uri] = dataset.open_dataset(uri, self.storage, manifest=manifest)
         return self._datasets[uri]
 
     def columns(self, uri: str):
         """The split columns (id, label, hash) of ``uri`` as one Arrow table, read once from
         the shards :meth:`dataset` checked."""
         if uri not in self._columns:
-            from multimix.data.prepare import read_table
-            from multimix.data.splits import SPLIT_COLUMNS
-
             manifest = self.manifest(uri)
             data = self.dataset(uri, manifest) if manifest.get("shards") else None
-            self._columns[uri] = read_table(uri, SPLIT_COLUMNS, self.storage,
+            self._columns[uri] = dataset.read_table(uri, splits.SPLIT_COLUMNS, self.storage,
                                             manifest=manifest, data=data)
         return self._columns[uri]
 
@@ -102,11 +98,9 @@ class Reads:
         :meth:`columns`; ``budget_key`` names the key in its error."""
         key = (uri, str(budget), float(val_fraction), int(seed))
         if key not in self._splits:
-            from multimix.data import splits as splits_mod
-
             manifest = self.manifest(uri)
             table = None if manifest.get("task") == "unlabeled" else self.columns(uri)
-            self._splits[key] = splits_mod.ensure_split(
+            self._splits[key] = splits.ensure_split(
                 uri, budget, val_fraction, seed, self.storage, budget_key=budget_key,
                 write=False, manifest=manifest, table=table)
         return self._splits[key]
@@ -160,23 +154,6 @@ def check_dataset(cfg, task: str, key: Optional[str] = None, reads: Optional[Rea
     return man, data
 
 
-def check_cluster_keys(storage_cfg) -> None:
-    """S3 keys in the config (``storage_cfg``, a :class:`~multimix.config.StorageConfig` or
-    None) are for local runs: refused when connecting to a cluster (``RAY_ADDRESS`` set), where
-    the Ray processes take credentials from the AWS chain.
-
-    Raises:
-        ConfigError: keys in the config with ``RAY_ADDRESS`` set.
-    """
-    from multimix.data import storage
-
-    if os.environ.get("RAY_ADDRESS") and storage.has_keys(storage_cfg):
-        raise ConfigError("storage.access_key_id/secret_access_key/session_token are for local "
-                          "runs; on a Ray cluster give the Ray processes credentials through "
-                          "the AWS chain (instance profile, IRSA, or AWS_* in the environment "
-                          "of `ray start`) and drop the keys from the config")
-
-
 def check_run_storage(cfg) -> str:
     """The run directory ``<run.storage_path>/<run.name>``, checked writable (bucket and
     credentials; a local path whose nearest existing folder is a writable directory).
@@ -184,8 +161,6 @@ def check_run_storage(cfg) -> str:
     Raises:
         StorageError: naming ``run.storage_path``.
     """
-    from multimix.data import storage
-
     run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
     try:
         storage.check_writable(run_dir, cfg.storage)
@@ -242,7 +217,7 @@ def check_inputs(cfg, *, storage: bool = True, pools: bool = False,
     ``data.allow_skipped`` (:func:`multimix.data.pipeline.check_skipped`); ``reads``: a
     :class:`Reads` shared with other checks of the same storage (a fresh one when None)."""
     reads = reads or Reads(cfg.storage)
-    check_cluster_keys(cfg.storage)
+    resources.check_cluster_keys(cfg.storage)
     if storage:
         check_run_storage(cfg)
     flags = variant_flags(cfg.model.variant)
@@ -274,8 +249,6 @@ def check_inputs(cfg, *, storage: bool = True, pools: bool = False,
                 f"{cfg.model.variant!r} trains on them ({name}); give a smaller budget"
                 + (" or data.unlabeled_data" if name == "unl_cls" else ""))
     if pools:
-        from multimix.data.pipeline import check_skipped, load_pools
-
         out.pools = load_pools(cfg, out.splits)
         check_skipped(cfg, out.pools, out.splits)
     return out

@@ -14,10 +14,14 @@ ask for more than the cluster has. :func:`check` runs on the driver before the t
 
 :func:`concurrent_trials` does the same for ``multimix tune --concurrent N``: how many trials
 the cluster can run at once, each with its Train workers and one task per Ray Data stream.
+
+:func:`connect_ray` is how every command that uses Ray (``train``, ``tune``, ``prepare --ray``)
+joins the cluster in ``RAY_ADDRESS`` or starts a local one.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -26,6 +30,8 @@ import time
 from typing import Mapping, Optional, Sequence
 
 from multimix.config import ConfigError
+from multimix.data import storage
+from multimix.variants import datasets_for
 
 #: "1" / "0" overrides autoscaler detection (tests; clusters whose autoscaler is not seen)
 AUTOSCALER_ENV = "MULTIMIX_AUTOSCALER"
@@ -53,8 +59,6 @@ def trial_request(cfg) -> dict[str, float]:
     holds its CPUs for long stretches) and the trial actor's 0.01 CPU.
 
     Returns ``{"CPU": c, "GPU": g}`` (GPU only with ``scaling.use_gpu``)."""
-    from multimix.variants import datasets_for
-
     sc = cfg.scaling
     req = {k: sc.num_workers * v for k, v in worker_request(sc).items()}
     req["CPU"] += (TRIAL_ACTOR_CPU
@@ -153,8 +157,6 @@ def v1_report_can_scale(raw) -> bool:
     """Whether autoscaler v1's status report (the GCS KV value ``__autoscaling_status``, JSON)
     comes from an autoscaler with configured node types, not the read-only monitor of a plain
     ``ray start`` / ``ray.init`` (whose node types are ``node_<node id>``)."""
-    import json
-
     if not raw:
         return False
     report = json.loads(raw).get("autoscaler_report") or {}
@@ -242,3 +244,45 @@ def check(scaling, every: float = REPORT_EVERY_S) -> Optional[_WaitReporter]:
     reporter = _WaitReporter(scaling, every)
     reporter.start()
     return reporter
+
+
+# ---------------------------------------------------------------------------------------------
+# connecting to the cluster
+
+
+def check_cluster_keys(storage_cfg) -> None:
+    """S3 keys in the config (``storage_cfg``, a :class:`~multimix.config.StorageConfig` or
+    None) are for local runs: refused when connecting to a cluster (``RAY_ADDRESS`` set), where
+    the Ray processes take credentials from the AWS chain.
+
+    Raises:
+        ConfigError: keys in the config with ``RAY_ADDRESS`` set.
+    """
+    if os.environ.get("RAY_ADDRESS") and storage.has_keys(storage_cfg):
+        raise ConfigError("storage.access_key_id/secret_access_key/session_token are for local "
+                          "runs; on a Ray cluster give the Ray processes credentials through "
+                          "the AWS chain (instance profile, IRSA, or AWS_* in the environment "
+                          "of `ray start`) and drop the keys from the config")
+
+
+def connect_ray(storage_cfg=None) -> None:
+    """Connect to the cluster in ``RAY_ADDRESS``, or start a local Ray (``train``, ``tune``,
+    ``prepare --ray``).
+
+    S3 keys set in the config (``storage_cfg``) are for local runs: they are exported to this
+    process's environment before the local Ray starts, so its processes inherit them (never
+    through Ray's runtime env or job metadata). On a cluster they are refused: there the Ray
+    processes get credentials from the standard chain (instance profile, IRSA, their
+    environment).
+
+    Raises:
+        ConfigError: keys in the config while connecting to a cluster.
+    """
+    import ray
+
+    check_cluster_keys(storage_cfg)
+    if ray.is_initialized():
+        return
+    storage.export_keys(storage_cfg)
+    # "local": a new local Ray, never one found through /tmp/ray/ray_current_cluster
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)

@@ -119,10 +119,10 @@ class WorkerInputs:
 def prepare_inputs(cfg: Config, checked=None):
     """Driver-side work before the trainer starts (splits, pools, streams):
     :func:`multimix.data.pipeline.build_data` (``checked``: the run's
-    :class:`~multimix.preflight.Preflight`)."""
-    from multimix.data.pipeline import build_data
-
-    return build_data(cfg, checked)
+    :class:`~multimix.preflight.Preflight`; checked here when not given)."""
+    if checked is None:
+        checked = check_inputs(cfg, storage=False)
+    return pipeline.build_data(cfg, checked)
 
 
 def build_trainer(cfg: Config, inputs, callbacks: list | None = None, loop=None,
@@ -182,34 +182,8 @@ def build_trainer(cfg: Config, inputs, callbacks: list | None = None, loop=None,
 
 
 def init_ray(cfg: Config) -> None:
-    """:func:`connect_ray` with the config's storage settings."""
-    connect_ray(cfg.storage)
-
-
-def connect_ray(storage_cfg=None) -> None:
-    """Connect to the cluster in ``RAY_ADDRESS``, or start a local Ray (``train``, ``tune``,
-    ``prepare --ray``).
-
-    S3 keys set in the config (``storage_cfg``) are for local runs: they are exported to this
-    process's environment before the local Ray starts, so its processes inherit them (never
-    through Ray's runtime env or job metadata). On a cluster they are refused: there the Ray
-    processes get credentials from the standard chain (instance profile, IRSA, their
-    environment).
-
-    Raises:
-        ConfigError: keys in the config while connecting to a cluster.
-    """
-    import ray
-
-    from multimix.data import storage
-    from multimix.preflight import check_cluster_keys
-
-    check_cluster_keys(storage_cfg)
-    if ray.is_initialized():
-        return
-    storage.export_keys(storage_cfg)
-    # "local": a new local Ray, never one found through /tmp/ray/ray_current_cluster
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
+    """:func:`multimix.resources.connect_ray` with the config's storage settings."""
+    resources.connect_ray(cfg.storage)
 
 
 def train(cfg: Config, callbacks: list | None = None, checked=None) -> TrainResult:

@@ -92,7 +92,8 @@ def write_corpus(uri: str, rows: int, size: int, base: int = 256) -> dict:
     import numpy as np
 
     from multimix.data.images import encode_png, perceptual_hash
-    from multimix.data.prepare import DatasetWriter, read_manifest, row_order_key
+    from multimix.data.prepare import DatasetWriter, row_order_key
+    from multimix.data.dataset import read_manifest
     from multimix.data.synthetic import phantom
     from multimix.errors import DataError
 
@@ -127,7 +128,8 @@ def write_corpus(uri: str, rows: int, size: int, base: int = 256) -> dict:
 
 def _demo(work: str, size: int) -> str:
     """The synthetic demo set (labeled + validation + unlabeled rows) at ``size``, cached."""
-    from multimix.data.prepare import prepare_demo, read_manifest
+    from multimix.data.prepare import prepare_demo
+    from multimix.data.dataset import read_manifest
     from multimix.errors import DataError
 
     root = os.path.join(work, f"demo-{size}")

@@ -35,7 +35,7 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from multimix.config import StorageConfig
+from multimix.config import MAX_THRESHOLD, StorageConfig  # noqa: F401 - MAX_THRESHOLD: part of this API
 from multimix.errors import UserError
 
 __all__ = [
@@ -60,9 +60,6 @@ __all__ = [
 #: default Hamming distance (of 256 bits) at or below which two perceptual hashes are taken
 #: for the same picture. Measured on the shared data (README.md, "Contamination guard").
 NEAR_THRESHOLD = 31
-
-#: the largest ``--threshold`` accepted (bits of 256)
-MAX_THRESHOLD = 63
 
 _BAND_BITS = 16
 
@@ -163,8 +160,8 @@ def iter_hashes(uri: str, storage_cfg: Optional[StorageConfig] = None,
     import pyarrow.parquet as pq
 
     from multimix.data import storage
-    from multimix.data.prepare import shard_paths
-    from multimix.data.verify import open_dataset
+    from multimix.data.dataset import shard_paths
+    from multimix.data.dataset import open_dataset
 
     fs, paths, manifest = shard_paths(uri, storage_cfg)
     paths = open_dataset(uri, storage_cfg, manifest=manifest).paths  # shards checked

@@ -13,7 +13,7 @@ The data layer, one job per module (DESIGN §3 says why this cut):
 
 Driver side (before ``TorchTrainer``)::
 
-    data = build_data(cfg)
+    data = build_data(cfg, check_inputs(cfg))  # multimix.preflight
     trainer = TorchTrainer(train_fn, datasets=data.datasets,
                            dataset_config=dataset_config(data.datasets), ...)
 
@@ -26,9 +26,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
+from multimix.data import overlap
+from multimix.data.dataset import open_dataset
 from multimix.data.pools import LabeledPool, StreamedPool, decoded_mb, load_labeled_pool
 from multimix.data.readers import (Source, configure_data_context, passes_per_execution,
                                    source_rows, stream_dataset)
+from multimix.data.splits import store_split
 from multimix.data.state import create_state
 from multimix.errors import DataError
 from multimix.variants import datasets_for, streams_for
@@ -73,21 +76,16 @@ class DataInputs:
     contamination: dict = field(default_factory=dict)
 
 
-def build_data(cfg, checked=None) -> DataInputs:
-    """Driver-side work before the trainer starts: check the inputs (or take ``checked``, the
-    :class:`~multimix.preflight.Preflight` of :func:`multimix.preflight.check_inputs`), load
-    the small pools and check what they lost (:func:`check_skipped`), write the split files
-    (only now: a run refused earlier writes nothing into its datasets), build the streams.
+def build_data(cfg, checked) -> DataInputs:
+    """Driver-side work before the trainer starts, on the inputs the checks passed
+    (``checked``: the :class:`~multimix.preflight.Preflight` of
+    :func:`multimix.preflight.check_inputs`): load the small pools unless the checks did and
+    check what they lost (:func:`check_skipped`), write the split files (only now: a run
+    refused earlier writes nothing into its datasets), build the streams.
 
     Raises:
-        ConfigError / DataError: see :func:`multimix.preflight.check_inputs` and
-            :func:`check_skipped`.
+        DataError: see :func:`check_skipped`.
     """
-    from multimix.data import splits as splits_mod
-    from multimix.data.verify import open_dataset
-    from multimix.preflight import check_inputs
-
-    checked = checked if checked is not None else check_inputs(cfg, storage=False)
     out = DataInputs(splits=dict(checked.splits), classes=list(checked.classes))
     if checked.pools is not None:
         out.pools = checked.pools
@@ -95,7 +93,7 @@ def build_data(cfg, checked=None) -> DataInputs:
         out.pools = load_pools(cfg, out.splits)
         check_skipped(cfg, out.pools, out.splits)
     for task, split in out.splits.items():  # made by the checks; written only now
-        splits_mod.store_split(getattr(cfg.data, f"{task}_data"), split, cfg.storage)
+        store_split(getattr(cfg.data, f"{task}_data"), split, cfg.storage)
     excluded, out.contamination = contamination_guard(cfg, out.splits)
     out.state = create_state()
     out.datasets = build_datasets(cfg, out.splits, state=out.state, excluded=excluded)
@@ -237,8 +235,6 @@ def contamination_guard(cfg, splits: Mapping[str, Any]) -> tuple[dict, dict]:
         ``contamination.json``, :func:`multimix.data.overlap.guard_pools`; ``{"enabled":
         False}`` with the guard off).
     """
-    from multimix.data import overlap
-
     if not cfg.data.contamination_guard:
         return {}, {"enabled": False}
     sources = unlabeled_pools(cfg, splits)

@@ -21,7 +21,7 @@ import numpy as np
 
 from multimix.data import storage
 from multimix.data.decode import binary_cells, decode_rows, to_tensor
-from multimix.data.verify import open_dataset
+from multimix.data.dataset import open_dataset
 from multimix.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class StreamedPool:
     scored in; undecodable rows found so far are left out); ``task``: ``"cls"`` or ``"seg"``;
     ``skipped`` / ``skipped_examples``: rows found undecodable (by :meth:`scan`, or while
     scored), as :class:`LabeledPool`. Picklable (Ray sends it to every Train worker); each
-    process opens the dataset itself (:func:`~multimix.data.verify.open_dataset`).
+    process opens the dataset itself (:func:`~multimix.data.dataset.open_dataset`).
 
     Scoring ``StreamedPool(uri, ids, cfg)`` gives what scoring
     ``load_labeled_pool(uri, pool.ids, cfg)`` gives: the same batches in the same order.

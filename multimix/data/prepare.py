@@ -42,8 +42,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from multimix import __version__
-from multimix.config import StorageConfig
-from multimix.data import storage
+from multimix import resources
+from multimix.config import StorageConfig, load_config
+from multimix.data import storage, synthetic
+from multimix.data.dataset import FORMAT, SCHEMA, read_manifest
 from multimix.data.images import (IMAGE_PNG_LEVEL, MASK_PNG_LEVEL, MASK_THRESHOLD, encode_png,
                                    load_grey, mask_levels, perceptual_hash, resize_image,
                                    resize_mask)
@@ -51,39 +53,12 @@ from multimix.data.sources import LAYOUTS, Record, discover
 from multimix.errors import DataError, UserError
 
 __all__ = [
-    "FORMAT",
-    "SCHEMA",
     "prepare",
     "prepare_demo",
-    "read_manifest",
-    "shard_uris",
-    "read_table",
     "DatasetWriter",
     "add_arguments",
     "run",
 ]
-
-FORMAT = "multimix-prepared/1"
-
-#: Parquet schema of a prepared dataset (DESIGN.md §1)
-SCHEMA = pa.schema([
-    pa.field("id", pa.string(), nullable=False),
-    pa.field("source", pa.string(), nullable=False),
-    pa.field("task", pa.string(), nullable=False),
-    pa.field("image", pa.binary(), nullable=False),
-    pa.field("mask", pa.binary()),
-    pa.field("ignore", pa.binary()),
-    pa.field("label", pa.int32()),
-    pa.field("hash", pa.string(), nullable=False),
-    pa.field("path", pa.string(), nullable=False),
-    pa.field("orig_height", pa.int32(), nullable=False),
-    pa.field("orig_width", pa.int32(), nullable=False),
-    pa.field("phash", pa.binary(32)),
-])
-
-#: columns added after the first release: a dataset prepared before lacks them (readers that
-#: need one check ``schema.names``; see :mod:`multimix.data.overlap`)
-OPTIONAL_COLUMNS = ("phash",)
 
 #: Parquet compression per column. The PNG columns are stored as they are: compressed PNGs do
 #: not shrink further, and on uncompressed ones (``png_level`` 0) Snappy saves 11 % but costs
@@ -97,76 +72,6 @@ COMPRESSION = {n: ("NONE" if n in ("image", "mask", "ignore") else "SNAPPY") for
 STATISTICS = [n for n in SCHEMA.names if n not in ("image", "mask", "ignore")]
 
 _CHUNK = 32  # records per pool task
-
-
-# ---------------------------------------------------------------------------------------------
-# reading a prepared dataset
-
-
-def read_manifest(uri: str, storage_cfg: Optional[StorageConfig] = None) -> dict:
-    """The ``manifest.json`` of a prepared dataset.
-
-    Raises:
-        DataError: ``not a prepared dataset: <uri>/manifest.json missing``, invalid JSON or an
-            unknown format.
-        StorageError: S3 trouble (credentials, bucket, endpoint).
-    """
-    m_uri = storage.join(uri, "manifest.json")
-    try:
-        text = storage.read_text(m_uri, storage_cfg)
-    except DataError:
-        raise DataError(f"not a prepared dataset: {m_uri} missing "
-                        "(write one with `multimix prepare`)") from None
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{m_uri}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else None
-        raise DataError(f"{m_uri}: unknown format {got!r} (expected {FORMAT!r})")
-    return manifest
-
-
-def shard_uris(uri: str, manifest: dict) -> list[str]:
-    """Full URIs of the dataset's Parquet shards (for ``ray.data.read_parquet`` & co.)."""
-    return [storage.join(uri, rel) for rel in manifest["shards"]]
-
-
-def shard_paths(uri: str, storage_cfg: Optional[StorageConfig] = None):
-    """``(pyarrow filesystem, [shard paths], manifest)`` of a prepared dataset.
-
-    Raises:
-        DataError: the manifest lists no shards.
-    """
-    manifest = read_manifest(uri, storage_cfg)
-    fs, root = storage.resolve(uri, storage_cfg)
-    shards = manifest.get("shards") or []
-    if not shards:
-        raise DataError(f"{uri}: the manifest lists no shards")
-    return fs, [f"{root.rstrip('/')}/{s}" for s in shards], manifest
-
-
-def read_table(uri: str, columns: Optional[list[str]] = None,
-               storage_cfg: Optional[StorageConfig] = None, *, manifest: Optional[dict] = None,
-               data=None) -> pa.Table:
-    """Read (some columns of) a prepared dataset into one Arrow table, in shard order.
-
-    ``columns=["id", "label", "hash"]`` reads only those column chunks, not the image bytes.
-    ``manifest`` / ``data`` (a :class:`multimix.data.verify.VerifiedDataset` of ``uri``): what
-    the caller already read and checked, not read or checked again.
-    """
-    from multimix.data.verify import open_dataset
-
-    if manifest is None:
-        manifest = read_manifest(uri, storage_cfg)
-    if not manifest.get("shards"):
-        return SCHEMA.empty_table().select(columns) if columns else SCHEMA.empty_table()
-    if data is None:
-        data = open_dataset(uri, storage_cfg, manifest=manifest)  # shards checked (issue #16)
-    fs, paths = data.fs, data.paths
-    with storage.storage_errors(uri, storage_cfg):
-        tables = [pq.read_table(p, columns=columns, filesystem=fs) for p in paths]
-    return pa.concat_tables(tables, promote_options="default")  # nullability may differ
 
 
 # ---------------------------------------------------------------------------------------------
@@ -745,9 +650,7 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
         return DataError(f"{_file_uri(src, item)}: {item['reason']} (--strict)")
 
     if use_ray(ray):
-        from multimix.train import connect_ray  # as train does: keys local-only
-
-        connect_ray(storage_cfg)
+        resources.connect_ray(storage_cfg)  # as train does: keys local-only
         prog.label += " (Ray)"
         prog.t0 = prog.last = time.monotonic()  # the rate leaves Ray's start-up out
         # the tasks get the filesystems pickled: keys in the config reach only a local Ray
@@ -804,8 +707,6 @@ def prepare_demo(out_uri: str, *, n_cls: int = 400, n_seg: int = 100, image_size
     Returns:
         ``{"cls": manifest, "seg": manifest}``.
     """
-    from multimix.data import synthetic
-
     _check_png_level(png_level)
     cls_recs, seg_recs = synthetic.make_demo(n_cls, n_seg, image_size, seed)
     params = {"n_cls": n_cls, "n_seg": n_seg, "image_size": image_size, "seed": seed,
@@ -905,8 +806,6 @@ def _summary(m: dict, out_uri: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from multimix.config import load_config
-
     cfg = load_config(args.config or None, args.set)
     size = args.size if args.size is not None else cfg.data.image_size
     if args.demo:

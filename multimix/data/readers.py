@@ -10,7 +10,7 @@ one :class:`StreamSpec`. How it reads (DESIGN §3 has the measurements behind ea
   pass, cut into runs of ~:data:`TASK_ROWS` rows), shuffles their rows together, decodes the
   PNGs in place (:func:`multimix.data.decode.binary_cells`) and renders the views, yielding
   blocks of :func:`block_rows` rows. Footers are read once, on the driver
-  (:func:`multimix.data.verify.open_dataset`, which checks the shards against the manifest
+  (:func:`multimix.data.dataset.open_dataset`, which checks the shards against the manifest
   with them); nothing is listed again per pass.
 - one execution spans ``passes`` passes (the run's epochs, :func:`passes_per_execution`), so
   Ray Data's per-execution start-up is paid once per run; pass ``k`` of an execution renders
@@ -42,7 +42,7 @@ import numpy as np
 from multimix.data.augment import Augmenter, row_keys
 from multimix.data.decode import binary_cells, decode_rows
 from multimix.data.state import current_pass
-from multimix.data.verify import open_dataset
+from multimix.data.dataset import open_dataset
 from multimix.errors import DataError
 from multimix.variants import DATASETS
 
@@ -90,7 +90,7 @@ class Source:
 
 def source_rows(source: "Source", data) -> int:
     """Rows ``source`` contributes to one unweighted pass (``data``: its
-    :class:`~multimix.data.verify.VerifiedDataset`)."""
+    :class:`~multimix.data.dataset.VerifiedDataset`)."""
     if source.ids is not None:
         return len(source.ids - source.exclude)
     return max(0, sum(g[2] for g in data.row_groups()) - len(source.exclude))
@@ -307,7 +307,7 @@ def _row_group_dataset(sources: list, datas: list, cfg, spec: StreamSpec,
     """``from_items`` slots → a generator ``map_batches`` that reads row groups with pyarrow,
     picked by a seeded per-pass :class:`ReadPlan` (see the module docstring): ``passes``
     consecutive passes make one execution, the items being ``(pass k, slot)`` in pass order.
-    ``datas``: each source's :class:`~multimix.data.verify.VerifiedDataset` (its footers give
+    ``datas``: each source's :class:`~multimix.data.dataset.VerifiedDataset` (its footers give
     the row groups)."""
     import ray.data
 

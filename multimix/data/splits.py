@@ -289,7 +289,7 @@ def ensure_split(dataset_uri: str, n_labeled: Union[int, str], val_fraction: flo
         DataError: not a prepared dataset. ConfigError: budget too large (names ``budget_key``).
     """
     from multimix.data import storage
-    from multimix.data.prepare import read_manifest, read_table
+    from multimix.data.dataset import read_manifest, read_table
 
     if manifest is None:
         manifest = read_manifest(dataset_uri, storage_cfg)
@@ -371,7 +371,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from multimix.config import load_config
     from multimix.data import storage
-    from multimix.data.prepare import read_manifest
+    from multimix.data.dataset import read_manifest
 
     cfg = load_config(args.config or None, args.set)
     if not 0.0 <= args.val < 1.0:

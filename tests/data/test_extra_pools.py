@@ -193,7 +193,7 @@ def test_guard_removes_planted_copies_of_labeled_and_validation_images(planted, 
     assert [s.uri for s in sources] == [planted.cls, planted.extra] and weights is None
     assert sources[1].accepts(["copy/big03", "own/e100"]) == [1]
     from multimix.data.readers import source_rows
-    from multimix.data.verify import open_dataset
+    from multimix.data.dataset import open_dataset
 
     assert [source_rows(s, open_dataset(s.uri)) for s in sources] == [19, 12]
 

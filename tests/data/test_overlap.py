@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from multimix.data import overlap as ov
+from multimix.data import dataset
 from multimix.data import prepare as prep
 from multimix.data.images import load_grey, resize_image
 from multimix.errors import UserError
@@ -146,7 +147,7 @@ def test_no_near_pair_among_distinct_kermany_images(kermany_prepared):
     """All 5,216 Kermany images with themselves: only the byte-identical groups match."""
     k = ov.load_hashes(str(kermany_prepared))
     rep = ov.overlap_report(k, None)
-    groups = prep.read_manifest(str(kermany_prepared))["duplicate_groups"]
+    groups = dataset.read_manifest(str(kermany_prepared))["duplicate_groups"]
     assert rep["exact"]["pairs"] == sum(len(g) * (len(g) - 1) // 2 for g in groups) > 0
     assert rep["near"]["pairs"] == 0
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from multimix.data import dataset
 from multimix.data import prepare as prep
 from multimix.data.images import decode_png
 from multimix.errors import DataError, UserError
@@ -65,21 +66,21 @@ def cls_folder(tmp_path) -> Path:
 
 def _rows(out: Path) -> list[dict]:
     m = json.loads((out / "manifest.json").read_text())
-    return prep.read_table(str(out)).to_pylist() if m else []
+    return dataset.read_table(str(out)).to_pylist() if m else []
 
 
 def test_class_folders_end_to_end(cls_folder, tmp_path):
     out = tmp_path / "out"
     m = prep.prepare(str(cls_folder), str(out), image_size=SIZE, workers=1, progress=False)
     # manifest
-    assert m["format"] == prep.FORMAT and m["task"] == "cls" and m["source"] == "src"
+    assert m["format"] == dataset.FORMAT and m["task"] == "cls" and m["source"] == "src"
     assert m["classes"] == ["NORMAL", "PNEUMONIA"] and m["image_size"] == SIZE
     assert m["counts"] == {"cls": {"NORMAL": 3, "PNEUMONIA": 2}} and m["num_rows"] == 5
     assert m["skipped"] == 2 and m["synthetic"] is False
     assert m["duplicate_groups"] == [["NORMAL/n0", "PNEUMONIA/p1_copy"]]
     assert m["parameters"]["split"] == "train"
     assert json.loads((out / "manifest.json").read_text()) == m
-    assert m == prep.read_manifest(str(out))
+    assert m == dataset.read_manifest(str(out))
     # report: every file that is not a row, with a reason
     rep = json.loads((out / "report.json").read_text())
     skipped = {s["path"]: s["reason"] for s in rep["skipped"]}
@@ -90,7 +91,7 @@ def test_class_folders_end_to_end(cls_folder, tmp_path):
     assert rep["duplicates"][0]["conflicting_labels"] is True
     # rows
     table = pq.read_table(out / m["shards"][0])
-    assert table.schema.equals(prep.SCHEMA, check_metadata=False)
+    assert table.schema.equals(dataset.SCHEMA, check_metadata=False)
     rows = {r["id"]: r for r in _rows(out)}
     # stored in the hashed row order (classes mixed, reproducible), recorded in the manifest
     assert list(rows) == sorted(rows, key=prep.row_order_key) != sorted(rows)
@@ -146,7 +147,7 @@ def test_strict_fails_at_the_first_bad_file_and_leaves_no_dataset(cls_folder, tm
     assert not (out / "manifest.json").exists()
     assert not list(out.glob("data/*.parquet"))
     with pytest.raises(DataError, match="not a prepared dataset: .*manifest.json missing"):
-        prep.read_manifest(str(out))
+        dataset.read_manifest(str(out))
 
 
 def test_pool_output_equals_in_process_output_and_shards_split(tmp_path):
@@ -158,7 +159,7 @@ def test_pool_output_equals_in_process_output_and_shards_split(tmp_path):
     b = prep.prepare(str(root), str(tmp_path / "b"), image_size=SIZE, workers=2,
                      shard_rows=16, progress=False)
     assert len(a["shards"]) == 1 and len(b["shards"]) == 5
-    assert prep.read_table(str(tmp_path / "a")).equals(prep.read_table(str(tmp_path / "b")))
+    assert dataset.read_table(str(tmp_path / "a")).equals(dataset.read_table(str(tmp_path / "b")))
     assert a["counts"] == b["counts"] == {"cls": {"A": 46, "B": 24}}
 
 
@@ -234,10 +235,10 @@ def test_cli_prepare_prints_a_summary_and_progress(cls_folder, tmp_path, capsys)
     assert "5 rows (NORMAL 3, PNEUMONIA 2)" in io.out and "1 duplicate group(s)" in io.out
     assert "2 skipped" in io.out and str(out / "report.json") in io.out
     assert "prepare src: 7/7 images" in io.err  # the final progress line
-    assert prep.read_manifest(str(out))["parameters"]["png_level"] == 0
+    assert dataset.read_manifest(str(out))["parameters"]["png_level"] == 0
     rc = run_cli(prep, [str(cls_folder), "--out", str(tmp_path / "l6"), "--size", "16",
                         "--workers", "1", "--png-level", "6", "--quiet"])
-    assert rc == 0 and prep.read_manifest(str(tmp_path / "l6"))["parameters"]["png_level"] == 6
+    assert rc == 0 and dataset.read_manifest(str(tmp_path / "l6"))["parameters"]["png_level"] == 6
     capsys.readouterr()
     assert run_cli(prep, [str(cls_folder), "--out", str(tmp_path / "l12"), "--png-level", "12"]) == 2
     assert "--png-level must be an integer from 0 to 9, got 12" in capsys.readouterr().out
@@ -253,11 +254,11 @@ def test_cli_prepare_demo(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "12 rows (NORMAL 6, PNEUMONIA 6)" in out and "16 image-mask pairs" in out
-    cls_m = prep.read_manifest(str(tmp_path / "demo" / "cls"))
-    seg_m = prep.read_manifest(str(tmp_path / "demo" / "seg"))
+    cls_m = dataset.read_manifest(str(tmp_path / "demo" / "cls"))
+    seg_m = dataset.read_manifest(str(tmp_path / "demo" / "seg"))
     assert cls_m["synthetic"] and seg_m["synthetic"]
     assert cls_m["source"] == seg_m["source"] == "synthetic-demo"
-    rows = prep.read_table(str(tmp_path / "demo" / "seg")).to_pylist()
+    rows = dataset.read_table(str(tmp_path / "demo" / "seg")).to_pylist()
     assert {decode_png(r["image"]).shape for r in rows} == {(32, 32)}
     assert all(set(np.unique(decode_png(r["mask"]))) == {0, 255} for r in rows)
 
@@ -276,7 +277,7 @@ def _source_hash_groups(root: Path) -> list[list[str]]:
 
 @pytest.mark.realdata
 def test_kermany_train(kermany_prepared, shared_data):
-    m = prep.read_manifest(str(kermany_prepared))
+    m = dataset.read_manifest(str(kermany_prepared))
     assert m["num_rows"] == 5216 and m["skipped"] == 0
     assert m["counts"]["cls"] == {"NORMAL": 1341, "PNEUMONIA": 3875}
     assert m["classes"] == ["NORMAL", "PNEUMONIA"] and m["source"] == "kermany-cxr"
@@ -285,12 +286,12 @@ def test_kermany_train(kermany_prepared, shared_data):
     expected = _source_hash_groups(shared_data / "kermany-cxr" / "train")
     assert m["duplicate_groups"] == expected
     assert len(expected) == 24 and Counter(map(len, expected)) == {2: 22, 3: 2}
-    t = prep.read_table(str(kermany_prepared), ["id", "label", "orig_height", "orig_width"])
+    t = dataset.read_table(str(kermany_prepared), ["id", "label", "orig_height", "orig_width"])
     labels = Counter(zip((i.split("/")[0] for i in t.column("id").to_pylist()),
                          t.column("label").to_pylist()))
     assert labels == {("NORMAL", 0): 1341, ("PNEUMONIA", 1): 3875}
     assert set(t.column("orig_height").to_pylist()) == {224}
-    all_rows = prep.read_table(str(kermany_prepared))
+    all_rows = dataset.read_table(str(kermany_prepared))
     first = all_rows.slice(t.column("id").to_pylist().index("NORMAL/IM-0115-0001"), 1
                            ).to_pylist()[0]
     # hashed row order: every row group mixes the classes (class folders are sorted)
@@ -304,12 +305,12 @@ def test_kermany_train(kermany_prepared, shared_data):
 
 @pytest.mark.realdata
 def test_v7_pairs_keep_masks_binary(v7_prepared, shared_data):
-    m = prep.read_manifest(str(v7_prepared))
+    m = dataset.read_manifest(str(v7_prepared))
     assert m["task"] == "seg" and m["skipped"] == 0
     assert m["counts"] == {"seg": 418, "with_ignore": 50}
     n_ignore_files = len(list((shared_data / "v7-covid-lungs" / "ignore").glob("*.png")))
     assert m["counts"]["with_ignore"] == n_ignore_files
-    rows = prep.read_table(str(v7_prepared), ["id", "mask", "ignore"]).to_pylist()
+    rows = dataset.read_table(str(v7_prepared), ["id", "mask", "ignore"]).to_pylist()
     for r in rows:
         vals = set(np.unique(decode_png(r["mask"])))
         assert vals <= {0, 255} and 255 in vals, r["id"]

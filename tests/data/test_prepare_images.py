@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from multimix.data import dataset
 from multimix.data import prepare as prep
 from multimix.data.overlap import NEAR_THRESHOLD
 from multimix.data.images import decode_png, load_grey, perceptual_hash, resize_image
@@ -71,8 +72,8 @@ def test_image_tree_becomes_an_unlabeled_dataset(image_tree, tmp_path):
     assert {s["path"] for s in rep["skipped"]} == {"site2/bad.png", "site1/cut.jpg"}
     assert rep["ignored_files"] == ["notes.txt"]
     assert "labels" not in rep["duplicates"][0]
-    assert pq.read_table(out / m["shards"][0]).schema.equals(prep.SCHEMA, check_metadata=False)
-    rows = {r["id"]: r for r in prep.read_table(str(out)).to_pylist()}
+    assert pq.read_table(out / m["shards"][0]).schema.equals(dataset.SCHEMA, check_metadata=False)
+    rows = {r["id"]: r for r in dataset.read_table(str(out)).to_pylist()}
     assert set(rows) == {"a", "site2/a_copy", "site1/b", "site1/deep/c16", "site2/d"}
     for rid, r in rows.items():
         assert r["task"] == "unlabeled" and r["label"] is None and r["mask"] is None
@@ -126,7 +127,7 @@ def test_real_images_prepare_as_an_unlabeled_pool(shared_data, tmp_path):
     m = prep.prepare(str(root), str(tmp_path / "out"), layout="images", image_size=32,
                      workers=1, progress=False)
     assert m["num_rows"] == len(picks) + 1 and m["skipped"] == 0
-    rows = {r["id"]: r for r in prep.read_table(str(tmp_path / "out")).to_pylist()}
+    rows = {r["id"]: r for r in dataset.read_table(str(tmp_path / "out")).to_pylist()}
     orig = rows[f"g0/{picks[0].stem}"]
     assert _hamming(orig["phash"], rows["copy"]["phash"]) <= NEAR_THRESHOLD
     others = [r["phash"] for k, r in rows.items() if k not in (f"g0/{picks[0].stem}", "copy")]

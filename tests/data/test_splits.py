@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 
 from multimix.config import ConfigError
+from multimix.data import dataset
 from multimix.data import prepare as prep
 from multimix.data import splits as sp
 from multimix.errors import DataError, UserError
@@ -187,7 +188,7 @@ def test_cli_split(demo_ds, capsys):
 @pytest.mark.realdata
 def test_kermany_split_is_stratified_and_keeps_duplicates_together(kermany_prepared):
     s = sp.ensure_split(str(kermany_prepared), 100, 0.1, 0)
-    m = prep.read_manifest(str(kermany_prepared))
+    m = dataset.read_manifest(str(kermany_prepared))
     assert len(s.labeled) == 100
     assert s.counts["val"] == {"NORMAL": 134, "PNEUMONIA": 388}  # round(0.1 · class size)
     assert s.counts["labeled"] == {"NORMAL": 26, "PNEUMONIA": 74}  # 1,207 : 3,487 remaining

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from multimix.config import StorageConfig
+from multimix.data import dataset
 from multimix.data import prepare as prep
 from multimix.data import splits as sp
 from multimix.data import storage
@@ -160,9 +161,9 @@ def test_s3_source_to_s3_dataset_round_trip_without_leaking_the_secret(aws_env, 
 
     st = StorageConfig(endpoint=s3.endpoint, region=s3.region, access_key_id=s3.access_key,
                        secret_access_key=s3.secret_key)
-    m = prep.read_manifest(out, st)
+    m = dataset.read_manifest(out, st)
     assert m["num_rows"] == 40 and m["skipped"] == 1 and m["source"] == "raw"
-    table = prep.read_table(out, ["id", "image", "label"], st)
+    table = dataset.read_table(out, ["id", "image", "label"], st)
     assert table.num_rows == 40 and decode_png(table.column("image")[0].as_py()).shape == (16, 16)
     assert len(sp.ensure_split(out, 10, 0.1, 0, st).labeled) == 10  # reused from S3
 
@@ -183,7 +184,7 @@ def test_s3_dataset_reads_with_ray_data(s3_server, ray_local, tmp_path):
     out = f"s3://{_bucket(s3_server)}/demo"
     prep.prepare_demo(out, n_cls=24, n_seg=8, image_size=32, storage_cfg=st, shard_rows=10)
     uri = storage.join(out, "cls")
-    m = prep.read_manifest(uri, st)
+    m = dataset.read_manifest(uri, st)
     assert len(m["shards"]) == 3
     fs, _ = storage.resolve(uri, st)
     # read by directory: Ray 2.60 lists a *list* of paths in threads that race on an optional
@@ -192,7 +193,7 @@ def test_s3_dataset_reads_with_ray_data(s3_server, ray_local, tmp_path):
                                      filesystem=fs).select_columns(["id", "image", "label"])
     rows = ds.take_all()
     assert len(rows) == 24
-    assert sorted(r["id"] for r in rows) == sorted(prep.read_table(uri, ["id"], st).column(
+    assert sorted(r["id"] for r in rows) == sorted(dataset.read_table(uri, ["id"], st).column(
         "id").to_pylist())
     assert {decode_png(r["image"]).shape for r in rows} == {(32, 32)}
     assert sorted(int(r["label"]) for r in rows) == [0] * 12 + [1] * 12
@@ -209,7 +210,7 @@ def test_wrong_credentials_are_one_clear_error(s3_server, tmp_path):
     assert msg.startswith(f"access denied to s3://{bucket}/x")
     assert "AWS_ACCESS_KEY_ID" in msg and "wrong-secret-value-42" not in msg
     with pytest.raises(StorageError, match="access denied"):
-        prep.read_manifest(f"s3://{bucket}/x", bad)
+        dataset.read_manifest(f"s3://{bucket}/x", bad)
 
 
 def test_missing_bucket_is_one_clear_error_and_is_not_created(s3_server, tmp_path):
@@ -227,7 +228,7 @@ def test_missing_bucket_is_one_clear_error_and_is_not_created(s3_server, tmp_pat
     with pytest.raises(StorageError, match=f"bucket '{name}' does not exist"):
         storage.write_bytes(f"s3://{name}/f.txt", b"x", st)
     with pytest.raises(StorageError, match=f"bucket '{name}' does not exist"):
-        prep.read_manifest(f"s3://{name}/ds", st)
+        dataset.read_manifest(f"s3://{name}/ds", st)
     buckets = [b["Name"] for b in s3_server.client().list_buckets()["Buckets"]]
     assert name not in buckets
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from multimix.data import dataset
 from multimix.data import prepare as prep
 from multimix.data import synthetic
 from multimix.data.images import decode_mask_png, decode_png
@@ -58,7 +59,7 @@ def test_prepare_demo_stores_what_was_generated(tmp_path):
     assert ms["cls"]["classes"] == ["NORMAL", "PNEUMONIA"] and ms["seg"]["task"] == "seg"
     assert ms["cls"]["synthetic"] is True and ms["seg"]["source"] == "synthetic-demo"
     _, seg = synthetic.make_demo(0, 6, 32, seed=3)
-    rows = prep.read_table(str(tmp_path / "seg")).to_pylist()
+    rows = dataset.read_table(str(tmp_path / "seg")).to_pylist()
     seg = sorted(seg, key=lambda r: prep.row_order_key(r["id"]))  # prepare's stored order
     assert [r["id"] for r in rows] == [r["id"] for r in seg]
     for row, rec in zip(rows, seg):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from multimix.data import dataset
 from multimix.data import prepare as prep
 from multimix.data import storage
 from multimix.errors import StorageError
@@ -40,7 +41,7 @@ def _prepare(src: Path, out: Path, **kw) -> dict:
 
 
 def _ids(out: Path) -> list[str]:
-    return sorted(prep.read_table(str(out), ["id"]).column("id").to_pylist())
+    return sorted(dataset.read_table(str(out), ["id"]).column("id").to_pylist())
 
 
 def _no_temp_files(folder: Path) -> list[str]:
@@ -123,7 +124,7 @@ def test_a_killed_overwrite_keeps_the_old_dataset_and_the_next_run_cleans_up(tmp
     with pytest.raises(KeyboardInterrupt):
         _prepare(src_b, out, overwrite=True)
     # the old dataset is complete and readable: its manifest, its shards, its splits
-    assert prep.read_manifest(str(out)) == old and _ids(out) == old_ids
+    assert dataset.read_manifest(str(out)) == old and _ids(out) == old_ids
     assert (out / "splits" / "s.json").exists()
     orphans = set(storage.list_files(str(out / "data"))) - {s[5:] for s in old["shards"]}
     assert orphans  # the killed run's shards, named by no manifest
@@ -155,7 +156,7 @@ def test_a_failing_manifest_write_leaves_the_previous_manifest(tmp_path, monkeyp
     monkeypatch.setattr(storage, "write_text", full)
     with pytest.raises(StorageError, match="no space left"):
         _prepare(_folder(tmp_path / "b", n=3, seed=4), out, overwrite=True)
-    assert prep.read_manifest(str(out)) == old
+    assert dataset.read_manifest(str(out)) == old
     assert len(_ids(out)) == old["num_rows"] == 8
 
 
@@ -168,13 +169,13 @@ def test_overwrite_on_s3_replaces_the_dataset_and_records_the_uploaded_bytes(s3_
     uri = f"s3://{bucket}/ds"
     old = _prepare(_folder(tmp_path / "a", n=3, seed=5), uri, storage_cfg=st)
     new = _prepare(_folder(tmp_path / "b", n=5, seed=6), uri, storage_cfg=st, overwrite=True)
-    assert prep.read_manifest(uri, st) == new and not set(new["shards"]) & set(old["shards"])
+    assert dataset.read_manifest(uri, st) == new and not set(new["shards"]) & set(old["shards"])
     assert sorted(storage.list_files(uri, st)) == sorted(new["shards"] + ["manifest.json",
                                                                           "report.json"])
     for i in new["shard_info"]:
         data = storage.read_bytes(storage.join(uri, i["path"]), st)
         assert (len(data), hashlib.sha256(data).hexdigest()) == (i["bytes"], i["sha256"])
-    assert len(prep.read_table(uri, ["id"], st)) == new["num_rows"] == 10
+    assert len(dataset.read_table(uri, ["id"], st)) == new["num_rows"] == 10
 
 
 def test_tune_and_table_reports_are_replaced_whole_on_a_full_disk(tmp_path, monkeypatch):

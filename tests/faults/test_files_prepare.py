@@ -129,7 +129,7 @@ def test_non_binary_masks_are_counted_reported_and_thresholded_as_told(tmp_path,
     assert "1 non-binary mask(s) (more than two grey levels; binarised at > 127" in stdout
 
     from multimix.data.images import decode_mask_png
-    from multimix.data.prepare import read_table
+    from multimix.data.dataset import read_table
 
     def ramp_mask(path):
         t = read_table(str(path), ["id", "mask"]).to_pylist()

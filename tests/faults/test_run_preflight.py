@@ -180,11 +180,11 @@ def test_search_check_reads_each_dataset_once(sets, tmp_path, monkeypatch):
     but opens each dataset once and reads each budget's split columns once."""
     from collections import Counter
 
-    from multimix.data import prepare
+    from multimix.data import dataset
     from multimix.tune import Search, check_search_inputs, parse_grid
 
     calls: Counter = Counter()
-    for mod, name in ((prepare, "read_table"), (verify, "open_dataset")):
+    for mod, name in ((dataset, "read_table"), (dataset, "open_dataset")):
         def counted(uri, *a, _real=getattr(mod, name), _name=name, **k):
             calls[(_name, Path(uri).name)] += 1
             return _real(uri, *a, **k)

@@ -11,9 +11,10 @@ import pytest
 
 from multimix.cli import main
 from multimix.config import load_config
+from multimix.data import dataset
 from multimix.data import verify
 from multimix.data.pools import load_labeled_pool
-from multimix.data.prepare import read_table
+from multimix.data.dataset import read_table
 from multimix.errors import DataError
 from multimix.testing import kermany_rows, write_dataset
 
@@ -54,7 +55,7 @@ def _cfg():
 def _read_fails(root: Path) -> str:
     """Every reader refuses the dataset with the same one line; returns it."""
     msgs = set()
-    for read in (lambda: verify.open_dataset(str(root)),
+    for read in (lambda: dataset.open_dataset(str(root)),
                  lambda: read_table(str(root), ["id"]),
                  lambda: load_labeled_pool(str(root), [], _cfg())):
         with pytest.raises(DataError) as exc:
@@ -72,7 +73,7 @@ def _verify_cli(capsys, *roots) -> tuple[int, list]:
 
 
 def test_intact_dataset_reads_and_verifies(ds, capsys):
-    data = verify.open_dataset(str(ds))
+    data = dataset.open_dataset(str(ds))
     assert sum(s.rows for s in data.shards) == N
     assert [s.rel for s in data.shards] == _manifest(ds)["shards"]
     assert sum(n for _, _, n in data.row_groups()) == N
@@ -93,7 +94,7 @@ def test_truncated_shard_named(ds, capsys):
     m = _manifest(ds)
     del m["shard_info"]
     _write_manifest(ds, m)
-    verify._MEMO.clear()
+    dataset._MEMO.clear()
     msg = _read_fails(ds)
     assert msg.startswith(f"{shard}: not a readable Parquet file (truncated or damaged: ")
     rc, out = _verify_cli(capsys, ds)
@@ -149,7 +150,7 @@ def test_flipped_bytes_caught_by_checksum(ds, capsys, pristine):
     for i in range(200, 1200, 7):
         data[i] ^= 0xFF
     shard.write_bytes(bytes(data))
-    assert verify.checksum_on_read(str(ds), _manifest(ds))
+    assert dataset.checksum_on_read(str(ds), _manifest(ds))
     msg = _read_fails(ds)
     assert msg.startswith(f"{shard}: sha256 ") and msg.endswith("(damaged)")
     rc, out = _verify_cli(capsys, ds, pristine)
@@ -161,7 +162,7 @@ def test_old_manifest_verify_says_no_checksums(ds, capsys):
     m = _manifest(ds)
     del m["shard_info"]
     _write_manifest(ds, m)
-    assert verify.open_dataset(str(ds)).manifest.get("shard_info") is None
+    assert dataset.open_dataset(str(ds)).manifest.get("shard_info") is None
     rc, out = _verify_cli(capsys, ds)
     assert rc == 0 and "no checksums recorded" in out[0] and "cannot be checked" in out[0]
 
@@ -185,8 +186,8 @@ def test_s3_dataset_checked_and_verified(pristine, s3_server, capsys):
                               Body=f.read_bytes())
     uri = f"s3://{bucket}/k"
     st = StorageConfig(**s3_server.storage_overrides())
-    data = verify.open_dataset(uri, st)
-    assert sum(s.rows for s in data.shards) == N and not verify.checksum_on_read(uri,
+    data = dataset.open_dataset(uri, st)
+    assert sum(s.rows for s in data.shards) == N and not dataset.checksum_on_read(uri,
                                                                                  data.manifest)
     sets = [f"storage.{k}={v}" for k, v in s3_server.storage_overrides().items()]
     rc = main(["verify", uri, *[a for s in sets for a in ("--set", s)]])
@@ -194,7 +195,7 @@ def test_s3_dataset_checked_and_verified(pristine, s3_server, capsys):
     assert rc == 0 and out[0].startswith(f"{uri}: ok: 4 shard(s)") and "sha256 match" in out[0]
     client.delete_object(Bucket=bucket, Key="k/data/part-00001.parquet")
     with pytest.raises(DataError) as exc:
-        verify.open_dataset(uri, st)
+        dataset.open_dataset(uri, st)
     assert str(exc.value) == (f"{uri}/data/part-00001.parquet: missing (listed in "
                               f"{uri}/manifest.json)")
 

@@ -14,7 +14,7 @@ from multimix.bench import scale as B
 
 
 def test_corpus_is_a_prepared_unlabeled_set_and_is_reused(tmp_path):
-    from multimix.data.verify import open_dataset
+    from multimix.data.dataset import open_dataset
 
     uri = str(tmp_path / "c")
     man = B.write_corpus(uri, 300, 32, base=8)
