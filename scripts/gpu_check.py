@@ -12,8 +12,8 @@
 5. ``bench step`` with bf16 + channels_last + compile (last: compiling is the slowest part);
    the fastest of the four variants wins.
 
-Every command's timeout is cut to what is left of ``--budget`` seconds (570: the device tool
-allows 600 per command), so the summary is always written.
+Every command's timeout is cut to what is left of ``--budget`` seconds (570: under a 600 s limit
+on the whole command), so the summary is always written.
 
 Without CUDA the CUDA parts are skipped with a line saying so (the step is measured on the CPU
 in fp32 instead; Ray parts run on the CPU); without Ray (or with ``MULTIMIX_NO_RAY=1``, which
@@ -380,8 +380,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256, help="image side of the CUDA runs")
     p.add_argument("--quick", action="store_true", help="tiny sizes and steps (CI on CPU)")
     p.add_argument("--budget", type=float, default=570,
-                   help="seconds for the whole check (default 570: the device tool's 600 s "
-                        "per command, less the summary); a part cut short is marked failed")
+                   help="seconds for the whole check (default 570: a 600 s limit on the "
+                        "command, less the summary); a part cut short is marked failed")
     p.add_argument("--skip", action="append", default=[],
                    choices=("collectives", "bench_step", "bench_train", "train"),
                    help="leave a part out (repeatable)")

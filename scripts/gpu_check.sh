@@ -6,15 +6,13 @@
 # the repo goes on PYTHONPATH; Ray comes from .carry/ray-py312.tar.xz (scripts/pack_ray.sh) when
 # python3 cannot import it; without Ray the Ray parts are skipped, without CUDA the CUDA parts.
 #
-# From a session with the device tool (the GPU machine has no network, Python 3.12, torch+CUDA,
-# no Ray/boto3/isal), in the repository root here:
-#     scripts/pack_ray.sh                      # once: .carry/ray-py312.tar.xz (~50 MiB)
-# then the device tool's `run` with
-#     command:   PYTHONUNBUFFERED=1 scripts/gpu_check.sh --out $OUT/gpu-check \
-#                    --work /tmp/mm-gpu-check 2>&1 | tee $OUT/console.txt
-#     carry:     [".carry"]
-#     timeout_s: 600
-# ($OUT/gpu-check/gpu_check.json, gpu_check.md and the logs come back; see scripts/README.md.)
+# For a GPU machine without network (Python 3.12, torch+CUDA, no Ray/boto3/isal): on a machine
+# with network, in the repository root,
+#     scripts/pack_ray.sh                      # once: .carry/ray-py312.tar.xz (~31 MiB)
+# then copy the working tree with .carry/ to the GPU machine and run there (600 s limit):
+#     PYTHONUNBUFFERED=1 scripts/gpu_check.sh --out $OUT/gpu-check \
+#         --work /tmp/mm-gpu-check 2>&1 | tee $OUT/console.txt
+# ($OUT/gpu-check/gpu_check.json, gpu_check.md and the logs are the results; scripts/README.md.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -1,4 +1,4 @@
-"""Issue #20 measurement: paper defaults vs each stable-SSL lever, several seeds (docs/RESULTS.md).
+"""The stable-SSL lever tables: paper defaults vs each lever, several seeds (docs/RESULTS.md §2).
 
     scripts/ssl_table.py --data out/data --out out/ssl-table --seeds 0 1 2 --lanes 2 \\
         --epochs 4 --steps 30
@@ -38,7 +38,7 @@ CONFIGS = {
     "da-uniform+ema+thr": ["objective.dist_align=uniform", "objective.ema_decay=0.95",
                            "objective.decision=balanced_accuracy"],
     "freematch": ["objective.pl_threshold=freematch", "objective.decision=argmax"],
-    # session 11 (8 epochs x 40 steps): each lever alone, then all of them; a decay of 0.99
+    # the 8 x 40-step tables (2026-11-30): each lever alone, then all of them; a decay of 0.99
     # (an average over ~100 steps) suits a few hundred steps
     "da-uniform": ["objective.dist_align=uniform", "objective.decision=argmax"],
     "ema-0.99": ["objective.ema_decay=0.99", "objective.decision=argmax"],
@@ -78,8 +78,8 @@ def run_one(name: str, seed: int, args) -> dict:
             f"optim.epochs={args.epochs}", f"optim.steps_per_epoch={args.steps}",
             f"optim.seed={seed}", f"run.storage_path={out / 'runs'}", f"run.name={run_name}",
             # the paper's labeled batches unless a config says otherwise (the presets draw them
-            # class-balanced since session 13; a later --set wins), and the EMA without the
-            # warm-up it has had since session 13: as the tables in docs/RESULTS.md were measured
+            # class-balanced since 29442e3, 2026-12-01; a later --set wins), and the EMA without
+            # the warm-up it has had since fae6434: as the tables in docs/RESULTS.md were measured
             "data.cls_sampling=uniform", "objective.ema_warmup=false", *CONFIGS[name]]
     cmd = [args.multimix, "train", "-c", "cpu-small"] + [x for s in sets for x in ("-s", s)]
     run_dir = out / "runs" / run_name
