@@ -9,6 +9,7 @@ import fnmatch
 import json
 import re
 import shlex
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -385,8 +386,10 @@ def allows(policies: list[dict], action: str, resource: str = "*") -> bool:
 
 
 def shell_blocks(markdown: str) -> list[str]:
-    """The bodies of the ```bash / ```sh / ```shell blocks of a Markdown file."""
-    return re.findall(r"^```(?:bash|sh|shell)\n(.*?)^```", markdown, re.M | re.S)
+    """The bodies of the ```bash / ```sh / ```shell blocks of a Markdown file (also those
+    indented inside a list item)."""
+    return [textwrap.dedent(m.group(2)) for m in re.finditer(
+        r"^([ \t]*)```(?:bash|sh|shell)\n(.*?)^\1```", markdown, re.M | re.S)]
 
 
 def shell_commands(markdown: str) -> list[list[str]]:
@@ -463,3 +466,19 @@ def tolerates(tolerations: list[dict], taint: dict) -> bool:
         elif t.get("key") == taint["key"] and t.get("value", "") == taint.get("value", ""):
             return True
     return False
+
+
+#: the values the recipes carry where a user puts their own (cluster/README.md, step 0, rewrites
+#: them in the files; its commands use these variables)
+PLACEHOLDERS = {"ACCOUNT": "123456789012", "BUCKET": "my-bucket", "AWS_REGION": "us-east-1"}
+
+
+def expand_placeholders(word: str) -> str:
+    for name, value in PLACEHOLDERS.items():
+        word = word.replace("${" + name + "}", value).replace("$" + name, value)
+    return word
+
+
+def guide_commands(path: Path) -> list[list[str]]:
+    """The commands of a Markdown guide with the placeholder variables expanded."""
+    return [[expand_placeholders(w) for w in words] for words in shell_commands(path.read_text())]
