@@ -8,13 +8,13 @@ Contents (plain containers of tensors, numbers and strings only):
 - ``rng``: torch / numpy / python RNG states, so a resumed run draws the same numbers
 - ``config``: ``Config.to_dict()`` (secrets never included)
 - ``splits``: ``{"cls": record, "seg": record}``: the split file beside the data and the
-  sha256 of its ids (:func:`multimix.data.splits.split_record`; checkpoints written before
-  issue #18 hold the id lists themselves, which :func:`multimix.data.splits.recorded_split`
+  sha256 of its ids (:func:`multimix.data.splits.split_record`; older checkpoints hold
+  the id lists themselves, which :func:`multimix.data.splits.recorded_split`
   also reads)
 - ``classes``: class names of the classification head (index = label)
 - ``history``: list of per-epoch metric dicts, so a resumed run's history has no gap
 
-Issue #20 additions (absent in older checkpoints, which load as before):
+Added for the stable-SSL levers (absent in older checkpoints, which load as before):
 
 - ``student``: with an EMA teacher (``objective.ema_decay > 0``), the trained weights; ``model``
   then holds the EMA weights (the model validated, evaluated and predicted with); ``ema_decay``
@@ -24,7 +24,7 @@ Issue #20 additions (absent in older checkpoints, which load as before):
   epoch (None for more than two classes), and ``decision`` (``objective.decision``): evaluate and
   predict use the threshold when ``decision`` is not ``"argmax"``
 
-Integrity (issue #16): :func:`save` records ``weights_sha256``, the sha256 of the ``model`` (and
+Integrity: :func:`save` records ``weights_sha256``, the sha256 of the ``model`` (and
 ``student``) tensors (names, dtypes, shapes and bytes, in name order), and writes the file
 atomically (a temporary name renamed over the target: a full disk or a killed process never
 leaves a truncated ``checkpoint.pt``). :func:`load_bytes` recomputes it: flipped bits in the
@@ -49,8 +49,9 @@ import numpy as np
 import torch
 
 from multimix.config import Config, load_config, without_removed_keys
+from multimix.data import storage
 from multimix.errors import DataError
-from multimix.model import unwrap
+from multimix.model import create_model, unwrap
 
 FILENAME = "checkpoint.pt"
 FORMAT = "multimix-checkpoint/1"
@@ -160,8 +161,6 @@ def save(state: dict, path: str, storage_cfg=None) -> None:
     serialised in memory, written to a temporary name, renamed over ``path`` (one whole upload
     on S3). A failure (disk full: :class:`StorageError` ``<path>: no space left on device``)
     leaves the file that was at ``path`` as it was."""
-    from multimix.data import storage
-
     buf = io.BytesIO()
     torch.save({**state, "weights_sha256": weights_digest(state)}, buf)
     storage.write_bytes(path, buf.getbuffer(), storage_cfg)
@@ -203,8 +202,6 @@ def resolve_checkpoint(ref: str, storage_cfg=None, which: str = "best") -> str:
         StorageError: S3 trouble (access denied, missing bucket, unreachable endpoint).
     """
     import pyarrow.fs as pafs
-
-    from multimix.data import storage
 
     fs, path = storage.resolve(ref, storage_cfg)
 
@@ -248,8 +245,6 @@ def load(ref: str, storage_cfg=None, which: str = "best") -> dict:
             message names the file.
         StorageError: S3 trouble while resolving or reading it.
     """
-    from multimix.data import storage
-
     uri = resolve_checkpoint(ref, storage_cfg, which)
     return load_bytes(storage.read_bytes(uri, storage_cfg), name=uri)
 
@@ -259,8 +254,6 @@ def load_model(ref: str, storage_cfg=None, which: str = "best", device: str = "c
 
     Returns ``(model, config, state)``; ``config`` is the training :class:`Config`.
     """
-    from multimix.model import create_model
-
     state = load(ref, storage_cfg, which)
     cfg = load_config(without_removed_keys(state["config"]))  # older checkpoints: data.reader
     model = create_model(cfg.model)

@@ -40,6 +40,7 @@ __all__ = [
     "VARIANTS",
     "load_config",
     "parse_overrides",
+    "add_config_arguments",
     "list_presets",
 ]
 
@@ -76,13 +77,13 @@ class DataConfig:
     #: "uniform" (the paper: each image equally, so batches keep the pool's class ratio) or
     #: "balanced" (a class uniformly, then an image of it: on average equal classes per batch;
     #: class-balanced sampling, Kang et al., ICLR 2020 — a lever against the drift of the
-    #: decision and the pseudo-labels to the majority class, issue #20)
+    #: decision and the pseudo-labels to the majority class; docs/RESULTS.md)
     cls_sampling: Literal["uniform", "balanced"] = "uniform"
     #: fraction of each pool held out (stratified) as labeled validation data
     val_fraction: float = 0.1
     split_seed: int = 0
     #: rows of a labeled or validation pool that may fail to decode (each pool) before the run is
-    #: refused: 0 (default) trains only on every row the split asked for (issue #16)
+    #: refused: 0 (default) trains only on every row the split asked for
     allow_skipped: int = 0
     #: largest labeled training pool held in memory on the driver and every Train worker, in MB
     #: decoded (rows × image_size² × 1 plane, 3 for segmentation): checked before decoding
@@ -91,8 +92,7 @@ class DataConfig:
     #: workers, in MB (Ray Data's resource_limits.object_store_memory); null: Ray's default, a
     #: fraction of the object store. Ray Data reads ahead until that budget is full: with a
     #: pool larger than it, the default makes the data tasks decode rows (CPU) long before
-    #: they are used; 256 MB holds ~8 blocks of 256² rows (issue #18, README "Memory vs the
-    #: size of the unlabeled corpus")
+    #: they are used; 256 MB holds ~8 blocks of 256² rows (docs/BENCHMARKS.md, corpus scale)
     readahead_mb: Optional[float] = 256.0
     #: pool the unlabeled segmentation stream is drawn from: the unlabeled classification
     #: images ("cls", the paper's cross-dataset setting), the seg images beyond the budget
@@ -100,7 +100,7 @@ class DataConfig:
     #: the same mix as the unlabeled classification stream ("cls+extra"), or one URI listed in
     #: data.unlabeled_data (that pool alone)
     unlabeled_seg_from: str = "cls"
-    # --- larger unlabeled corpora (issue #18; docs/DESIGN.md §3b) ---
+    # --- larger unlabeled corpora (docs/DESIGN.md §3b) ---
     #: extra unlabeled pools: URIs (folder or s3://) of prepared datasets of any task
     #: (unlabeled / cls / seg; labels and masks ignored, no split written), all of whose rows
     #: join the unlabeled classification stream after the unlabeled part of cls_data
@@ -152,7 +152,7 @@ class ObjectiveConfig:
     alpha: float = 5.0
     #: β, weight of the segmentation KL consistency term
     beta: float = 0.01
-    # --- stable semi-supervised levers (issue #20, docs/RESULTS.md); defaults = the paper ---
+    # --- stable semi-supervised levers (docs/RESULTS.md); defaults = the paper ---
     #: pseudo-label acceptance: "fixed" (FixMatch, every class at t), "flexmatch" (Zhang et
     #: al. 2021, class-wise from t) or "freematch" (Wang et al. 2023, self-adaptive)
     pl_threshold: Literal["fixed", "flexmatch", "freematch"] = "fixed"
@@ -238,7 +238,7 @@ class RunConfig:
     storage_path: str = "./runs"
     #: validation metric that selects the "best" checkpoint, and whether higher is better;
     #: default: balanced accuracy of the decision + Dice (metrics.val_score_balanced), robust to
-    #: a decision collapsed to the majority class; "val_score" = AUC + Dice (before issue #20)
+    #: a decision collapsed to the majority class; "val_score" = AUC + Dice (the earlier default)
     checkpoint_metric: str = "val_score_balanced"
     checkpoint_mode: Literal["max", "min"] = "max"
     log_every: int = 10
@@ -470,7 +470,7 @@ def _validate(cfg: Config) -> None:
 
 
 def _validate_unlabeled(d: DataConfig) -> None:
-    """The issue-#18 keys: extra unlabeled pools, their weights, the guard."""
+    """The larger-corpus keys: extra unlabeled pools, their weights, the guard."""
     for key in ("unlabeled_data", "eval_data"):
         uris = getattr(d, key)
         for i, uri in enumerate(uris):
@@ -561,6 +561,32 @@ def _fits(value: Any, tp: Any, key: str) -> bool:
     except ConfigError:
         return False
     return True
+
+
+def add_config_arguments(parser, default: Optional[str] = None, *, what: str = "",
+                         aliases: tuple = ()) -> None:
+    """Add ``-c/--config`` and ``-s/--set`` to a subcommand's parser: the one way every
+    command that reads a config takes it (``args.config``, ``args.set``; read them with
+    :func:`load_config`).
+
+    Args:
+        default: the preset used when ``--config`` is not given (None: the dataclass defaults,
+            which are the paper's hyper-parameters).
+        what: what this command reads from the config, for the help text (e.g. "storage
+            settings").
+        aliases: more option strings for ``--config`` (``experiment paper-table --preset``).
+    """
+    used = f"{what}; " if what else ""
+    fallback = default or "the built-in defaults, which are the paper's"
+    parser.add_argument(
+        "-c", "--config", *aliases, dest="config", default=default, metavar="PRESET|YAML",
+        help=f"{used}a preset ({', '.join(list_presets())}) or a YAML file "
+             f"(default: {fallback})")
+    parser.add_argument(
+        "-s", "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config value, e.g. --set optim.epochs=3 or "
+             "--set storage.endpoint=http://127.0.0.1:8333 (repeatable; applied after "
+             "--config)")
 
 
 def parse_overrides(items: list[str] | None) -> dict:

@@ -12,21 +12,22 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from multimix import evaluate
+from multimix.config import add_config_arguments, load_config
+from multimix.data.prepare import prepare, prepare_demo
+from multimix.train import train
+
 
 def add_arguments(p) -> None:
     p.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
     p.add_argument("--data", default=None, metavar="ROOT",
                    help="use real data under ROOT (kermany-cxr/, v7-covid-lungs/, optional "
                         "gb-covid-lungs/) instead of the synthetic phantoms")
-    p.add_argument("--config", "-c", default="cpu-small", help="preset or YAML (default cpu-small)")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. --set optim.epochs=3 (repeatable)")
+    add_config_arguments(p, "cpu-small")
 
 
 def _prepare(args, size: int) -> tuple[str, str, list[str], list[str]]:
     """Prepared (cls, seg) URIs plus extra evaluation sets; reuses earlier output."""
-    from multimix.data.prepare import prepare, prepare_demo
-
     data = Path(args.out) / "data"
     if args.data is None:
         cls_uri, seg_uri = str(data / "demo" / "cls"), str(data / "demo" / "seg")
@@ -50,10 +51,6 @@ def _prepare(args, size: int) -> tuple[str, str, list[str], list[str]]:
 
 
 def run(args) -> int:
-    from multimix import evaluate
-    from multimix.config import load_config
-    from multimix.train import train
-
     t0 = time.perf_counter()
     base = load_config(args.config, args.set)
     cls_uri, seg_uri, extra_cls, extra_seg = _prepare(args, base.data.image_size)

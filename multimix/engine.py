@@ -135,7 +135,7 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
     segmentation images only); the loss is computed in float32 outside autocast. One host sync,
     at the end.
 
-    Issue #20 hooks: ``teacher`` (e.g. :attr:`multimix.ema.ModelEMA.module`) makes the weak-view
+    Stable-SSL hooks: ``teacher`` (e.g. :attr:`multimix.ema.ModelEMA.module`) makes the weak-view
     logits in eval mode instead of the student; ``labeler``
     (:class:`multimix.objective.PseudoLabeler`) turns them into pseudo-labels and adds per-class
     terms to the result.

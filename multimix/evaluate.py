@@ -17,7 +17,7 @@ Outputs in ``--out``: ``report.json``, ``report.md``, ``roc.png`` (classificatio
 and the per-image scores).
 Hausdorff distances are in pixels at the model's input size (``data.image_size``).
 
-Operating point (issue #20): a checkpoint trained with ``objective.decision`` other than
+Operating point: a checkpoint trained with ``objective.decision`` other than
 ``argmax`` carries a threshold on p(class 1) chosen on its validation split; the classification
 scores (and the ``predicted`` column) then use it, and the argmax scores are reported beside them
 as ``argmax_*`` (``predicted_argmax``). Every set reports ``balanced_accuracy`` and
@@ -33,6 +33,17 @@ from pathlib import Path
 
 import numpy as np
 
+from multimix.config import add_config_arguments, load_config
+from multimix.data import storage
+from multimix.data.dataset import read_manifest, read_table
+from multimix.data.pools import StreamedPool
+from multimix.data.splits import recorded_split
+from multimix.data.storage import write_text
+from multimix.errors import UserError
+from multimix.metrics import classification_metrics, roc_curve
+from multimix.validate import validate
+from multimix.variants import variant_flags
+
 
 def add_arguments(p) -> None:
     p.add_argument("--checkpoint", required=True,
@@ -47,15 +58,10 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="eval",
                    help="output directory or s3://bucket/prefix (default: eval)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--config", default=None,
-                   help="YAML/preset for storage settings (s3 endpoint) if needed")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(p, what="storage settings (S3 endpoint) if needed")
 
 
 def run(args) -> int:
-    from multimix.config import load_config
-    from multimix.errors import UserError
-
     if not args.cls_data and not args.seg_data:
         raise UserError("give at least one --cls-data or --seg-data dataset")
     storage_cfg = load_config(args.config, args.set).storage
@@ -70,8 +76,6 @@ def run(args) -> int:
 def evaluate_run(result, cfg) -> dict:
     """Evaluate the best checkpoint of a finished run on its own datasets; the report goes
     into the run directory (``<run_dir>/eval/``, also on ``s3://``)."""
-    from multimix.data import storage
-
     return evaluate_checkpoint(
         result.best_checkpoint,
         cls_data=[cfg.data.cls_data] if cfg.data.cls_data else [],
@@ -92,8 +96,6 @@ def _same_dataset(a: str, b: str) -> bool:
 def _select(uri: str, task: str, subset: str, ckpt_cfg, splits: dict,
             storage_cfg=None) -> tuple[list | None, str]:
     """(ids or None for all, description)."""
-    from multimix.errors import UserError
-
     trained_on = ckpt_cfg.data.cls_data if task == "cls" else ckpt_cfg.data.seg_data
     own = _same_dataset(uri, trained_on) and task in splits
     if subset == "all":
@@ -102,8 +104,6 @@ def _select(uri: str, task: str, subset: str, ckpt_cfg, splits: dict,
         raise UserError(f"--subset val: {uri} is not the {task} dataset the checkpoint was trained "
                         f"on ({trained_on or 'none'}); use --subset all or auto")
     if own:
-        from multimix.data.splits import recorded_split
-
         split = recorded_split(uri, splits[task], storage_cfg)
         return list(split.val), "held-out validation ids"
     return None, "all rows (not seen in training)"
@@ -139,8 +139,6 @@ def evaluate_checkpoint(ckpt: str, *, cls_data=(), seg_data=(), out_dir: str = "
     Raises:
         StorageError: ``out_dir`` is not writable (checked before any scoring).
     """
-    from multimix.data import storage
-
     with storage.staged_output(out_dir, storage_cfg) as local:
         report = _evaluate(ckpt, cls_data=cls_data, seg_data=seg_data, out=local, subset=subset,
                            storage_cfg=storage_cfg, device=device, n_show=n_show,
@@ -153,12 +151,6 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
     """:func:`evaluate_checkpoint` into the local folder ``out``; ``dest`` maps a file in it to
     its final place (reported paths)."""
     from multimix import checkpoint, plots
-    from multimix.data.pools import StreamedPool
-    from multimix.data.dataset import read_manifest, read_table
-    from multimix.errors import UserError
-    from multimix.metrics import classification_metrics, roc_curve
-    from multimix.validate import validate
-    from multimix.variants import variant_flags
 
     model, cfg, state = checkpoint.load_model(ckpt, storage_cfg, device=device)
     threshold = checkpoint.decision_threshold(state)
@@ -191,7 +183,7 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
                 raise UserError(f"{uri} was prepared at {man['image_size']}², the checkpoint "
                                 f"expects {cfg.data.image_size}² (prepare it with --size "
                                 f"{cfg.data.image_size})")
-            # streamed: read and decoded one row group at a time while scored (issue #18)
+            # streamed: read and decoded one row group at a time while scored
             pool = StreamedPool(uri, ids, cfg)
             name = man.get("source") or Path(uri).name
             if name in report[task]:
@@ -263,7 +255,6 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
                 w.writerows(rows)
             report["per_image"] = {**report.get("per_image", {}),
                                    task: dest(out / f"images_{task}.csv")}
-    from multimix.data.storage import write_text  # atomic (issue #16)
 
     write_text(str(out / "report.json"), json.dumps(report, indent=2, default=_json_default))
     markdown = _markdown(report)

@@ -33,13 +33,17 @@ import time
 
 import numpy as np
 
+from multimix import evaluate, tune
+from multimix.config import add_config_arguments, load_config
+from multimix.data import storage
 from multimix.errors import UserError
+from multimix.tune import BUDGET_KEY, Search, experiment_uri
+from multimix.variants import VARIANT_FLAGS
 
 #: the paper's rows, in its order: variant -> label in the table
 ROWS = {"unet": "U-Net", "enc": "Enc", "enc-ssl": "Enc-SSL", "umtl": "UMTL", "umtl-s": "UMTL-S",
         "umtl-ssl": "UMTL-SSL", "umtl-ssl-s": "UMTL-SSL-S", "multimix": "MultiMix"}
 DEFAULT_BUDGETS = ("100:10", "1000:50", "all:all")
-PRESETS = ("cpu-small", "paper")
 #: (column, metric key in the evaluation report, scale): classification then segmentation
 CLS_COLUMNS = (("Acc", "accuracy", 100.0), ("F1-N", "f1_normal", 100.0),
                ("F1-P", "f1_pneumonia", 100.0), ("AUC", "auc", 100.0))
@@ -68,10 +72,8 @@ def add_arguments(p) -> None:
                         f"{','.join(DEFAULT_BUDGETS)})")
     t.add_argument("--rows", default=",".join(ROWS), metavar="VARIANT,...",
                    help=f"the rows (default all: {','.join(ROWS)})")
-    t.add_argument("--preset", choices=PRESETS, default="paper",
-                   help="cpu-small (2-core machine) or paper (the GPU protocol; default)")
-    t.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override (repeatable), e.g. optim.epochs=4")
+    add_config_arguments(t, "paper", aliases=("--preset",),
+                         what="cpu-small (a 2-core machine) or paper (the GPU protocol)")
     t.add_argument("--name", default="paper-table",
                    help="experiment name: <run.storage_path>/<name> (default paper-table)")
     t.add_argument("--concurrent", type=int, default=1, help="trials at once (default 1)")
@@ -93,8 +95,6 @@ def parse_rows(raw: str) -> list[str]:
 def search_for(rows: list[str], budgets: list[str], seeds: int, concurrent: int = 1,
                retries: int = 1):
     """The :class:`multimix.tune.Search` of the table: a grid, one sample per point."""
-    from multimix.tune import BUDGET_KEY, Search
-
     if seeds < 1:
         raise UserError(f"--seeds: must be >= 1, got {seeds}")
     return Search(grid={"model.variant": list(rows), BUDGET_KEY: list(budgets),
@@ -108,11 +108,6 @@ def evaluate_trials(rows: list[dict], cfg, eval_cls: list[str], eval_seg: list[s
 
     Returns one record per trial: ``variant``, ``budget``, ``seed``, ``trial`` and
     ``sets``: ``{"cls": {set name: metrics}, "seg": {set name: summary}}`` (the report's)."""
-    from multimix import evaluate
-    from multimix.data import storage
-    from multimix.model import VARIANT_FLAGS
-    from multimix.tune import experiment_uri
-
     exp = experiment_uri(cfg)
     out = []
     for row in rows:
@@ -230,8 +225,6 @@ def write_table(evals: list[dict], cfg, rows: list[str], budgets: list[str],
                 note: str = "") -> dict:
     """``paper_table.md``, ``paper_table.csv`` and the box plots into the experiment dir."""
     from multimix import plots
-    from multimix.data import storage
-    from multimix.tune import experiment_uri
 
     records, sets = table(evals, rows, budgets)
     exp = experiment_uri(cfg)
@@ -269,12 +262,9 @@ def _slug(name: str) -> str:
 
 
 def run(args) -> int:
-    from multimix import tune
-    from multimix.config import load_config
-
     rows = parse_rows(args.rows)
     budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
-    cfg = load_config(args.preset, [
+    cfg = load_config(args.config, [
         f"data.cls_data={args.cls_data}", f"data.seg_data={args.seg_data}",
         f"run.name={args.name}", *args.set])
     # the evaluation sets are protected by every trial's contamination guard (DESIGN §3b)
@@ -296,7 +286,7 @@ def run(args) -> int:
     evals = evaluate_trials(res["rows"], cfg, args.eval_cls, args.eval_seg, args.device)
     t_eval = time.perf_counter() - t1
     train_s = sum(r.get("time_s") or 0.0 for r in res["rows"])
-    note = (f"Protocol: preset {args.preset}" + (f", --set {' '.join(args.set)}" if args.set
+    note = (f"Protocol: preset {args.config}" + (f", --set {' '.join(args.set)}" if args.set
                                                  else "")
             + f"; {len(res['rows'])} trials; trial wall time {train_s:.0f} s in all "
             f"(this command: search {t_tune:.0f} s, evaluation {t_eval:.0f} s).")

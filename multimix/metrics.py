@@ -20,7 +20,7 @@ Accumulators
     :meth:`merge` (after :func:`all_gather_state`), so a distributed evaluation yields exactly
     the numbers one process would on the same data.
 
-Operating point (issue #20)
+Operating point
     ``balanced_accuracy`` and ``recall_<class>`` in :func:`classification_metrics` (which also
     takes a decision ``threshold``); :func:`choose_threshold` (balanced accuracy / Youden's J on
     the validation split); :func:`balanced_resample` (equal classes, fixed seed: a proxy for test
@@ -42,7 +42,6 @@ import math
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 __all__ = [
     "KERMANY_CLASSES",
@@ -286,6 +285,8 @@ def as_bhw(x: Any, name: str) -> np.ndarray:
 
 def _boundary(mask: np.ndarray) -> np.ndarray:
     """Foreground pixels with a 4-neighbour that is background or outside the image."""
+    from scipy import ndimage  # only the boundary metrics need scipy (0.3 s to import)
+
     if not mask.any():
         return mask
     eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1),
@@ -295,6 +296,8 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
 
 def _surface_distances(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Directed distances (pixels) boundary(a) → boundary(b) and boundary(b) → boundary(a)."""
+    from scipy import ndimage
+
     ba, bb = _boundary(a), _boundary(b)
     dt_b = ndimage.distance_transform_edt(~bb)
     dt_a = ndimage.distance_transform_edt(~ba)
@@ -708,7 +711,7 @@ def val_score(cls_metrics: Optional[Mapping] = None, seg_metrics: Optional[Mappi
 
 
 # ---------------------------------------------------------------------------------------------
-# operating point and class-ratio-independent validation (issue #20)
+# operating point and class-ratio-independent validation
 
 
 def choose_threshold(scores: Any, labels: Any, criterion: str = "balanced_accuracy"

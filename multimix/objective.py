@@ -16,7 +16,7 @@ averaged over ranks) the gradient equals the single-process gradient of the glob
   so its KL term was always zero; this one is not (see tests/core/test_objective.py).
 * ``accept_rate`` — fraction of unlabeled images whose pseudo-label was accepted (no gradient).
 
-Class-balanced pseudo-labelling (issue #20; all off by default = the paper): a
+Class-balanced pseudo-labelling (all off by default = the paper; docs/RESULTS.md): a
 :class:`PseudoLabeler` passed to :func:`multimix_loss` replaces :func:`pseudo_label` with
 
 * distribution alignment (ReMixMatch, Berthelot et al., ICLR 2020, §3.2) of the weak-view
@@ -42,6 +42,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from multimix.metrics import collective_device
 from multimix.model.net import variant_flags
 
 __all__ = [
@@ -123,7 +124,7 @@ def bernoulli_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# class-balanced pseudo-labelling (issue #20)
+# class-balanced pseudo-labelling
 
 
 def distribution_align(probs: torch.Tensor, target: torch.Tensor,
@@ -170,8 +171,6 @@ def _reduce_mean(t: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        from multimix.metrics import collective_device
-
         t = t.to(collective_device())
         dist.all_reduce(t)
         t = t / dist.get_world_size()

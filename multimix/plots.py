@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from skimage.segmentation import find_boundaries
 
+from multimix.data.storage import replace_local
 from multimix.metrics import as_bhw
 
 __all__ = [
@@ -78,7 +79,6 @@ def _save(fig: Figure, path: Any) -> Path:
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
-    from multimix.data.storage import replace_local
 
     replace_local(path, buf.getvalue())  # atomic: never a truncated PNG
     return path

@@ -29,6 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
+from multimix.config import add_config_arguments, load_config
+from multimix.data import storage
+from multimix.data.images import IMAGE_EXTENSIONS, load_grey_bounded, resize_image
+from multimix.errors import DataError, UserError
+
 #: images with a side below this are refused (nothing meaningful to segment)
 MIN_SIDE = 32
 #: images with a longer side above this are decoded reduced to at most this (outputs too)
@@ -46,9 +51,7 @@ def add_arguments(p) -> None:
     p.add_argument("--threshold", type=float, default=0.5,
                    help="probability threshold of the lung mask (default 0.5)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--config", default=None,
-                   help="YAML/preset for storage settings when the checkpoint is on s3://")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(p, what="storage settings when the checkpoint is on s3://")
 
 
 def _resize_float(a: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -71,7 +74,6 @@ def predict_array(model, cfg, grey: np.ndarray, device: str = "cpu",
     """
     import torch
 
-    from multimix.data.images import resize_image
     from multimix.engine import eval_step
 
     size = cfg.data.image_size
@@ -98,8 +100,6 @@ def expand_inputs(paths: list[str]) -> tuple[list[str], list[str]]:
     (extensions of :data:`multimix.data.images.IMAGE_EXTENSIONS`, recursively, sorted, hidden
     ones left out) and prints their count; a missing path or an image-less directory is an error
     line naming it."""
-    from multimix.data.images import IMAGE_EXTENSIONS
-
     files, errors = [], []
     for p in paths:
         path = Path(p)
@@ -122,14 +122,10 @@ def expand_inputs(paths: list[str]) -> tuple[list[str], list[str]]:
 
 def run(args) -> int:
     from multimix import checkpoint
-    from multimix.config import load_config
-    from multimix.data import storage
 
     storage_cfg = load_config(args.config, args.set).storage
     images, errors = expand_inputs(args.images)
     if not images:
-        from multimix.errors import DataError
-
         raise DataError(errors[0] if len(errors) == 1
                         else "no images to predict: " + "; ".join(errors))
     for line in errors:
@@ -155,8 +151,6 @@ def _predict_all(args, model, cfg, classes: list, out_dir: Path, dest,
     p(class 1) (None: argmax)."""
     from PIL import Image
 
-    from multimix.data.images import load_grey_bounded
-    from multimix.errors import UserError
     from multimix.plots import overlay_png
 
     results, failed = [], 0

@@ -16,6 +16,11 @@ import socket
 
 import numpy as np
 
+from multimix.data.images import (IMAGE_PNG_LEVEL, MASK_PNG_LEVEL, encode_png, load_grey,
+                                  resize_image, resize_mask)
+from multimix.data.prepare import COMPRESSION, ROW_GROUP_ROWS, ROW_ORDER, row_order_key
+from multimix.data.synthetic import phantom
+
 __all__ = ["free_ports", "kermany_rows", "synthetic_rows", "v7_rows", "write_dataset"]
 
 
@@ -51,12 +56,8 @@ def write_dataset(root: str, rows: list[dict], task: str, size: int, shards: int
     in ``row_group_rows``-row groups, images at zlib level ``png_level`` (defaults: what
     ``multimix prepare`` writes); the manifest records ``row_order`` when that order is
     :func:`~multimix.data.prepare.row_order_key`'s."""
-    from multimix.data.prepare import COMPRESSION, ROW_GROUP_ROWS, ROW_ORDER, row_order_key
-
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from multimix.data.images import IMAGE_PNG_LEVEL, MASK_PNG_LEVEL, encode_png
 
     level = IMAGE_PNG_LEVEL if png_level is None else png_level
     os.makedirs(os.path.join(root, "data"), exist_ok=True)
@@ -104,8 +105,6 @@ def write_dataset(root: str, rows: list[dict], task: str, size: int, shards: int
 def kermany_rows(data_root, n: int, size: int) -> list[dict]:
     from pathlib import Path
 
-    from multimix.data.images import load_grey, resize_image
-
     out = []
     for cls, name in enumerate(("NORMAL", "PNEUMONIA")):
         files = sorted((Path(data_root) / "kermany-cxr" / "train" / name).glob("*.jpeg"))
@@ -117,8 +116,6 @@ def kermany_rows(data_root, n: int, size: int) -> list[dict]:
 
 def v7_rows(data_root, n: int, size: int) -> list[dict]:
     from pathlib import Path
-
-    from multimix.data.images import load_grey, resize_image, resize_mask
 
     root = Path(data_root) / "v7-covid-lungs"
     out = []
@@ -134,8 +131,6 @@ def v7_rows(data_root, n: int, size: int) -> list[dict]:
 
 
 def synthetic_rows(n: int, size: int, seed: int = 0) -> list[dict]:
-    from multimix.data.synthetic import phantom
-
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):

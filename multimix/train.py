@@ -33,9 +33,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from multimix.config import Config, load_config
+from multimix import evaluate, resources
+from multimix.config import Config, add_config_arguments, load_config
+from multimix.data import pipeline, storage
+from multimix.data.batches import TrainBatches, open_streams
+from multimix.data.pipeline import skipped_counts
+from multimix.data.splits import split_record
+from multimix.data.state import skipped_rows
+from multimix.data.storage import write_file
 from multimix.errors import RunFailed, one_line, root_cause
+from multimix.metrics import collective_device, val_score_balanced, validation_cls_metrics
 from multimix.preflight import check_inputs
+from multimix.validate import validate
+from multimix.variants import images_per_step
 
 #: Test hook: ``rank:epoch:step:marker_path`` makes that worker SIGKILL itself once (the marker file
 #: records that it happened), to exercise fault tolerance. Forwarded to the workers' environment.
@@ -54,10 +64,7 @@ SUMMARY_KEYS = ("train_loss", "train_ce_sup", "train_ce_pseudo", "train_dice", "
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", "-c", default="paper",
-                   help="preset name (paper, cpu-small) or YAML file (default: paper)")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set objective.threshold=0.8 (repeatable)")
+    add_config_arguments(p, "paper")
     p.add_argument("--evaluate", action="store_true",
                    help="after training, evaluate the best checkpoint on the validation ids and "
                         "write the report into the run directory")
@@ -70,8 +77,6 @@ def run(args) -> int:
     print(f"best checkpoint: {result.best_checkpoint}  ({cfg.run.checkpoint_metric} = "
           f"{result.best_value:.4f})")
     if args.evaluate:
-        from multimix import evaluate
-
         report = evaluate.evaluate_run(result, cfg)
         print(f"evaluation report: {report['markdown']}")
     return 0
@@ -100,7 +105,7 @@ class WorkerInputs:
     split file beside the data and the sha256 of its ids; stored in the checkpoints);
     ``classes``: class names in label order; ``pools``: object ref of
     ``{"cls_labeled", "seg_labeled"} → LabeledPool`` and ``{"cls_val", "seg_val"} →
-    StreamedPool`` (validation rows read per row group when scored; issue #18); ``state``: the
+    StreamedPool`` (validation rows read per row group when scored); ``state``: the
     pipeline's state actor; ``datasets``: names of the Train datasets this worker reads
     (``ray.train.get_dataset_shard``); ``steps``: global steps per epoch; ``extra``: what a
     replacement loop needs besides (``multimix bench train``).
@@ -134,9 +139,6 @@ def build_trainer(cfg: Config, inputs, callbacks: list | None = None, loop=None,
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from multimix.data import pipeline, storage
-    from multimix.data.splits import split_record
 
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker}
@@ -194,20 +196,17 @@ def train(cfg: Config, callbacks: list | None = None, checked=None) -> TrainResu
     task) is raised as :class:`~multimix.errors.RunFailed`: its root cause in one line, the
     full traceback in ``<run dir>/error.log`` (:func:`record_failure`).
     """
-    from multimix.data import storage
-
     run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
     # datasets, budgets, storage, the labeled pools: all before Ray starts
     checked = checked if checked is not None else check_inputs(cfg, pools=True)
     init_ray(cfg)
-    from multimix import resources
 
     resources.check(cfg.scaling)  # fails at once when no node could ever place the workers
 
     inputs = prepare_inputs(cfg, checked)
     storage.write_bytes(storage.join(run_dir, "config.json"),
                         json.dumps(cfg.to_dict(), indent=2).encode(), cfg.storage)
-    storage.write_bytes(storage.join(run_dir, CONTAMINATION),  # the guard's counts (issue #18)
+    storage.write_bytes(storage.join(run_dir, CONTAMINATION),  # the guard's counts
                         json.dumps(inputs.contamination, indent=1).encode(), cfg.storage)
     trainer = build_trainer(cfg, inputs, callbacks)
     try:
@@ -243,8 +242,6 @@ def record_failure(exc: BaseException, run_dir: str, storage_cfg, what: str) -> 
     (full traceback: <path>)``."""
     import tempfile
 
-    from multimix.data import storage
-
     text = f"multimix {what} failed: {one_line(exc)}\n\n{_traceback_text(exc)}"
     path = storage.join(run_dir, ERROR_LOG)
     try:
@@ -263,8 +260,6 @@ def record_failure(exc: BaseException, run_dir: str, storage_cfg, what: str) -> 
 
 def read_run(run_dir: str, cfg: Config) -> TrainResult:
     """Read ``history.json`` / ``best.json`` / ``last.json`` of a run directory."""
-    from multimix.data import storage
-
     def read(name):
         return json.loads(storage.read_bytes(storage.join(run_dir, name), cfg.storage))
 
@@ -314,8 +309,6 @@ def _mean_over_workers(values: dict[str, float]) -> dict[str, float]:
     import torch
     import torch.distributed as dist
 
-    from multimix.metrics import collective_device
-
     if not (dist.is_available() and dist.is_initialized()) or not values:
         return values
     keys = sorted(values)
@@ -333,13 +326,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     import torch
 
     from multimix import checkpoint as ckpt_mod
-    from multimix.data.batches import TrainBatches, open_streams
     from multimix.engine import build_optimizer, prepare_model, train_step
-    from multimix.metrics import val_score_balanced, validation_cls_metrics
     from multimix.model import create_model, unwrap
     from multimix.objective import TERM_KEYS, class_rates, make_labeler
-    from multimix.validate import validate
-    from multimix.variants import images_per_step
 
     inputs: WorkerInputs = loop_cfg["inputs"]
     cfg = load_config(inputs.config)
@@ -369,7 +358,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     if last is not None and (state is None or last["epoch"] > state["epoch"]):
         state, source = last, last_source
     ema = None
-    if cfg.objective.ema_decay > 0:  # issue #20: EMA teacher (pseudo-labels, validated, saved)
+    if cfg.objective.ema_decay > 0:  # EMA teacher (pseudo-labels, validated, saved)
         from multimix.ema import ModelEMA
 
         ema = ModelEMA(unwrap(model), cfg.objective.ema_decay, warmup=cfg.objective.ema_warmup)
@@ -428,7 +417,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                         classes=inputs.classes, batch_size=cfg.data.eval_batch, rank=rank,
                         world_size=world)
         val = vres.flat()
-        if vres.cls is not None:  # issue #20: balanced scores, resample, val-chosen threshold
+        if vres.cls is not None:  # balanced scores, resample, val-chosen threshold
             val.update({f"val_cls_{k}": v for k, v in validation_cls_metrics(
                 vres.cls.probs, vres.cls.labels, inputs.classes or None,
                 cfg.objective.decision).items()})
@@ -457,7 +446,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
 
 class _SkippedRows:
-    """Rows that could not be decoded, per pool, for each epoch's metrics (issue #16):
+    """Rows that could not be decoded, per pool, for each epoch's metrics:
     ``skipped_<pool>`` for the labeled and validation pools (decoded once, before training:
     the same count every epoch) and ``skipped_<dataset>`` for the unlabeled streams (the rows
     their data tasks dropped since the previous epoch's count, as the pipeline's state actor
@@ -465,8 +454,6 @@ class _SkippedRows:
     have been trained in); ``skipped_rows``: their sum."""
 
     def __init__(self, pools: dict, state, datasets) -> None:
-        from multimix.data.pipeline import skipped_counts
-
         self.fixed = skipped_counts(pools)
         self.state, self.datasets = state, tuple(sorted(datasets))
         self.seen: dict = {}
@@ -475,8 +462,6 @@ class _SkippedRows:
         out = dict(self.fixed)
         counts = {}
         if self.state is not None and self.datasets:
-            from multimix.data.state import skipped_rows
-
             counts = skipped_rows(self.state)["counts"]
         for name in self.datasets:
             total = int(counts.get(name, 0))
@@ -519,7 +504,6 @@ def _write_run_files(storage_ctx, cfg: Config, history: list[dict], name: str) -
     metric, mode = cfg.run.checkpoint_metric, cfg.run.checkpoint_mode
 
     def put(fname: str, obj) -> None:  # atomic: a kill never leaves a truncated last.json
-        from multimix.data.storage import write_file
 
         write_file(fs, f"{root}/{fname}", json.dumps(obj, indent=1, default=float).encode())
 

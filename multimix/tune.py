@@ -54,8 +54,13 @@ from pathlib import Path
 
 import yaml
 
-from multimix.config import Config, ConfigError, load_config
+from multimix import evaluate, resources
+from multimix import train as train_cmd
+from multimix.config import Config, ConfigError, add_config_arguments, load_config
+from multimix.data import storage
+from multimix.data.storage import absolute_uri as absolute
 from multimix.errors import UserError, one_line
+from multimix.preflight import Reads, check_inputs, check_run_storage
 
 DEFAULT_SPACE = (
     "objective.threshold=uniform:0.5,0.95",
@@ -72,9 +77,7 @@ _PATH_KEYS = (("data", "cls_data"), ("data", "seg_data"), ("run", "storage_path"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", "-c", default="paper", help="preset or YAML (default: paper)")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-                   help="fixed config override (repeatable)")
+    add_config_arguments(p, "paper", what="the fixed settings of every trial")
     p.add_argument("--space", action="append", default=[], metavar="KEY=KIND:ARGS",
                    help="a sampled value, e.g. objective.threshold=uniform:0.5,0.95 or "
                         "data.cls_labeled=choice:100,1000,all (repeatable)")
@@ -252,11 +255,9 @@ def search_from_args(args) -> Search:
 
 def absolute_paths(cfg: Config) -> Config:
     """Local path values made absolute (Tune trials run with the trial folder as cwd)."""
-    from multimix.data.storage import absolute_uri as absolute
-
     for sec, key in _PATH_KEYS:
         setattr(getattr(cfg, sec), key, absolute(getattr(getattr(cfg, sec), key)))
-    d = cfg.data  # the lists of paths (issue #18), and unlabeled_seg_from naming one of them
+    d = cfg.data  # the lists of paths (extra unlabeled pools, evaluation sets), and unlabeled_seg_from naming one of them
     if d.unlabeled_seg_from in d.unlabeled_data:
         d.unlabeled_seg_from = absolute(d.unlabeled_seg_from)
     d.unlabeled_data = [absolute(u) for u in d.unlabeled_data]
@@ -309,8 +310,6 @@ def check_search_inputs(cfg: Config, search: Search) -> None:
     for all combinations (:class:`multimix.preflight.Reads`)."""
     import itertools
 
-    from multimix.preflight import Reads, check_inputs, check_run_storage
-
     check_run_storage(cfg)
     values = _input_values(search)
     base = cfg.to_dict(include_secrets=True)
@@ -323,8 +322,6 @@ def check_search_inputs(cfg: Config, search: Search) -> None:
 
 def trial_run_dir(exp_uri: str, trial_id: str) -> str:
     """The Train run directory of a trial: ``<experiment>/trials/<trial_id>``."""
-    from multimix.data import storage
-
     return storage.join(exp_uri, "trials", trial_id)
 
 
@@ -334,14 +331,12 @@ def trial(params: dict, base: dict, exp_uri: str) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from multimix.train import train
-
     tid = ray.tune.get_context().get_trial_id()
     # an all-digit trial id such as 83046_00000 stays a string: --set values are read by the
     # type of their field (config.parse_overrides)
     cfg = load_config(base, param_overrides(params) + [
         f"run.storage_path={exp_uri.rstrip('/')}/trials", f"run.name={tid}"])
-    train(cfg, callbacks=[TuneReportCallback()])
+    train_cmd.train(cfg, callbacks=[TuneReportCallback()])
 
 
 #: variables Ray Tune would copy from the driver into every trial actor's runtime env
@@ -362,8 +357,6 @@ def _keep_keys_out_of_trial_runtime_envs() -> None:
 
 
 def experiment_uri(cfg: Config) -> str:
-    from multimix.data import storage
-
     return storage.join(cfg.run.storage_path, cfg.run.name)
 
 
@@ -371,8 +364,6 @@ def _fit_concurrency(cfg: Config, search: Search) -> Search:
     """``--concurrent`` lowered to what the connected cluster holds when no autoscaler can add
     nodes (:func:`multimix.resources.concurrent_trials`; a line says so)."""
     from dataclasses import replace
-
-    from multimix import resources
 
     n, msg = resources.concurrent_trials(cfg, search.concurrent, resources.cluster_nodes(),
                                          resources.autoscaler_running())
@@ -391,14 +382,10 @@ def tune(cfg: Config, search: Search, restart: bool = False):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    from multimix import resources
-    from multimix.data import storage
-    from multimix.train import init_ray
-
     cfg = absolute_paths(cfg)
     search.check(cfg)
     check_search_inputs(cfg, search)  # datasets, budgets, storage: before Ray starts
-    init_ray(cfg)
+    train_cmd.init_ray(cfg)
     search = _fit_concurrency(cfg, search)
     exp_uri = experiment_uri(cfg)
     if restart:
@@ -522,8 +509,6 @@ def collect(grid, cfg: Config, exp_uri: str) -> tuple[list[dict], dict]:
 
 def _run_history(run_dir: str, cfg: Config) -> list[dict]:
     """``history.json`` of a trial's Train run (one metrics dict per finished epoch), or []."""
-    from multimix.data import storage
-
     uri = storage.join(run_dir, "history.json")
     if not storage.exists(uri, cfg.storage):
         return []
@@ -531,8 +516,6 @@ def _run_history(run_dir: str, cfg: Config) -> list[dict]:
 
 
 def storage_join(uri: str, *parts: str) -> str:
-    from multimix.data import storage
-
     return storage.join(uri, *parts)
 
 
@@ -596,7 +579,6 @@ def write_results(grid, cfg: Config, search: Search | None = None) -> dict:
     """Write ``results.csv``, ``results.md``, ``best.yaml`` and the plots into the experiment
     directory (local or ``s3://``). Returns ``{"rows", "best", "files": {name: uri}}``."""
     from multimix import plots
-    from multimix.data import storage
 
     cfg = absolute_paths(cfg)
     exp_uri = experiment_uri(cfg)
@@ -653,8 +635,6 @@ def run(args) -> int:
           f"checkpoint {best['checkpoint']}")
     print(f"retrain it: multimix train --config {out['files']['best.yaml']}")
     if args.evaluate:
-        from multimix import evaluate
-
         report = evaluate.evaluate_checkpoint(
             best["checkpoint"],
             cls_data=args.eval_cls or ([cfg.data.cls_data] if cfg.data.cls_data else []),

@@ -33,6 +33,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from multimix.data.pools import eval_batches
+from multimix.metrics import ClsAccumulator, SegAccumulator, all_gather_state, val_score
+
 __all__ = ["ClsScores", "SegScores", "Validation", "validate"]
 
 
@@ -78,8 +81,6 @@ class Validation:
         """The scalar metrics as one flat dict, as the training loop reports them:
         ``<prefix>cls_<metric>``, ``<prefix>seg_<metric>``, ``extra`` (as given) and
         ``<prefix>score`` (:func:`~multimix.metrics.val_score`; NaN when nothing was scored)."""
-        from multimix.metrics import val_score
-
         out: dict[str, float] = {}
         for task, res in (("cls", self.cls), ("seg", self.seg)):
             if res is not None:
@@ -92,8 +93,6 @@ class Validation:
 
 
 def _gather_ids(ids: list) -> list:
-    from multimix.metrics import all_gather_state
-
     return [i for st in all_gather_state({"ids": list(ids)}) for i in st["ids"]]
 
 
@@ -119,9 +118,7 @@ def validate(model, device, *, cls=None, seg=None, classes: Optional[Sequence[st
         :class:`Validation` with the gathered per-image results and metrics of each task
         scored; ``.flat()`` gives the ``val_*`` dict the training history holds.
     """
-    from multimix.data.pools import eval_batches
     from multimix.engine import eval_step
-    from multimix.metrics import ClsAccumulator, SegAccumulator, all_gather_state
 
     names = list(classes) if classes else None
     was_training = model.training

@@ -23,7 +23,12 @@ import tempfile
 import time
 from datetime import timedelta
 
+from multimix import train as T
+from multimix.config import load_config
+from multimix.data.pools import LabeledPool
+from multimix.data.synthetic import phantom
 from multimix.testing import free_ports
+from multimix.validate import validate
 
 #: metric tolerance between the gathered and the single-process numbers (the shards' batches
 #: differ from the full batch, so convolution algorithms and summation orders may too)
@@ -36,9 +41,6 @@ def _setup(size: int):
     import numpy as np
     import torch
 
-    from multimix.config import load_config
-    from multimix.data.pools import LabeledPool
-    from multimix.data.synthetic import phantom
     from multimix.model import create_model
 
     cfg = load_config("cpu-small", {"data": {"image_size": size, "eval_batch": 2},
@@ -70,9 +72,6 @@ def train_values(rank: int) -> dict[str, float]:
 def _worker(rank: int, world: int, backend: str, port: int, size: int, out_dir: str) -> None:
     import torch
     import torch.distributed as dist
-
-    from multimix import train as T
-    from multimix.validate import validate
 
     device = torch.device("cpu")
     if backend == "nccl":

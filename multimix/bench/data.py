@@ -50,6 +50,14 @@ import time
 import numpy as np
 
 from multimix.bench import ratio
+from multimix.config import load_config
+from multimix.data import storage
+from multimix.data.allocator import keep_freed_memory
+from multimix.data.augment import Augmenter, paper_pair, row_keys
+from multimix.data.batches import StreamCursor
+from multimix.data.images import IMAGE_PNG_LEVEL, decode_png, encode_png
+from multimix.data.prepare import row_order_key
+from multimix.data.readers import block_rows, configure_data_context, stream_dataset
 from multimix.testing import kermany_rows, synthetic_rows, write_dataset
 
 # ---------------------------------------------------------------------------------------------
@@ -173,9 +181,6 @@ def _e2e(uri: str, ids: list[str], cfg, passes: int, cpus: int, augmenter=None) 
     one execution's start-up), ``steady`` (rows/s/CPU after it) and ``consumer_ms`` (CPU
     milliseconds per row of this process, the consumer: a Train worker's share).
     ``augmenter``: see :func:`multimix.data.readers.stream_dataset`."""
-    from multimix.data.batches import StreamCursor
-    from multimix.data.readers import configure_data_context, stream_dataset
-
     configure_data_context()
 
     def source(n_passes: int):
@@ -222,8 +227,6 @@ def _put_ms_per_row(size: int) -> float:
     on top of decode + augment (best of 5)."""
     import ray
 
-    from multimix.data.readers import block_rows
-
     rows = block_rows(size)
     block = {k: np.full((rows, size, size), 7, np.uint8) for k in ("weak_img", "strong_img")}
     best = float("inf")
@@ -236,12 +239,6 @@ def _put_ms_per_row(size: int) -> float:
 
 
 def run(args) -> int:
-    from multimix.config import load_config
-    from multimix.data.allocator import keep_freed_memory
-    from multimix.data.augment import Augmenter, paper_pair, row_keys
-    from multimix.data.images import IMAGE_PNG_LEVEL, decode_png, encode_png
-    from multimix.data.prepare import row_order_key
-
     if args.png_level is None:
         args.png_level = IMAGE_PNG_LEVEL
     tuned = False if args.no_malloc_tuning else keep_freed_memory()
@@ -378,9 +375,6 @@ def _table(out: dict) -> None:
 
 def _s3_e2e(args, local_uri: str, ids, over: dict, cpus: int) -> dict:
     import pyarrow.fs as pafs
-
-    from multimix.config import load_config
-    from multimix.data import storage
 
     st = {"endpoint": args.s3_endpoint, "region": args.s3_region}
     if args.s3_access_key:

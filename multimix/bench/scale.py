@@ -45,7 +45,15 @@ import tempfile
 import threading
 import time
 
+from multimix import train as T
 from multimix.bench import ratio
+from multimix.config import add_config_arguments, load_config
+from multimix.data.dataset import read_manifest
+from multimix.data.images import encode_png, perceptual_hash
+from multimix.data.prepare import DatasetWriter, prepare_demo, row_order_key
+from multimix.data.synthetic import phantom
+from multimix.errors import DataError, UserError
+from multimix.variants import images_per_step
 
 #: the figures ``--json`` always holds (tests check them)
 KEYS = ("baseline", "scaled", "peak_mem_ratio", "steps_per_s_ratio", "private_peak_ratio")
@@ -67,10 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="epochs per run (default 2; steps/s is the last epoch's)")
     p.add_argument("--baseline-rows", type=int, default=BASELINE_ROWS,
                    help=f"rows of the baseline corpus (default {BASELINE_ROWS})")
-    p.add_argument("--config", "-c", default="cpu-small",
-                   help="preset or YAML (default: cpu-small)")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override (repeatable), e.g. --set scaling.num_workers=2")
+    add_config_arguments(p, "cpu-small")
     p.add_argument("--work", default=os.path.join(os.path.expanduser("~"), ".cache", "multimix",
                                                   "bench-scale"),
                    help="folder of the corpora (kept and reused, keyed by rows and size; "
@@ -90,12 +95,6 @@ def write_corpus(uri: str, rows: int, size: int, base: int = 256) -> dict:
     already at ``uri`` when its manifest says the same rows, size and generator. Returns the
     manifest."""
     import numpy as np
-
-    from multimix.data.images import encode_png, perceptual_hash
-    from multimix.data.prepare import DatasetWriter, row_order_key
-    from multimix.data.dataset import read_manifest
-    from multimix.data.synthetic import phantom
-    from multimix.errors import DataError
 
     try:
         man = read_manifest(uri)
@@ -128,10 +127,6 @@ def write_corpus(uri: str, rows: int, size: int, base: int = 256) -> dict:
 
 def _demo(work: str, size: int) -> str:
     """The synthetic demo set (labeled + validation + unlabeled rows) at ``size``, cached."""
-    from multimix.data.prepare import prepare_demo
-    from multimix.data.dataset import read_manifest
-    from multimix.errors import DataError
-
     root = os.path.join(work, f"demo-{size}")
     try:
         read_manifest(os.path.join(root, "cls"))
@@ -297,8 +292,6 @@ class PeakSampler:
 
 
 def _config(args, demo: str, corpus: str, runs: str, name: str):
-    from multimix.config import load_config
-
     over = [f"data.image_size={args.size}", f"data.cls_data={demo}/cls",
             f"data.seg_data={demo}/seg", f"data.unlabeled_data=[{corpus}]",
             "data.cls_labeled=100", "data.seg_labeled=10", f"optim.epochs={args.epochs}",
@@ -309,9 +302,6 @@ def _config(args, demo: str, corpus: str, runs: str, name: str):
 def run_once(cfg, rows: int, cpus) -> dict:
     """Train ``cfg`` (fresh local Ray when none is running) while sampling memory."""
     import ray
-
-    from multimix import train as T
-    from multimix.variants import images_per_step
 
     started = False
     t0 = time.perf_counter()
@@ -333,8 +323,6 @@ def run_once(cfg, rows: int, cpus) -> dict:
 
 
 def measure(args) -> dict:
-    from multimix.errors import UserError
-
     if args.rows < 1 or args.baseline_rows < 1:
         raise UserError("--rows and --baseline-rows must be >= 1")
     if args.size % 32 or args.size < 32:

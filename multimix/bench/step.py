@@ -35,6 +35,9 @@ import subprocess
 import sys
 import time
 
+from multimix.config import Config
+from multimix.errors import UserError
+
 STREAMS = ("cls_img", "weak_img", "strong_img", "seg_img", "useg_img")
 
 
@@ -62,14 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _setup(args):
     import torch
 
-    from multimix.config import Config
     from multimix.engine import build_optimizer, prepare_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.size % 32:
-        from multimix.errors import UserError
-
         raise UserError(f"--size {args.size}: must be a multiple of 32")
     cfg = Config()
     cfg.model.variant = args.variant

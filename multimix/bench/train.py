@@ -37,7 +37,16 @@ import sys
 import tempfile
 import time
 
+from multimix import resources, train as T
 from multimix.bench import ratio
+from multimix.bench.data import _cpu_rate, _cpu_used, _tree_cpu
+from multimix.config import add_config_arguments, load_config
+from multimix.data.augment import Augmenter, row_keys
+from multimix.data.batches import TrainBatches, open_streams
+from multimix.data.prepare import prepare_demo
+from multimix.errors import UserError
+from multimix.testing import synthetic_rows
+from multimix.variants import images_per_step
 
 #: the figures ``--json`` always holds (tests check them)
 KEYS = ("train_img_per_s", "step_img_per_s", "feed_ratio", "data_wait_fraction", "data_cpus",
@@ -46,9 +55,7 @@ KEYS = ("train_img_per_s", "step_img_per_s", "feed_ratio", "data_wait_fraction",
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", default="paper", help="preset or YAML (default: paper)")
-    p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override (repeatable), e.g. --set model.width=0.5")
+    add_config_arguments(p, "paper")
     p.add_argument("--size", type=int, default=256, help="image side (default 256)")
     p.add_argument("--steps", type=int, default=50, help="timed steps (default 50)")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
@@ -74,12 +81,8 @@ def bench_loop(loop_cfg: dict) -> None:
     import ray.train.torch
     import torch
 
-    from multimix.bench.data import _tree_cpu, _cpu_used
-    from multimix.config import load_config
-    from multimix.data.batches import TrainBatches, open_streams
     from multimix.engine import build_optimizer, prepare_model, train_step
     from multimix.model import create_model
-    from multimix.variants import images_per_step
 
     inputs = loop_cfg["inputs"]  # multimix.train.WorkerInputs
     cfg = load_config(inputs.config)
@@ -158,10 +161,6 @@ def augment_rate(size: int, n: int = 64, reps: int = 3) -> float:
     images (two per pair) per CPU-second, best of ``reps``."""
     import numpy as np
 
-    from multimix.bench.data import _cpu_rate
-    from multimix.testing import synthetic_rows
-    from multimix.data.augment import Augmenter, row_keys
-
     rows = synthetic_rows(n, size)
     imgs = np.stack([r["image"] for r in rows])
     keys = row_keys([r["id"] for r in rows], 0)
@@ -177,8 +176,6 @@ def augment_rate(size: int, n: int = 64, reps: int = 3) -> float:
 
 def _config(args, root: str, storage: str):
     import math
-
-    from multimix.config import load_config
 
     base = load_config(args.config, args.set)
     unl_guess = max(1, int(args.n_cls * 0.9) - base.data.cls_labeled if args.data is None
@@ -200,26 +197,17 @@ def _config(args, root: str, storage: str):
 def measure(args) -> dict:
     import ray
 
-    from multimix import resources
-    from multimix import train as T
-
     if args.size % 32:
-        from multimix.errors import UserError
-
         raise UserError(f"--size {args.size}: must be a multiple of 32")
     if args.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
-            from multimix.errors import UserError
-
             raise UserError("--device cuda: no CUDA device visible to torch")
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mm-bench-train-") as tmp:
         root = args.data
         if root is None:
-            from multimix.data.prepare import prepare_demo
-
             root = os.path.join(tmp, "data")
             prepare_demo(root, n_cls=args.n_cls, n_seg=100, image_size=args.size)
         t_prep = time.perf_counter() - t_start

@@ -134,7 +134,7 @@ def read_table(uri: str, columns: Optional[list[str]] = None,
     if not manifest.get("shards"):
         return SCHEMA.empty_table().select(columns) if columns else SCHEMA.empty_table()
     if data is None:
-        data = open_dataset(uri, storage_cfg, manifest=manifest)  # shards checked (issue #16)
+        data = open_dataset(uri, storage_cfg, manifest=manifest)  # shards checked
     fs, paths = data.fs, data.paths
     with storage.storage_errors(uri, storage_cfg):
         tables = [pq.read_table(p, columns=columns, filesystem=fs) for p in paths]

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from multimix.data.images import decode_png
 from multimix.errors import DataError
 
 __all__ = ["binary_cells", "decode_rows", "to_tensor"]
@@ -63,8 +64,6 @@ def decode_rows(batch: Mapping[str, Any], size: int,
     Pixels go straight from the decoder into preallocated arrays (no per-row lists, no
     ``np.stack``); masks are binarised in place, once per batch.
     """
-    from multimix.data.images import decode_png
-
     ids = [i if isinstance(i, str) else str(i) for i in batch["id"]]
     out = {c: np.empty((len(ids), size, size), np.uint8) for c in columns}
     good_ids: list = []

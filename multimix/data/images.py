@@ -257,7 +257,7 @@ def perceptual_hash(a: np.ndarray) -> bytes:
     with an orthonormal 2-D DCT-II; the 16 x 16 coefficients of frequencies 1..16 on both axes
     (the DC row and column left out: every chest X-ray shares them) are compared with their
     median, bit ``16 * u + v`` (most significant bit of byte 0 first) is 1 where the
-    coefficient is above it. Measured on Kermany (README "Contamination guard"): resized,
+    coefficient is above it. Measured on Kermany (docs/BENCHMARKS.md, "Near duplicates"): resized,
     re-encoded (JPEG q30-90) and gamma-changed copies land <= 24 bits from the original;
     distinct images >= 44 bits (mean 121). A 64-bit hash (8 x 8 coefficients) separates chest
     X-rays poorly: 1.3e-5 of distinct Kermany pairs within 4 bits.

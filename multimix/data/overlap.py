@@ -1,5 +1,5 @@
 """The contamination guard and ``multimix overlap``: which rows of one prepared dataset are the
-same picture as rows of another (issue #18). Ray-free; reads only the ``id``, ``hash`` and
+same picture as rows of another (DESIGN.md §3b). Ray-free; reads only the ``id``, ``hash`` and
 ``phash`` columns (a few dozen bytes a row: 10⁶ rows ≈ 100 MB in memory, no image bytes).
 
 Two kinds of match (DESIGN.md §1b):
@@ -35,8 +35,11 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from multimix.config import MAX_THRESHOLD, StorageConfig  # noqa: F401 - MAX_THRESHOLD: part of this API
-from multimix.errors import UserError
+from multimix.config import (MAX_THRESHOLD, StorageConfig, add_config_arguments,
+                             load_config)
+from multimix.data import storage
+from multimix.data.dataset import open_dataset, shard_paths
+from multimix.errors import DataError, UserError
 
 __all__ = [
     "NEAR_THRESHOLD",
@@ -58,7 +61,7 @@ __all__ = [
 ]
 
 #: default Hamming distance (of 256 bits) at or below which two perceptual hashes are taken
-#: for the same picture. Measured on the shared data (README.md, "Contamination guard").
+#: for the same picture. Measured on the shared data (docs/BENCHMARKS.md, "Near duplicates").
 NEAR_THRESHOLD = 31
 
 _BAND_BITS = 16
@@ -77,7 +80,7 @@ class HashTable:
         ids: row ids, ``(n,)`` object array of str.
         sha: sha256 hex digests, ``(n,)`` object array of str.
         phash: perceptual hashes as ``uint64 (n, 4)`` (the 32 bytes of each), or None when the
-            dataset has no ``phash`` column (prepared before issue #18).
+            dataset has no ``phash`` column (prepared before the column existed).
         has_phash: ``bool (n,)``: rows whose ``phash`` is set (all False when ``phash`` is None).
     """
 
@@ -131,8 +134,6 @@ def load_hashes(uri: str, ids: Optional[Iterable[str]] = None,
     Raises:
         DataError: not a prepared dataset; an id of ``ids`` is not in it.
     """
-    from multimix.errors import DataError
-
     want = list(ids) if ids is not None else None
     table = concat(name or uri, list(iter_hashes(uri, storage_cfg, name=name, ids=want,
                                                  chunk_rows=None)))
@@ -158,10 +159,6 @@ def iter_hashes(uri: str, storage_cfg: Optional[StorageConfig] = None,
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-
-    from multimix.data import storage
-    from multimix.data.dataset import shard_paths
-    from multimix.data.dataset import open_dataset
 
     fs, paths, manifest = shard_paths(uri, storage_cfg)
     paths = open_dataset(uri, storage_cfg, manifest=manifest).paths  # shards checked
@@ -482,12 +479,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "a single dataset with itself")
     p.add_argument("--threshold", type=int, default=NEAR_THRESHOLD, metavar="BITS",
                    help=f"near duplicate: perceptual hashes at most this many of 256 bits apart "
-                        f"(default {NEAR_THRESHOLD}, measured: README 'Contamination guard')")
+                        f"(default {NEAR_THRESHOLD}, measured: docs/BENCHMARKS.md, Near duplicates)")
     p.add_argument("--examples", type=int, default=5, help="example pairs per kind (default 5)")
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
-    p.add_argument("--config", default=None, help="preset name or YAML file (storage settings)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. storage.endpoint=http://127.0.0.1:8333")
+    add_config_arguments(p, what="storage settings")
 
 
 def _text(r: dict) -> str:
@@ -507,9 +502,7 @@ def _text(r: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from multimix.config import load_config
-
-    cfg = load_config(args.config or None, args.set)
+    cfg = load_config(args.config, args.set)
     _check_threshold(args.threshold)
     tables = [load_hashes(u, storage_cfg=cfg.storage) for u in args.datasets]
     if len(tables) == 1:

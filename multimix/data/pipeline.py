@@ -114,7 +114,7 @@ def skipped_counts(pools: Mapping[str, LabeledPool]) -> dict[str, int]:
 
 def check_skipped(cfg, pools: Mapping[str, LabeledPool], splits: Mapping[str, Any]) -> None:
     """Refuse a run whose labeled or validation pools lost more than ``data.allow_skipped``
-    undecodable rows each (the split asked for them; issue #16); print one line when rows
+    undecodable rows each (the split asked for them); print one line when rows
     were lost within that allowance.
 
     Raises:
@@ -148,7 +148,7 @@ def load_pools(cfg, splits: Mapping[str, Any]) -> dict:
     """The labeled training pools in memory (``<task>_labeled``:
     :class:`~multimix.data.pools.LabeledPool`) and the held-out validation pools streamed
     (``<task>_val``, when the split has any: :class:`~multimix.data.pools.StreamedPool`,
-    scanned once here so their undecodable rows are counted; issue #18).
+    scanned once here so their undecodable rows are counted).
 
     Raises:
         DataError: a labeled pool would decode to more than ``data.max_labeled_mb`` (checked

@@ -1,6 +1,6 @@
 """The labeled pools (no Ray): the small training pools decoded once and held in memory
 (sampled by the Train workers), the validation / evaluation pools streamed from their shards
-(scored by :func:`multimix.validate.validate`; issue #18: their memory does not grow with them).
+(scored by :func:`multimix.validate.validate`: their memory does not grow with them).
 
 - :class:`LabeledPool`: decoded labeled rows (images + labels, or images + masks + ignore);
 - :func:`load_labeled_pool`: read chosen rows of a prepared dataset with pyarrow and decode them;
@@ -103,7 +103,7 @@ def decoded_mb(rows: int, size: int, seg: bool) -> float:
 
 
 class StreamedPool:
-    """Rows ``ids`` of a prepared dataset, scored without holding their images (issue #18): each
+    """Rows ``ids`` of a prepared dataset, scored without holding their images: each
     pass reads this rank's rows with pyarrow one row group at a time (only the row groups that
     hold them), decodes them and yields evaluation batches, so a validation or evaluation set
     costs its ids and row positions in memory, not ``N × size²`` bytes.

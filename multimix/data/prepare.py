@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from multimix import __version__
 from multimix import resources
-from multimix.config import StorageConfig, load_config
+from multimix.config import StorageConfig, add_config_arguments, load_config
 from multimix.data import storage, synthetic
 from multimix.data.dataset import FORMAT, SCHEMA, read_manifest
 from multimix.data.images import (IMAGE_PNG_LEVEL, MASK_PNG_LEVEL, MASK_THRESHOLD, encode_png,
@@ -782,9 +782,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--demo-count", type=int, default=400,
                    help="--demo: classification phantoms (segmentation: a quarter, at least 16)")
     p.add_argument("--seed", type=int, default=0, help="--demo: generator seed")
-    p.add_argument("--config", default=None, help="preset name or YAML file (storage settings)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. storage.endpoint=http://127.0.0.1:8333")
+    add_config_arguments(p, what="storage settings")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -806,7 +804,7 @@ def _summary(m: dict, out_uri: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config or None, args.set)
+    cfg = load_config(args.config, args.set)
     size = args.size if args.size is not None else cfg.data.image_size
     if args.demo:
         if args.source:

@@ -20,7 +20,7 @@ one :class:`StreamSpec`. How it reads (DESIGN §3 has the measurements behind ea
 - each dataset is built with Ray Data's target block size at 3/4 of one yielded block
   (:func:`block_target`), so every yield leaves its task whole as soon as it is rendered.
 - undecodable rows are dropped in the task, logged and counted on the state actor.
-- several pools make one stream (``data.unlabeled_data``, issue #18): the row groups of every
+- several pools make one stream (``data.unlabeled_data``): the row groups of every
   :class:`Source` form one list, and a :class:`ReadPlan` says which of them each pass reads
   (:func:`pass_groups`): all once (no weights: proportional to rows), or ``m_i`` row groups of
   source ``i`` per pass, drawn from a seeded cycle of permutations of its row groups (without
@@ -39,10 +39,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from multimix.data.allocator import keep_freed_memory
 from multimix.data.augment import Augmenter, row_keys
+from multimix.data.dataset import open_dataset
 from multimix.data.decode import binary_cells, decode_rows
 from multimix.data.state import current_pass
-from multimix.data.dataset import open_dataset
 from multimix.errors import DataError
 from multimix.variants import DATASETS
 
@@ -363,8 +364,6 @@ def _read_map_fn(items, *, fss, groups, per_task, plan: ReadPlan, sources, spec:
     blocks of ``spec.rows`` rows (generator UDF)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from multimix.data.allocator import keep_freed_memory
 
     keep_freed_memory()  # once per worker process: reuse freed block memory (see allocator.py)
     # once per task: a task belongs to one execution

@@ -16,7 +16,7 @@ Four layouts (``layout="auto"`` picks one of the first three, see :func:`detect_
              ignore_path]`` (task ``seg``); paths relative to the CSV's folder. Labels are class
              names (sorted → index) or integers 0..C-1.
 
-Labels are checked (issue #16): with ``classes=`` (``prepare --classes NORMAL,PNEUMONIA``) that
+Labels are checked: with ``classes=`` (``prepare --classes NORMAL,PNEUMONIA``) that
 is the class set, in that order (index = position); a CSV label outside it (a name, or an
 integer ≥ C) and a class folder not in it are *unknown labels*: problems (bad rows in
 ``report.json``, fatal under ``--strict``), never a new class. Without ``classes=`` the folders

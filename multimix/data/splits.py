@@ -27,7 +27,10 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from multimix.config import Budget, ConfigError, StorageConfig
+from multimix.config import (Budget, ConfigError, StorageConfig, add_config_arguments,
+                             load_config)
+from multimix.data import storage
+from multimix.data.dataset import read_manifest, read_table
 from multimix.errors import DataError, UserError
 
 __all__ = ["Split", "make_split", "split_name", "ensure_split", "store_split", "split_record",
@@ -92,7 +95,7 @@ def ids_sha256(split: "Split") -> str:
 def split_record(split: "Split") -> dict:
     """What a checkpoint stores of a split: the file beside the data (relative to the dataset),
     the sha256 of its ids and the part sizes — not the ids, which at 10⁵–10⁶ unlabeled rows
-    would be copied into every checkpoint (issue #18)."""
+    would be copied into every checkpoint."""
     return {"file": f"splits/{split.name}.json", "ids_sha256": ids_sha256(split),
             "counts": {p: len(getattr(split, p)) for p in ("labeled", "val", "unlabeled")}}
 
@@ -106,8 +109,6 @@ def recorded_split(dataset_uri: str, record: dict,
     Raises:
         DataError: the split file is gone (the dataset was prepared again) or its ids changed.
     """
-    from multimix.data import storage
-
     if "file" not in record:  # an older checkpoint: the ids themselves
         return Split(labeled=list(record.get("labeled", [])), val=list(record.get("val", [])),
                      unlabeled=list(record.get("unlabeled", [])), seed=-1, n_labeled="all",
@@ -288,9 +289,6 @@ def ensure_split(dataset_uri: str, n_labeled: Union[int, str], val_fraction: flo
     Raises:
         DataError: not a prepared dataset. ConfigError: budget too large (names ``budget_key``).
     """
-    from multimix.data import storage
-    from multimix.data.dataset import read_manifest, read_table
-
     if manifest is None:
         manifest = read_manifest(dataset_uri, storage_cfg)
     if manifest.get("task") == "unlabeled":
@@ -318,8 +316,6 @@ def ensure_split(dataset_uri: str, n_labeled: Union[int, str], val_fraction: flo
 
 def split_uri(dataset_uri: str, name: str) -> str:
     """Where the split ``name`` (``L{n}-V{val}-S{seed}``) of a dataset is stored."""
-    from multimix.data import storage
-
     return storage.join(dataset_uri, "splits", f"{name}.json")
 
 
@@ -327,9 +323,7 @@ def store_split(dataset_uri: str, split: Split,
                 storage_cfg: Optional[StorageConfig] = None) -> None:
     """Write ``split`` (made by ``ensure_split(..., write=False)``) beside the data, unless the
     file there already holds the same ids: the run's checks made the split once, so this reads
-    no shard again (issue #16: nothing is written into a dataset before the checks passed)."""
-    from multimix.data import storage
-
+    no shard again (nothing is written into a dataset before the checks passed)."""
     uri = split_uri(dataset_uri, split.name)
     if storage.exists(uri, storage_cfg):
         try:
@@ -363,17 +357,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="label budget in images, or 'all'")
     p.add_argument("--val", type=float, default=0.1, help="validation fraction (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    p.add_argument("--config", default=None, help="preset name or YAML file (storage settings)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. storage.endpoint=http://127.0.0.1:8333")
+    add_config_arguments(p, what="storage settings")
 
 
 def run(args: argparse.Namespace) -> int:
-    from multimix.config import load_config
-    from multimix.data import storage
-    from multimix.data.dataset import read_manifest
-
-    cfg = load_config(args.config or None, args.set)
+    cfg = load_config(args.config, args.set)
     if not 0.0 <= args.val < 1.0:
         raise UserError(f"--val must be in [0, 1), got {args.val}")
     manifest = read_manifest(args.data, cfg.storage)

@@ -1,4 +1,4 @@
-"""Local paths and ``s3://`` URIs behind one pyarrow ``FileSystem`` (DESIGN.md §8).
+"""Local paths and ``s3://`` URIs behind one pyarrow ``FileSystem`` (DESIGN.md §9).
 
 ``resolve(uri, storage_cfg)`` is the single place where a URI becomes a filesystem and a path.
 Everything else (prepare, splits, the Ray Data pipeline, checkpoints) goes through it, so S3

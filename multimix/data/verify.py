@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from multimix.config import load_config
+from multimix.config import add_config_arguments, load_config
 from multimix.data import storage
 from multimix.data.dataset import check, read_manifest, shard_entry
 from multimix.errors import UserError
@@ -35,15 +35,13 @@ def add_shard_info(uri: str, storage_cfg=None) -> dict:
 def add_arguments(p) -> None:
     p.add_argument("datasets", nargs="+", metavar="DATASET",
                    help="prepared dataset(s): folder or s3://bucket/prefix")
-    p.add_argument("--config", default=None, help="preset name or YAML file (storage settings)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. storage.endpoint=http://127.0.0.1:8333")
+    add_config_arguments(p, what="storage settings")
 
 
 def run(args) -> int:
     """Check every dataset (shard list, sizes, row counts, sha256, unlisted shard files); one
     line per problem; exit 1 on any."""
-    cfg = load_config(args.config or None, args.set)
+    cfg = load_config(args.config, args.set)
     bad = 0
     for uri in args.datasets:
         try:

@@ -437,7 +437,7 @@ def test_metrics_imports_no_ray():
 
 
 # ---------------------------------------------------------------------------------------------
-# operating point, balanced accuracy, balanced resample (issue #20)
+# operating point, balanced accuracy, balanced resample
 
 DRIFT_P1 = np.array([0.55, 0.6, 0.62, 0.7, 0.8, 0.9, 0.95])  # every image "pneumonia" by argmax
 DRIFT_Y = np.array([0, 0, 0, 1, 1, 1, 1])

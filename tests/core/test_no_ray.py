@@ -9,7 +9,8 @@ import sys
 CORE = ["multimix.variants", "multimix.model", "multimix.objective", "multimix.engine",
         "multimix.metrics", "multimix.validate", "multimix.data.augment", "multimix.data.images",
         "multimix.data.decode", "multimix.data.pools", "multimix.bench.step", "multimix.ema",
-        "multimix.data.verify", "multimix.preflight"]
+        "multimix.data.verify", "multimix.preflight", "multimix.data.dataset",
+        "multimix.data.storage", "multimix.resources", "multimix.config"]
 
 
 def test_core_imports_without_ray():

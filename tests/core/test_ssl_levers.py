@@ -1,4 +1,4 @@
-"""Issue #20 levers against hand-computed values: distribution alignment, FlexMatch / FreeMatch
+"""The stable-SSL levers against hand-computed values: distribution alignment, FlexMatch / FreeMatch
 thresholds, the stateful pseudo-labeler, the EMA teacher, the engine hooks and the config keys."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Extra unlabeled pools and the run-time contamination guard (issue #18), Ray-free parts."""
+"""Extra unlabeled pools and the run-time contamination guard, Ray-free parts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The contamination guard (multimix.data.overlap, issue #18): exact and near duplicates between
+"""The contamination guard (multimix.data.overlap): exact and near duplicates between
 prepared datasets, multi-index hashing against brute force, `multimix overlap`. Ray-free."""
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def test_no_near_pair_among_distinct_kermany_images(kermany_prepared):
 
 def test_datasets_without_phash_get_exact_matching_only(tmp_path, capsys):
     rows = [{"id": f"r{i}", "image": np.full((8, 8), i, np.uint8), "label": 0} for i in range(4)]
-    write_dataset(str(tmp_path / "old"), rows, "cls", 8)  # no phash column (pre-#18)
+    write_dataset(str(tmp_path / "old"), rows, "cls", 8)  # no phash column (an older dataset)
     t = ov.load_hashes(str(tmp_path / "old"))
     assert t.phash is None and not t.has_phash.any() and list(t.sha) == ["r0", "r1", "r2", "r3"]
     assert run_cli(ov, [str(tmp_path / "old"), str(tmp_path / "old")]) == 0

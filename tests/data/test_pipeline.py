@@ -451,7 +451,7 @@ def test_augmenter_hook_renders_the_views(real_sets, ray_local):
 
 def test_each_split_dataset_gets_the_readahead_cap():
     """data.readahead_mb caps each streaming dataset's object-store budget (Ray Data reads
-    ahead until it is full: issue #18); null leaves Ray's default."""
+    ahead until it is full); null leaves Ray's default."""
     from multimix.config import ConfigError
 
     cfg = load_config("cpu-small", ["data.readahead_mb=64"])

@@ -1,4 +1,4 @@
-"""``prepare --layout images`` (issue #18): unlabeled folder trees → task ``unlabeled``; the
+"""``prepare --layout images``: unlabeled folder trees → task ``unlabeled``; the
 perceptual hash column (``phash``) of every prepared row."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``multimix prepare --ray`` (issue #18): the same per-file function run by Ray Data tasks gives
+"""``multimix prepare --ray``: the same per-file function run by Ray Data tasks gives
 byte-identical shards, the same manifest (apart from ``created``) and the same report as the
 single-process path. One local Ray (the session's ``ray_local``), a tiny input."""
 

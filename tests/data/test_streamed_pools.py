@@ -1,4 +1,4 @@
-"""Validation / evaluation pools streamed from their shards (issue #18, Ray-free): the same
+"""Validation / evaluation pools streamed from their shards (Ray-free): the same
 batches and the same metrics as the in-memory pool of the same ids, undecodable rows counted and
 left out, missing ids refused, and the labeled-pool size limit checked before decoding."""
 

@@ -75,10 +75,11 @@ class KnownNet(nn.Module):
 
 
 def install(monkeypatch) -> None:
-    """``create_model`` builds a :class:`KnownNet` for the rest of the test."""
-    import multimix.model
+    """``create_model`` builds a :class:`KnownNet` for the rest of the test (where checkpoints
+    are loaded: :func:`multimix.checkpoint.load_model`)."""
+    from multimix import checkpoint
 
-    monkeypatch.setattr(multimix.model, "create_model", lambda cfg: KnownNet())
+    monkeypatch.setattr(checkpoint, "create_model", lambda cfg: KnownNet())
 
 
 def save_checkpoint(path: Path, cfg, splits: dict, classes=("NORMAL", "PNEUMONIA"),

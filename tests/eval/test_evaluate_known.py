@@ -272,7 +272,7 @@ def test_training_validation_and_evaluate_are_one_path(known, tmp_path):
 
 def test_evaluate_and_predict_use_the_stored_threshold(known, tmp_path, capsys):
     """A checkpoint trained with objective.decision=balanced_accuracy decides at its stored
-    threshold (issue #20); the argmax scores are reported beside it."""
+    threshold; the argmax scores are reported beside it."""
     from multimix import checkpoint
     from multimix.cli import main
     from multimix.evaluate import evaluate_checkpoint
@@ -310,7 +310,7 @@ def test_evaluate_and_predict_use_the_stored_threshold(known, tmp_path, capsys):
 
 def test_checkpoint_records_split_files_not_ids_and_evaluate_reads_them(known, tmp_path):
     """A checkpoint stores each split as the file beside the data + the sha256 of its ids
-    (issue #18: no id lists copied into every checkpoint); evaluate reads the held-out ids from
+    (no id lists copied into every checkpoint); evaluate reads the held-out ids from
     that file, and a changed or missing split file is one line naming it."""
     import torch
 

@@ -1,4 +1,4 @@
-"""Issue #16, checkpoints: a sha256 of the weights recorded and verified; empty, garbage,
+"""checkpoints: a sha256 of the weights recorded and verified; empty, garbage,
 truncated, bit-flipped checkpoints and storage errors are one line naming the file; a full disk
 while saving leaves the previous checkpoint intact; old checkpoints (no checksum) still load.
 Ray-free: a tiny state dict (the CLI fails while loading, before a model is built)."""
@@ -102,7 +102,7 @@ def test_a_foreign_torch_file_and_a_missing_checkpoint(tmp_path, capsys):
 
 def test_checkpoints_without_a_checksum_still_load(tmp_path):
     path = tmp_path / checkpoint.FILENAME
-    torch.save(_state(), path)  # as written before issue #16
+    torch.save(_state(), path)  # as older versions wrote it (no weights_sha256)
     state = checkpoint.load(str(path))
     assert "weights_sha256" not in state and state["epoch"] == 0
 

@@ -1,4 +1,4 @@
-"""Issue #16, files side: the manifest's shard records, atomic writes, and `prepare --overwrite`
+"""files side: the manifest's shard records, atomic writes, and `prepare --overwrite`
 that never loses the previous dataset (a killed rerun, a full disk). Ray-free, tiny images."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue #16, `multimix predict` on awkward inputs: directories (recursive, counted), images
+"""`multimix predict` on awkward inputs: directories (recursive, counted), images
 under 32 px refused with one line, missing paths named once, huge images decoded reduced.
 Ray-free: a real (untrained) model at 32 px."""
 

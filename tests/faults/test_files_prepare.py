@@ -1,4 +1,4 @@
-"""Issue #16, `multimix prepare` on damaged inputs: unknown labels (CSV typos, out-of-range
+"""`multimix prepare` on damaged inputs: unknown labels (CSV typos, out-of-range
 integers, stray class folders) are bad rows, fatal under --strict; non-binary masks are counted
 and reported; messages name the real file. Through `multimix.cli.main`, Ray-free, tiny images."""
 

@@ -1,4 +1,4 @@
-"""Issue #16 (4), Ray-free: a failure inside Ray becomes one line + a traceback file; the CLI
+"""Ray-free: a failure inside Ray becomes one line + a traceback file; the CLI
 prints that line alone with the right exit code; Tune's wrappers keep it; the epoch summary
 shows skipped rows."""
 

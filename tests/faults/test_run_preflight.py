@@ -1,4 +1,4 @@
-"""Issue #16 (2, 3): wrong inputs to ``train`` / ``tune`` / ``experiment paper-table`` fail
+"""wrong inputs to ``train`` / ``tune`` / ``experiment paper-table`` fail
 before Ray starts, with one line naming the key, and write nothing into the datasets; a labeled
 or validation pool that lost undecodable rows is refused unless ``data.allow_skipped`` allows
 it (Ray-free: ``init_ray`` is replaced by a tripwire)."""

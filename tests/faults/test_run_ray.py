@@ -1,4 +1,4 @@
-"""Issue #16 (2, 4) inside Ray: undecodable unlabeled rows are counted per epoch into
+"""Inside Ray: undecodable unlabeled rows are counted per epoch into
 history.json, and a failure inside the Train workers comes out as one line with the full
 traceback in ``<run dir>/error.log`` (damaged copies of a tiny real dataset, 32 px)."""
 

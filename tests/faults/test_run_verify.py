@@ -1,4 +1,4 @@
-"""Issue #16 (1): a damaged prepared dataset fails on read with one line naming the shard, and
+"""a damaged prepared dataset fails on read with one line naming the shard, and
 ``multimix verify`` lists every problem (Ray-free; damaged COPIES of a tiny real dataset)."""
 
 from __future__ import annotations
