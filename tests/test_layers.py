@@ -20,7 +20,8 @@ LAYERS = {
     "multimix": 0, "multimix.errors": 0, "multimix.variants": 0, "multimix.config": 0,
     # 1 storage, the dataset format, the cluster
     "multimix.data": 1, "multimix.data.storage": 1, "multimix.data.dataset": 1,
-    "multimix.data.images": 1, "multimix.data.decode": 1, "multimix.data.synthetic": 1,
+    "multimix.data.images": 1, "multimix.data.dicom": 1, "multimix.data.decode": 1,
+    "multimix.data.synthetic": 1,
     "multimix.data.allocator": 1, "multimix.resources": 1,
     # 2 compute without Ray
     "multimix.model": 2, "multimix.objective": 2, "multimix.engine": 2, "multimix.ema": 2,

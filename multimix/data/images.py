@@ -3,7 +3,9 @@
 Used by ``multimix prepare`` (source files → stored PNG bytes), by the Ray Data pipeline (stored
 PNG bytes → arrays) and by ``multimix predict`` (any user image → the model's input size), so every
 function takes any size, grey or colour, 8- or 16-bit, and fails with a :class:`DataError` that
-names the file instead of a Pillow traceback.
+names the file instead of a Pillow traceback. DICOM files (the ``DICM`` marker, or a
+``.dcm``/``.dicom`` name) are decoded by :mod:`multimix.data.dicom` (modality and VOI LUTs,
+MONOCHROME1 inverted) into the same 8-bit grey.
 
 Conventions: an *image* is a 2-D ``numpy.uint8`` array ``(H, W)`` of grey levels 0..255; a *mask*
 is a 2-D ``numpy.uint8`` array ``(H, W)`` with values {0, 1} in memory and {0, 255} when stored
@@ -22,6 +24,7 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from multimix.data import dicom
 from multimix.errors import DataError
 
 __all__ = [
@@ -42,7 +45,7 @@ __all__ = [
 ]
 
 #: file extensions (lower case) that :mod:`multimix.data.sources` treats as images
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") + dicom.DICOM_EXTENSIONS
 
 #: what Pillow raises for a file that is not an image, or a damaged one
 _DECODE_ERRORS = (
@@ -114,6 +117,8 @@ def _open_grey(src: Source, name: str | None, bounds: Optional[tuple[int, int]])
             raise DataError(f"{label}: no such file")
         if fp.stat().st_size == 0:
             raise DataError(f"{label}: empty file (0 bytes)")
+    if _dicom_source(src, fp, label):
+        return _open_dicom(src, label, bounds)
     # Truncated files must fail, not decode into a half-grey image (Pillow's global switch).
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
@@ -129,6 +134,31 @@ def _open_grey(src: Source, name: str | None, bounds: Optional[tuple[int, int]])
     except _DECODE_ERRORS as exc:
         reason = str(exc) or type(exc).__name__
         raise DataError(f"{label}: not a readable image ({reason})") from None
+
+
+def _dicom_source(src: Source, fp, label: str) -> bool:
+    """A DICOM file: its marker (the first 132 bytes) or its name (:func:`dicom.is_dicom`)."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return dicom.is_dicom(bytes(memoryview(src)[:132]), label)
+    with open(fp, "rb") as f:
+        return dicom.is_dicom(f.read(132), label)
+
+
+def _open_dicom(src: Source, label: str, bounds: Optional[tuple[int, int]]):
+    """:func:`dicom.read_dicom`'s pixels; with ``bounds``, reduced as :func:`_bounded` does
+    (after decoding: DICOM codecs have no reduced decode)."""
+    grey = dicom.read_dicom(src, name=label).pixels
+    if bounds is None:
+        return grey
+    max_side, min_side = bounds
+    H, W = grey.shape
+    if min(W, H) < min_side:
+        raise DataError(f"{label}: image is {W}x{H} pixels, smaller than the {min_side}-pixel "
+                        "minimum")
+    factor = -(-max(W, H) // max_side)
+    if factor > 1:
+        grey = np.array(Image.fromarray(grey, mode="L").reduce(factor), dtype=np.uint8)
+    return grey, (H, W)
 
 
 def _bounded(im: Image.Image, label: str, max_side: int,

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from multimix import __version__
 from multimix import resources
 from multimix.config import StorageConfig, add_config_arguments, load_config
-from multimix.data import storage, synthetic
+from multimix.data import dicom, storage, synthetic
 from multimix.data.dataset import FORMAT, SCHEMA, read_manifest
 from multimix.data.images import (IMAGE_PNG_LEVEL, MASK_PNG_LEVEL, MASK_THRESHOLD, encode_png,
                                    load_grey, mask_levels, perceptual_hash, resize_image,
@@ -99,9 +99,10 @@ def _row_bytes(row: dict) -> int:
 
 def row_meta(row: dict) -> dict:
     """What the driver keeps of a written row (manifest, duplicates, report): a few hundred
-    bytes, never the images."""
+    bytes, never the images. ``view``: a DICOM's ``ViewPosition`` (None: not a DICOM)."""
     return {"id": row["id"], "hash": row["hash"], "path": row["path"],
-            "label": row.get("label"), "ignore": row.get("ignore") is not None}
+            "label": row.get("label"), "ignore": row.get("ignore") is not None,
+            "view": row.get("_view")}
 
 
 def write_shard(fs: pafs.FileSystem, root: str, out_uri: str, rel: str, rows: list[dict],
@@ -312,12 +313,14 @@ class DatasetWriter:
     def finish(self, *, source: str, task: str, image_size: int,
                classes: Optional[list[str]], skipped: list[dict], parameters: dict,
                ignored_files: Iterable[str] = (), synthetic: bool = False,
-               non_binary: Iterable[dict] = ()) -> dict:
+               non_binary: Iterable[dict] = (), views: Optional[dict] = None) -> dict:
         """Flush the last shard, write ``report.json`` and ``manifest.json`` (the commit point),
         then delete a replaced dataset's shards; return the manifest.
 
         ``non_binary``: masks with more than two grey levels (``{"path", "kind", "levels",
-        "mid_fraction"}``), listed in the report and counted in the manifest (seg only)."""
+        "mid_fraction"}``), listed in the report and counted in the manifest (seg only).
+        ``views``: the DICOM views kept and left out (:func:`prepare`), in the report; the
+        manifest counts the rows left out (``views_left_out``)."""
         self._flush()
         if self.num_rows == 0:
             raise DataError(f"no rows to write to {self.out_uri}: every file was skipped "
@@ -342,7 +345,8 @@ class DatasetWriter:
         non_binary = list(non_binary)
         report = {"source": source, "num_rows": self.num_rows, "skipped": skipped,
                   "duplicates": dup_report, "ignored_files": sorted(ignored_files),
-                  **({"non_binary_masks": non_binary} if task == "seg" else {})}
+                  **({"non_binary_masks": non_binary} if task == "seg" else {}),
+                  **({"views": views} if views else {})}
         storage.write_text(storage.join(self.out_uri, "report.json"),
                            json.dumps(report, indent=1) + "\n", self.st)
         manifest = {
@@ -359,6 +363,7 @@ class DatasetWriter:
             "duplicate_groups": [[self.ids[i] for i in g] for g in groups],
             "skipped": len(skipped),
             **({"non_binary_masks": len(non_binary)} if task == "seg" else {}),
+            **({"views_left_out": sum(views["left_out"].values())} if views else {}),
             "report": "report.json",
             "synthetic": bool(synthetic),
             "parameters": parameters,
@@ -394,36 +399,50 @@ def _read_file(fs: pafs.FileSystem, path: str) -> bytes:
         return f.read()
 
 
-def _load(fs, path: str, rel: str, what: str) -> tuple[Optional[bytes], Optional[np.ndarray],
-                                                        Optional[str]]:
-    """(bytes, grey array, None) or (None, None, reason)."""
+def _load(fs, path: str, rel: str, what: str,
+          views: Optional[frozenset] = None) -> tuple[Optional[bytes], Optional[np.ndarray],
+                                                      Optional[str], Optional[str]]:
+    """``(bytes, grey array, None, view)`` or ``(None, None, reason, None)``; ``view`` is a
+    DICOM's :func:`~multimix.data.dicom.view_position` (None for other images). With ``views``,
+    a DICOM of another view is not decoded: ``(bytes, None, None, view)``."""
     try:
         data = _read_file(fs, path)
     except FileNotFoundError:
-        return None, None, f"{what} file not found"
+        return None, None, f"{what} file not found", None
     except OSError as exc:
-        return None, None, f"{what} file cannot be read ({exc})"
+        return None, None, f"{what} file cannot be read ({exc})", None
     try:
-        return data, load_grey(data, name=rel), None
+        if dicom.is_dicom(data, rel):
+            got = dicom.read_dicom(data, name=rel, views=views)
+            # pixels None: another view, left out before its pixels are decoded
+            return data, got.pixels, None, got.view
+        return data, load_grey(data, name=rel), None, None
     except DataError as exc:
         msg = str(exc)
-        return None, None, (f"{what}: " + msg.split(": ", 1)[1]) if ": " in msg else msg
+        return None, None, ((f"{what}: " + msg.split(": ", 1)[1]) if ": " in msg
+                            else msg), None
 
 
 def process_record(rec: Record, image_size: int, source: str, task: str,
                    fs: pafs.FileSystem, png_level: int = IMAGE_PNG_LEVEL,
-                   mask_threshold: int = MASK_THRESHOLD) -> tuple[str, dict]:
+                   mask_threshold: int = MASK_THRESHOLD,
+                   views: Optional[frozenset] = None) -> tuple[str, dict]:
     """Decode, check, resize and encode one record (the image at zlib level ``png_level``,
     masks at :data:`~multimix.data.images.MASK_PNG_LEVEL`, binarised with ``> mask_threshold``
     unless they are 0/1 masks).
 
-    Returns ``("row", row_dict)`` or ``("skip", {"path", "reason", "file"})``; a row whose mask
-    or ignore mask is not binary (:func:`~multimix.data.images.mask_levels`) carries
-    ``row["_non_binary"]``: ``[{"path", "kind", "levels", "mid_fraction"}]`` (not a column).
+    Returns ``("row", row_dict)``, ``("skip", {"path", "reason", "file"})`` or, for a DICOM
+    whose view is not in ``views`` (``prepare --views``), ``("view", {"path", "view"})``; a row
+    whose mask or ignore mask is not binary (:func:`~multimix.data.images.mask_levels`) carries
+    ``row["_non_binary"]``: ``[{"path", "kind", "levels", "mid_fraction"}]``, a DICOM row
+    ``row["_view"]`` (not columns). Of a DICOM header nothing but the pixel tags and the view is
+    used: ids and paths come from the file names.
     """
-    data, img, why = _load(fs, rec.image_file, rec.path, "image")
+    data, img, why, view = _load(fs, rec.image_file, rec.path, "image", views)
     if why:
         return "skip", {"path": rec.path, "reason": why, "file": rec.image_file}
+    if img is None:
+        return "view", {"path": rec.path, "view": view}
     h, w = img.shape
     row = {
         "id": rec.id, "source": source, "task": task,
@@ -431,11 +450,13 @@ def process_record(rec: Record, image_size: int, source: str, task: str,
         "label": rec.label, "hash": hashlib.sha256(data).hexdigest(), "path": rec.path,
         "orig_height": h, "orig_width": w, "phash": perceptual_hash(img),
     }
+    if view is not None:
+        row["_view"] = view
     for kind, file, rel in (("mask", rec.mask_file, rec.mask_path),
                             ("ignore", rec.ignore_file, rec.ignore_path)):
         if file is None:
             continue
-        _, m, why = _load(fs, file, rel, kind)
+        _, m, why, _ = _load(fs, file, rel, kind)
         if why:
             return "skip", {"path": rec.path, "reason": f"{why} ({rel})", "file": file}
         if m.shape != (h, w):
@@ -450,10 +471,10 @@ def process_record(rec: Record, image_size: int, source: str, task: str,
     return "row", row
 
 
-def _process_chunk(recs: list[Record], image_size: int, source: str,
-                   task: str, png_level: int, mask_threshold: int) -> list[tuple[str, dict]]:
-    return [process_record(r, image_size, source, task, _WORKER_FS, png_level, mask_threshold)
-            for r in recs]
+def _process_chunk(recs: list[Record], image_size: int, source: str, task: str, png_level: int,
+                   mask_threshold: int, views: Optional[frozenset]) -> list[tuple[str, dict]]:
+    return [process_record(r, image_size, source, task, _WORKER_FS, png_level, mask_threshold,
+                           views) for r in recs]
 
 
 def default_workers() -> int:
@@ -466,13 +487,15 @@ def default_workers() -> int:
 
 def _results(records: list[Record], image_size: int, source: str, task: str,
              fs: pafs.FileSystem, workers: int, png_level: int = IMAGE_PNG_LEVEL,
-             mask_threshold: int = MASK_THRESHOLD) -> Iterator[tuple[str, dict]]:
+             mask_threshold: int = MASK_THRESHOLD,
+             views: Optional[frozenset] = None) -> Iterator[tuple[str, dict]]:
     """Process all records; yield results in record order. At most ``4 × workers`` chunks are in
     flight, so memory stays bounded on large sets."""
     chunks = [records[i:i + _CHUNK] for i in range(0, len(records), _CHUNK)]
     if workers <= 1 or len(chunks) <= 1:
         for rec in records:
-            yield process_record(rec, image_size, source, task, fs, png_level, mask_threshold)
+            yield process_record(rec, image_size, source, task, fs, png_level, mask_threshold,
+                                 views)
         return
     ctx = multiprocessing.get_context("spawn")  # no fork: the parent may run Ray/S3 threads
     with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx,
@@ -482,7 +505,7 @@ def _results(records: list[Record], image_size: int, source: str, task: str,
         try:
             for chunk in it:
                 pending.append(ex.submit(_process_chunk, chunk, image_size, source, task,
-                                         png_level, mask_threshold))
+                                         png_level, mask_threshold, views))
                 if len(pending) >= 4 * workers:
                     yield from pending.pop(0).result()
             while pending:
@@ -494,14 +517,16 @@ def _results(records: list[Record], image_size: int, source: str, task: str,
 
 def _ray_chunks(chunks: list[list[Record]], image_size: int, source: str, task: str,
                 fs: pafs.FileSystem, target: ShardTarget, png_level: int = IMAGE_PNG_LEVEL,
-                mask_threshold: int = MASK_THRESHOLD,
-                strict: bool = False) -> Iterator[tuple[list, list, list[dict], list[dict]]]:
+                mask_threshold: int = MASK_THRESHOLD, strict: bool = False,
+                views: Optional[frozenset] = None
+                ) -> Iterator[tuple[list, list, list[dict], list[dict]]]:
     """Prepare on the Ray cluster: one Ray Data map task per record chunk (``shard_rows``
     records, one CPU, on any node) reads its files through ``fs``, runs the same
     :func:`process_record` as the process pool and writes the chunk's shard(s) itself
     (:func:`write_chunk`, through ``target``), so no image passes through the driver. Yields
     per chunk, in chunk order (``preserve_order``): ``(results, non_binary, shard_infos,
-    metas)`` where ``results`` are the skips (``("skip", item)``) in record order and
+    metas)`` where ``results`` are the skips (``("skip", item)``) and the views left out
+    (``("view", item)``) in record order and
     ``metas`` the written rows' :func:`row_meta`. ``strict``: a chunk with a skip writes
     nothing. The driver holds the metadata of every row (~200 bytes each) and a bounded window
     of chunk results (the streaming executor's backpressure)."""
@@ -513,12 +538,13 @@ def _ray_chunks(chunks: list[list[Record]], image_size: int, source: str, task: 
         out = []
         for k, blob in zip(batch["k"], batch["recs"]):
             results = [process_record(Record(**d), image_size, source, task, fs, png_level,
-                                      mask_threshold) for d in pickle.loads(blob)]
-            skips = [r for r in results if r[0] == "skip"]
+                                      mask_threshold, views) for d in pickle.loads(blob)]
+            skips = [r for r in results if r[0] != "row"]
+            failed = strict and any(kind == "skip" for kind, _ in skips)
             rows = [item for kind, item in results if kind == "row"]
             non_binary = [nb for r in rows for nb in r.pop("_non_binary", ())]
-            infos = [] if (strict and skips) else write_chunk(target, int(k), rows)
-            metas = [] if (strict and skips) else [row_meta(r) for r in rows]
+            infos = [] if failed else write_chunk(target, int(k), rows)
+            metas = [] if failed else [row_meta(r) for r in rows]
             out.append(pickle.dumps((skips, non_binary, infos, metas), protocol=5))
         return {"result": out}
 
@@ -569,6 +595,18 @@ def _check_png_level(level) -> None:
         raise UserError(f"--png-level must be an integer from 0 to 9, got {level!r}")
 
 
+def _check_views(views: Optional[list[str]]) -> Optional[frozenset]:
+    """``--views PA,AP`` → ``frozenset({"PA", "AP"})`` (upper-cased; None: no filter)."""
+    if views is None:
+        return None
+    vs = [v.strip().upper() for v in views]
+    if not vs or any(not v for v in vs):
+        raise UserError(f"--views {','.join(views)!r}: give View Position values separated by "
+                        f"commas, e.g. --views PA,AP ({dicom.NO_VIEW}: also DICOM files "
+                        "without the tag)")
+    return frozenset(vs)
+
+
 def _check_mask_threshold(t) -> None:
     if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= 254:
         raise UserError(f"--mask-threshold must be an integer from 0 to 254, got {t!r}")
@@ -588,7 +626,8 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
             workers: Optional[int] = None, progress: bool = True,
             overwrite: bool = False, png_level: int = IMAGE_PNG_LEVEL,
             classes: Optional[list[str]] = None,
-            mask_threshold: int = MASK_THRESHOLD, ray: Optional[bool] = False) -> dict:
+            mask_threshold: int = MASK_THRESHOLD, ray: Optional[bool] = False,
+            views: Optional[list[str]] = None) -> dict:
     """Prepare the dataset at ``source_uri`` (folder or CSV, local or ``s3://``) into ``out_uri``.
 
     Args:
@@ -620,6 +659,12 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
             on Ray when ``RAY_ADDRESS`` is set.
             The output is byte-identical to the process-pool path's (same per-file function,
             same order, same writer); only ``created`` in the manifest differs.
+        views: keep only DICOM files whose ``ViewPosition`` is one of these (``--views PA,AP``;
+            ``NONE`` also keeps DICOM files without the tag, which are otherwise left out);
+            images that are not DICOM carry no view and are kept. The files left out are
+            listed in ``report.json`` (``views.left_out``: counts per view;
+            ``views.left_out_files``) and counted in the manifest (``views_left_out``), not
+            as skipped. ``report.json`` also counts the rows kept per view (any DICOM input).
 
     Returns:
         The manifest (also written to ``out_uri/manifest.json``).
@@ -628,6 +673,7 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
         raise UserError(f"--size must be >= 8, got {image_size}")
     _check_png_level(png_level)
     _check_mask_threshold(mask_threshold)
+    view_set = _check_views(views)
     src = discover(source_uri, layout, split=split, name=source_name, classes=classes,
                    storage_cfg=storage_cfg)
     if strict and src.problems:
@@ -638,6 +684,8 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
     workers = default_workers() if workers is None else max(1, int(workers))
     skipped = list(src.problems)
     non_binary: list[dict] = []
+    left_out: list[dict] = []
+    kept_views: Counter = Counter()
     prog = _Progress(len(src.records), progress, f"prepare {src.name}")
     done = 0
     records = sorted(src.records, key=lambda r: row_order_key(r.id))
@@ -656,19 +704,22 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
         # the tasks get the filesystems pickled: keys in the config reach only a local Ray
         # (connect_ray refuses them on a cluster, whose processes use the AWS chain)
         out = _ray_chunks(chunks, image_size, src.name, src.task, src.fs,
-                          writer.shard_target(), png_level, mask_threshold, strict)
+                          writer.shard_target(), png_level, mask_threshold, strict, view_set)
         for chunk, (skips, nb, infos, metas) in zip(chunks, out):
             done += len(chunk)
-            if strict and skips:
+            fails = [item for kind, item in skips if kind == "skip"]
+            if strict and fails:
                 out.close()  # stops the execution: the tasks still running are cancelled
-                raise fail(skips[0][1], settle_s=10.0)
-            skipped.extend({k: v for k, v in item.items() if k != "file"} for _, item in skips)
+                raise fail(fails[0], settle_s=10.0)
+            skipped.extend({k: v for k, v in item.items() if k != "file"} for item in fails)
+            left_out.extend(item for kind, item in skips if kind == "view")
             non_binary.extend(nb)
+            kept_views.update(m["view"] for m in metas if m.get("view") is not None)
             writer.record(infos, metas)
             prog.update(done, len(skipped))
     else:
         results = _results(records, image_size, src.name, src.task, src.fs, workers, png_level,
-                           mask_threshold)
+                           mask_threshold, view_set)
         for k, chunk in enumerate(chunks):
             rows = []
             for _ in chunk:
@@ -679,8 +730,12 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
                         raise fail(item)
                     item.pop("file", None)
                     skipped.append(item)
+                elif kind == "view":
+                    left_out.append(item)
                 else:
                     non_binary.extend(item.pop("_non_binary", ()))
+                    if item.get("_view") is not None:
+                        kept_views[item["_view"]] += 1
                     rows.append(item)
                 prog.update(done, len(skipped))
             writer.add_chunk(k, rows)
@@ -692,9 +747,21 @@ def prepare(source_uri: str, out_uri: str, *, layout: str = "auto", image_size: 
         parameters["mask_threshold"] = mask_threshold
     if classes is not None:
         parameters["classes"] = list(src.classes or [])
+    view_report = None
+    if view_set is not None or kept_views:
+        parameters["views"] = sorted(view_set) if view_set is not None else None
+        view_report = {"filter": parameters["views"], "kept": dict(sorted(kept_views.items())),
+                       "left_out": dict(sorted(Counter(i["view"] for i in left_out).items())),
+                       "left_out_files": left_out}
+        if left_out:
+            print(f"prepare {src.name}: {len(left_out)} DICOM file(s) of other views left out "
+                  f"(--views {','.join(sorted(view_set))}): "
+                  + ", ".join(f"{v} {n}" for v, n in view_report["left_out"].items()),
+                  file=sys.stderr)
     return writer.finish(source=src.name, task=src.task, image_size=image_size,
                          classes=src.classes, skipped=skipped, parameters=parameters,
-                         ignored_files=src.other_files, non_binary=non_binary)
+                         ignored_files=src.other_files, non_binary=non_binary,
+                         views=view_report)
 
 
 def prepare_demo(out_uri: str, *, n_cls: int = 400, n_seg: int = 100, image_size: int = 64,
@@ -774,6 +841,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="masks that are not 0/1: a pixel > this value is lung (default 127). "
                         "Masks with more than two grey levels are counted, printed and listed "
                         "in report.json (non_binary_masks)")
+    p.add_argument("--views", default=None, metavar="PA,AP",
+                   help="keep only DICOM files whose View Position (0018,5101) is one of these "
+                        f"({dicom.NO_VIEW}: also those without the tag, otherwise left out); "
+                        "non-DICOM images are kept. The files left out are counted per view "
+                        "in report.json")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing dataset at --out (the old one stays readable until "
                         "the new one is complete)")
@@ -825,6 +897,7 @@ def run(args: argparse.Namespace) -> int:
                 split=args.split, shard_rows=args.shard_rows, workers=args.workers,
                 progress=not args.quiet, overwrite=args.overwrite, png_level=args.png_level,
                 classes=args.classes.split(",") if args.classes else None,
-                mask_threshold=args.mask_threshold, ray=args.ray)
+                mask_threshold=args.mask_threshold, ray=args.ray,
+                views=args.views.split(",") if args.views is not None else None)
     print(_summary(m, args.out))
     return 0
