@@ -24,13 +24,16 @@ Added for the stable-SSL levers (absent in older checkpoints, which load as befo
   epoch (None for more than two classes), and ``decision`` (``objective.decision``): evaluate and
   predict use the threshold when ``decision`` is not ``"argmax"``
 
-Integrity: :func:`save` records ``weights_sha256``, the sha256 of the ``model`` (and
-``student``) tensors (names, dtypes, shapes and bytes, in name order), and writes the file
-atomically (a temporary name renamed over the target: a full disk or a killed process never
-leaves a truncated ``checkpoint.pt``). :func:`load_bytes` recomputes it: flipped bits in the
-weights are a :class:`DataError` ``<file>: checksum mismatch (weights corrupted)``; empty,
-truncated or foreign files are one-line ``DataError`` messages naming the file too. Checkpoints
-written before (no ``weights_sha256``) load as before.
+Integrity: :func:`save` records ``state_sha256``, one sha256 per part of the checkpoint
+(``{"model": hex, "optimizer": hex, "student": hex, "labeler": hex, ...}``: every tensor's
+name, dtype, shape and bytes, and every other value, of every top-level key), and
+``weights_sha256`` (the ``model`` and ``student`` tensors, as older versions recorded it), and
+writes the file atomically (a temporary name renamed over the target: a full disk or a killed
+process never leaves a truncated ``checkpoint.pt``). :func:`load_bytes` recomputes them: flipped
+bits anywhere are a :class:`DataError` ``<file>: checksum mismatch (weights corrupted)`` (or
+``(optimizer corrupted)``, ... naming the damaged parts); empty, truncated or foreign files are
+one-line ``DataError`` messages naming the file too. Checkpoints written before
+(``weights_sha256`` only, or no checksum) load as before, checked as far as they record.
 
 A checkpoint reference may be the file, a directory holding it (a Ray checkpoint directory), or a
 run directory (``<storage>/<name>``: its ``best`` checkpoint is used unless ``which="last"``);
@@ -156,14 +159,77 @@ def weights_digest(state: dict) -> str:
     return h.hexdigest()
 
 
+#: the keys of a saved checkpoint that hold its checksums (not covered by them)
+DIGEST_KEYS = ("weights_sha256", "state_sha256")
+
+
+def _hash_value(h, v) -> None:
+    """Feed ``v`` (nested dicts / lists / tuples of tensors, numbers, strings, None) into
+    ``h``: structure, names and tensor bytes. Lists and tuples hash alike, so the digest does
+    not depend on how the container round-trips through ``torch.save``/``torch.load``."""
+    if isinstance(v, torch.Tensor):
+        t = v.detach().to("cpu").contiguous()
+        h.update(f"T\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    elif isinstance(v, dict):
+        h.update(f"D{len(v)}\0".encode())
+        for k, x in v.items():
+            h.update(f"{k!r}\0".encode())
+            _hash_value(h, x)
+    elif isinstance(v, (list, tuple)):
+        h.update(f"L{len(v)}\0".encode())
+        for x in v:
+            _hash_value(h, x)
+    else:
+        h.update(f"V{v!r}\0".encode())
+
+
+def state_digests(state: dict) -> dict:
+    """``{key: sha256 hex}`` for every top-level key of ``state`` but the checksums
+    themselves: model, student (EMA runs), optimizer, scheduler, labeler, RNG states, history,
+    config, ... — every tensor in the file."""
+    out = {}
+    for key, v in state.items():
+        if key in DIGEST_KEYS:
+            continue
+        h = hashlib.sha256()
+        _hash_value(h, v)
+        out[str(key)] = h.hexdigest()
+    return out
+
+
 def save(state: dict, path: str, storage_cfg=None) -> None:
-    """Write ``state`` with its ``weights_sha256`` to ``path`` (local or ``s3://``) atomically:
-    serialised in memory, written to a temporary name, renamed over ``path`` (one whole upload
-    on S3). A failure (disk full: :class:`StorageError` ``<path>: no space left on device``)
-    leaves the file that was at ``path`` as it was."""
+    """Write ``state`` with its checksums (``weights_sha256``, ``state_sha256``) to ``path``
+    (local or ``s3://``) atomically: serialised in memory, written to a temporary name,
+    renamed over ``path`` (one whole upload on S3). A failure (disk full:
+    :class:`StorageError` ``<path>: no space left on device``) leaves the file that was at
+    ``path`` as it was."""
+    body = {k: v for k, v in state.items() if k not in DIGEST_KEYS}
     buf = io.BytesIO()
-    torch.save({**state, "weights_sha256": weights_digest(state)}, buf)
+    torch.save({**body, "weights_sha256": weights_digest(body),
+                "state_sha256": state_digests(body)}, buf)
     storage.write_bytes(path, buf.getbuffer(), storage_cfg)
+
+
+def damaged_parts(state: dict) -> list:
+    """The parts of a loaded checkpoint whose recorded checksum does not match (``"weights"``
+    for the model / student tensors, else the key), [] when intact or unrecorded."""
+    bad = []
+    recorded = state.get("weights_sha256")
+    if recorded is not None and recorded != weights_digest(state):
+        bad.append("weights")
+    parts = state.get("state_sha256")
+    if isinstance(parts, dict):
+        now = state_digests(state)
+        for key in sorted(set(parts) | set(now)):
+            if parts.get(key) != now.get(key):
+                name = "weights" if key in CHECKSUM_KEYS else key
+                if name not in bad:
+                    bad.append(name)
+    elif parts is not None:
+        bad.append("state_sha256")
+    return bad
 
 
 def load_bytes(data: bytes, name: str | None = None) -> dict:
@@ -187,9 +253,9 @@ def load_bytes(data: bytes, name: str | None = None) -> dict:
         raise DataError(f"{where}not a checkpoint file (torch.load: {first})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DataError(f"{where}not a MultiMix checkpoint (missing format marker)")
-    recorded = state.get("weights_sha256")
-    if recorded is not None and recorded != weights_digest(state):
-        raise DataError(f"{where}checksum mismatch (weights corrupted)")
+    bad = damaged_parts(state)
+    if bad:
+        raise DataError(f"{where}checksum mismatch ({', '.join(bad)} corrupted)")
     return state
 
 
@@ -260,3 +326,20 @@ def load_model(ref: str, storage_cfg=None, which: str = "best", device: str = "c
     model.load_state_dict(state["model"])
     model.to(device).eval()
     return model, cfg, state
+
+
+def check_resume(run_dir: str, storage_cfg=None) -> str | None:
+    """Before a rerun starts Ray: the checkpoint it would resume from (the one ``last.json``
+    of the run directory names), loaded and checked, so that a damaged one (flipped bytes in
+    the weights, the optimizer, the EMA teacher or the labeler state; truncated; empty) ends
+    the run with one line naming the file instead of failing inside a Train worker. Returns
+    its URI, or None for a new run (no ``last.json``).
+
+    Raises:
+        DataError: the checkpoint (or ``last.json``) is damaged or missing.
+    """
+    if not storage.exists(storage.join(run_dir, "last.json"), storage_cfg):
+        return None
+    uri = resolve_checkpoint(run_dir, storage_cfg, which="last")
+    load_bytes(storage.read_bytes(uri, storage_cfg), name=uri)
+    return uri

@@ -219,7 +219,11 @@ def check_inputs(cfg, *, storage: bool = True, pools: bool = False,
     reads = reads or Reads(cfg.storage)
     resources.check_cluster_keys(cfg.storage)
     if storage:
-        check_run_storage(cfg)
+        run_dir = check_run_storage(cfg)
+        # a rerun resumes: its checkpoint is read and checked here, not in a Train worker
+        from multimix.checkpoint import check_resume
+
+        check_resume(run_dir, cfg.storage)
     flags = variant_flags(cfg.model.variant)
     out = Preflight()
     for task, need in (("cls", flags.has_cls), ("seg", flags.has_seg)):
