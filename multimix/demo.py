@@ -71,6 +71,6 @@ def run(args) -> int:
     )
     print(f"[demo] done in {time.perf_counter() - t0:.0f} s")
     print(f"[demo] run directory: {result.run_dir}")
-    print(f"[demo] report: {report['markdown']}")
-    print(report["markdown_text"])
+    print(report["summary_text"])
+    print(f"[demo] report: {report['markdown']} (every metric, the plots)")
     return 0

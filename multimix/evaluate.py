@@ -68,7 +68,7 @@ def run(args) -> int:
     report = evaluate_checkpoint(args.checkpoint, cls_data=args.cls_data, seg_data=args.seg_data,
                                  out_dir=args.out, subset=args.subset, storage_cfg=storage_cfg,
                                  device=args.device)
-    print(report["markdown_text"])
+    print(report["summary_text"])
     print(f"report: {report['markdown']} and {report['json']}")
     return 0
 
@@ -213,12 +213,13 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
                 if len(np.unique(res.labels)) > 1:
                     fpr, tpr, _ = roc_curve(probs[:, 1], res.labels)
                     rocs[name] = (fpr, tpr, m.get("auc", float("nan")))
-                shown = pool.head(n_show).images
-                sal = _plot_outputs(model, shown, device)
+                head = pool.head(n_show)
+                sal = _plot_outputs(model, head.images, device)
                 if "saliency" in sal:
-                    p = plots.plot_saliency(shown, sal["saliency"][:, 0],
-                                            out / f"saliency_{_slug(name)}.png",
-                                            probs=sal["cls_prob"][:, 1], class_names=classes)
+                    p = plots.plot_saliency(
+                        head.images, sal["saliency"][:, 0], out / f"saliency_{_slug(name)}.png",
+                        titles=cls_titles(head.ids, head.labels, sal["cls_prob"], names,
+                                          threshold))
                     report["plots"][f"saliency {name}"] = dest(p)
             else:
                 res = validate(model, device, seg=pool, batch_size=bs).seg
@@ -234,14 +235,16 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
                 head = pool.head(n_show)
                 k = len(head)
                 shown = _plot_outputs(model, head.images, device)
+                dice_of = dict(zip(res.ids, per["dice"]))  # the scores, by id
+                titles = [f"{_short(i)}\nDice {dice_of[i]:.3f}" if i in dice_of else _short(i)
+                          for i in head.ids]
                 p = plots.plot_boundaries(head.images, head.masks,
                                           shown["seg_prob"][:k, 0] >= 0.5,
-                                          out / f"boundaries_{_slug(name)}.png",
-                                          titles=[f"Dice {d:.3f}" for d in per["dice"][:k]])
+                                          out / f"boundaries_{_slug(name)}.png", titles=titles)
                 report["plots"][f"boundaries {name}"] = dest(p)
                 if "saliency" in shown:
                     p = plots.plot_saliency(head.images, shown["saliency"][:, 0],
-                                            out / f"saliency_{_slug(name)}.png")
+                                            out / f"saliency_{_slug(name)}.png", titles=titles)
                     report["plots"][f"saliency {name}"] = dest(p)
     if rocs:
         report["plots"]["roc"] = dest(plots.plot_roc(rocs, out / "roc.png"))
@@ -260,7 +263,28 @@ def _evaluate(ckpt: str, *, cls_data, seg_data, out: Path, subset: str, storage_
     markdown = _markdown(report)
     (out / "report.md").write_text(markdown)
     return {"json": dest(out / "report.json"), "markdown": dest(out / "report.md"),
-            "markdown_text": markdown, "sets": {"cls": report["cls"], "seg": report["seg"]}}
+            "markdown_text": markdown, "summary_text": summary_text(report),
+            "sets": {"cls": report["cls"], "seg": report["seg"]}}
+
+
+def _short(image_id: str, width: int = 36) -> str:
+    """An image id cut to ``width`` characters from the left (the file name end is kept)."""
+    return image_id if len(image_id) <= width else "…" + image_id[-(width - 1):]
+
+
+def cls_titles(ids, labels, probs, names, threshold) -> list:
+    """Per-image titles of a classification saliency figure: the id, then the true label,
+    the predicted one (at ``threshold`` when the checkpoint decides at one, else argmax) and
+    p(class 1): ``NORMAL/IM-0115\ntrue NORMAL, pred PNEUMONIA\np(PNEUMONIA) = 0.87``."""
+    out = []
+    probs = np.asarray(probs, dtype=np.float64)
+    for j, image_id in enumerate(ids):
+        true = names[int(labels[j])] if labels is not None else "?"
+        pred = names[_decide(probs[j], threshold)]
+        p1 = f"p({names[1]})" if len(names) == 2 else "p(class 1)"
+        out.append(f"{_short(str(image_id))}\ntrue {true}, pred {pred}\n"
+                   f"{p1} = {probs[j, 1]:.2f}")
+    return out
 
 
 def _skipped_note(pool) -> str:
@@ -283,6 +307,48 @@ def _json_default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
+
+
+#: the terminal summary's width limit (the full tables are in report.md)
+SUMMARY_WIDTH = 100
+
+
+def _num(v, width: int, digits: int = 4) -> str:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return f"{v:>{width}.{digits}f}" if ok else f"{'n/a':>{width}}"
+
+
+def summary_text(r: dict, width: int = SUMMARY_WIDTH) -> str:
+    """The report in a few lines of at most ``width`` columns, for the terminal: per
+    classification set n, accuracy, balanced accuracy, AUC (at the decision the checkpoint
+    makes); per segmentation set n, Dice and HD95 (means over images). Set names are cut to
+    fit; the full tables are in ``report.md``."""
+    def name_col(names) -> int:
+        return max([12] + [len(n) for n in names])
+
+    head = (f"evaluation: epoch {r['epoch'] + 1}, variant {r['variant']}, input "
+            f"{r['image_size']}x{r['image_size']}")
+    if r.get("decision_threshold") is not None:
+        head += f", decision p(class 1) >= {r['decision_threshold']:.3f}"
+    lines = [head]
+    rest = 7 + 3 * 9  # the numeric columns of the wider table
+    w = min(name_col(list(r["cls"]) + list(r["seg"])), width - rest)
+
+    def cut(name: str) -> str:
+        return name if len(name) <= w else name[:w - 1] + "…"
+
+    if r["cls"]:
+        lines.append(f"{'classification':<{w}} {'n':>6} {'accuracy':>8} {'bal.acc':>8} "
+                     f"{'AUC':>8}")
+        for name, m in r["cls"].items():
+            lines.append(f"{cut(name):<{w}} {m['n']:>6} {_num(m.get('accuracy'), 8)} "
+                         f"{_num(m.get('balanced_accuracy'), 8)} {_num(m.get('auc'), 8)}")
+    if r["seg"]:
+        lines.append(f"{'segmentation':<{w}} {'n':>6} {'Dice':>8} {'HD95 px':>8}")
+        for name, m in r["seg"].items():
+            lines.append(f"{cut(name):<{w}} {m['n']:>6} {_num(m.get('dice_mean'), 8)} "
+                         f"{_num(m.get('hd95_mean'), 8, 1)}")
+    return "\n".join(line if len(line) <= width else line[:width - 1] + "…" for line in lines)
 
 
 def _markdown(r: dict) -> str:

@@ -40,6 +40,8 @@ __all__ = [
     "plot_tune_scores",
     "plot_learning_curves",
     "plot_metric_boxes",
+    "plot_run_curves",
+    "RUN_CURVES",
 ]
 
 DPI = 100
@@ -294,7 +296,12 @@ def _image_grid(panels: list, path: Any, titles: Optional[Sequence[str]],
         handles = [Line2D([0], [0], color=np.array(c) / 255.0, lw=2, label=lbl) for lbl, c in legend]
         fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8,
                    frameon=False)
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.93, bottom=0.06, wspace=0.04, hspace=0.12)
+    # room above each row for its titles' lines (8 pt: about 0.15 in a line)
+    lines = max([str(t).count("\n") + 1 for t in titles or [] if t] or [0])
+    room = 0.15 * lines + 0.05
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - room / (rows * CELL_IN),
+                        bottom=0.3 / (rows * CELL_IN), wspace=0.04,
+                        hspace=max(0.12, room / CELL_IN + 0.02))
     return _save(fig, path)
 
 
@@ -371,5 +378,64 @@ def plot_metric_boxes(groups: Mapping[str, Any], path: Any, ylabel: str, title: 
     ax.set_xlim(0.4, len(names) + 0.6)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# one training run
+
+
+#: the panels of :func:`plot_run_curves`: (title, y label, history keys or a key prefix + "*")
+RUN_CURVES = (
+    ("losses", "loss", ("train_loss", "train_ce_sup", "train_ce_pseudo", "train_dice",
+                        "train_kl")),
+    ("validation", "score", ("val_cls_auc", "val_cls_balanced_accuracy", "val_seg_dice_mean",
+                             "val_score_balanced")),
+    ("decision threshold on p(class 1)", "threshold", ("val_cls_threshold",)),
+    ("pseudo-label accept rate", "accepted fraction", ("train_accept_rate",
+                                                       "train_accept_rate_c*")),
+)
+
+
+def _curve_keys(history: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list:
+    """The keys of one panel that some epoch has a finite value for (``prefix*``: every such
+    key, sorted)."""
+    seen = list(dict.fromkeys(k for h in history for k in h))
+    out = []
+    for key in keys:
+        names = ([k for k in sorted(seen) if k.startswith(key[:-1])] if key.endswith("*")
+                 else [key])
+        out += [k for k in names if any(_is_number(h.get(k)) for h in history)]
+    return out
+
+
+def plot_run_curves(history: Sequence[Mapping[str, Any]], path: Any, title: str = "") -> Path:
+    """``learning_curves.png`` of a run: its ``history`` (one metrics dict per epoch, with
+    ``epoch`` 0-based) in four panels (:data:`RUN_CURVES`): the training losses; validation
+    AUC, balanced accuracy, Dice and the checkpoint score; the threshold chosen on the
+    validation split; the pseudo-label accept rate overall and per class. Epochs are shown
+    1-based; a panel with no finite value says so. 10×7 in (1000×700 px)."""
+    fig = Figure(figsize=(10, 7), dpi=DPI)
+    epochs = [int(h.get("epoch", i)) + 1 for i, h in enumerate(history)]
+    for i, (name, ylabel, keys) in enumerate(RUN_CURVES):
+        ax = fig.add_subplot(2, 2, i + 1)
+        shown = _curve_keys(history, keys)
+        for key in shown:
+            pts = [(e, float(h[key])) for e, h in zip(epochs, history) if _is_number(h.get(key))]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1,
+                    label=key.removeprefix("train_").removeprefix("val_"))
+        if shown:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not reported", ha="center", va="center", color="0.5",
+                    transform=ax.transAxes)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        if epochs:
+            ax.set_xlim(0.5, max(epochs) + 0.5)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title or f"learning curves ({len(history)} epochs)")
     fig.tight_layout()
     return _save(fig, path)
