@@ -18,20 +18,42 @@ class (argmax, or — for a checkpoint trained with ``objective.decision`` other
 threshold on p(class 1) chosen on its validation split, given as ``threshold``, with the argmax
 class beside it as ``predicted_argmax``). A file that is not an image (or is truncated)
 gets a clear error line and the others are still processed; the exit code is then 1. So does an
-image smaller than :data:`MIN_SIDE` pixels on a side.
+image smaller than :data:`MIN_SIDE` pixels on a side. DICOM files (``.dcm``, ``.dicom`` or the
+``DICM`` marker) are read as ``prepare`` reads them (:mod:`multimix.data.dicom`).
+
+``--ray`` (batch inference on Ray Data, :func:`run_ray`): ``IMAGE`` may also be a prepared
+dataset (local or ``s3://``) or an ``s3://`` folder. The inputs are cut into *parts* (a prepared
+dataset: one per shard; files: ``--part-rows`` each, in sorted order); CPU tasks read and
+preprocess a part (the same decoding and resizing as above), an actor pool runs the model
+(``map_batches`` with a class: one model per actor, ``--num-gpus`` per actor, ``--batch-size``
+images per forward pass), CPU tasks write the part as ``--out/predictions.parquet/part-<k>-<key>
+.parquet`` (one row per input image, :func:`prediction_table`). ``key`` hashes the part's
+inputs, the checkpoint's weights and the options, so a rerun writes only the parts that are
+missing (resume) and removes parts of other inputs or checkpoints. A bad image is a row with an
+``error``; the exit code is then 1.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
+import posixpath
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from multimix.config import add_config_arguments, load_config
+from multimix import resources
+from multimix.config import add_config_arguments, load_config, without_removed_keys
 from multimix.data import storage
-from multimix.data.images import IMAGE_EXTENSIONS, load_grey_bounded, resize_image
+from multimix.data.dataset import open_dataset, read_manifest
+from multimix.data.images import (MASK_PNG_LEVEL, IMAGE_EXTENSIONS, decode_png, encode_png,
+                                   load_grey_bounded, resize_image)
 from multimix.errors import DataError, UserError
 
 #: images with a side below this are refused (nothing meaningful to segment)
@@ -42,8 +64,8 @@ MAX_SIDE = 2048
 
 def add_arguments(p) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="image files (png, jpeg, tiff, ...) or directories (their images, "
-                        "recursively)")
+                   help="image files (png, jpeg, tiff, dcm, ...) or directories (their images, "
+                        "recursively); with --ray also prepared datasets and s3:// folders")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint.pt, a checkpoint directory, or a run directory (uses best)")
     p.add_argument("--out", default="predictions",
@@ -51,7 +73,27 @@ def add_arguments(p) -> None:
     p.add_argument("--threshold", type=float, default=0.5,
                    help="probability threshold of the lung mask (default 0.5)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    add_config_arguments(p, what="storage settings when the checkpoint is on s3://")
+    g = p.add_argument_group("batch inference on Ray (--ray)")
+    g.add_argument("--ray", action="store_true",
+                   help="Ray Data: read/preprocess on CPU tasks, the model in an actor pool, "
+                        "write OUT/predictions.parquet (one row per image; rerun = resume)")
+    g.add_argument("--batch-size", type=int, default=32,
+                   help="images per forward pass in an actor (default 32)")
+    g.add_argument("--actors", type=int, default=None,
+                   help="model actors (default: the cluster's GPUs / --num-gpus with a GPU "
+                        "device, else half its CPUs)")
+    g.add_argument("--num-gpus", type=float, default=None,
+                   help="GPUs per actor (default 1 with --device cuda, else 0)")
+    g.add_argument("--cpus-per-actor", type=float, default=1.0,
+                   help="CPUs per model actor (default 1)")
+    g.add_argument("--part-rows", type=int, default=1000,
+                   help="images per output part when the inputs are files (a prepared "
+                        "dataset: one part per shard; default 1000)")
+    g.add_argument("--masks", action="store_true",
+                   help="store the lung mask (0/255 PNG at the model's input size) per row")
+    g.add_argument("--saliency", action="store_true",
+                   help="store the saliency map (8-bit PNG at the model's input size) per row")
+    add_config_arguments(p, what="storage settings when the checkpoint or data is on s3://")
 
 
 def _resize_float(a: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -124,6 +166,11 @@ def run(args) -> int:
     from multimix import checkpoint
 
     storage_cfg = load_config(args.config, args.set).storage
+    if args.ray:
+        return run_ray(args, storage_cfg)
+    for p in args.images:
+        if Path(p).is_dir() and (Path(p) / "manifest.json").is_file():
+            raise UserError(f"{p}: a prepared dataset; predict it with --ray")
     images, errors = expand_inputs(args.images)
     if not images:
         raise DataError(errors[0] if len(errors) == 1
@@ -209,3 +256,321 @@ def _predict_all(args, model, cfg, classes: list, out_dir: Path, dest,
         print(" ".join(summary))
     (out_dir / "predictions.json").write_text(json.dumps(results, indent=2))
     return results, failed
+
+
+# ---------------------------------------------------------------------------------------------
+# batch inference on Ray Data (--ray)
+
+#: the folder of the output parts under ``--out``
+PARQUET_DIR = "predictions.parquet"
+
+
+def _collect(inputs: list[str], st, part_rows: int) -> tuple[list[dict], list[str]]:
+    """``IMAGE`` arguments → ``(parts, error lines)``. A part is ``{"kind": "dataset", "uri",
+    "shard", "rows", "digest"}`` (one per shard of a prepared dataset) or ``{"kind": "files",
+    "files": [uri, ...], "digest"}`` (``part_rows`` image files of the folders and files
+    given, in sorted order; ids: the path below the folder given, or the file's name, without
+    extension), ``"ids": [...]``; ``digest`` identifies its inputs (shard sha256 or size,
+    file names and sizes)."""
+    parts: list[dict] = []
+    files: list[tuple[str, int, str]] = []
+    errors: list[str] = []
+    for p in inputs:
+        uri = p.rstrip("/") if "://" in p else p
+        fs, path = storage.resolve(uri, st)
+        with storage.storage_errors(uri, st):
+            info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            if storage.is_s3(uri):
+                storage.check_bucket(uri, st)
+            errors.append(f"{p}: no such file or directory")
+        elif info.type == pafs.FileType.File:
+            files.append((uri, info.size or 0, posixpath.splitext(posixpath.basename(path))[0]))
+        elif storage.exists(storage.join(uri, "manifest.json"), st):
+            manifest = read_manifest(uri, st)
+            data = open_dataset(uri, st, manifest=manifest, checksums=False)  # shards checked
+            infos = manifest.get("shard_info") or [{} for _ in manifest["shards"]]
+            for facts, sinfo in zip(data.shards, infos):
+                rel = facts.rel
+                parts.append({"kind": "dataset", "uri": uri, "shard": rel,
+                              "rows": int(facts.rows),
+                              "digest": sinfo.get("sha256") or f"{rel}:{sinfo.get('bytes')}"})
+        else:
+            with storage.storage_errors(uri, st):
+                found = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            base = path.rstrip("/") + "/"
+            got = sorted((storage.join(uri, f.path[len(base):]), f.size or 0,
+                          posixpath.splitext(f.path[len(base):])[0]) for f in found
+                         if f.type == pafs.FileType.File and f.path.startswith(base)
+                         and posixpath.splitext(f.path)[1].lower() in IMAGE_EXTENSIONS
+                         and not any(x.startswith(".") for x in f.path[len(base):].split("/")))
+            if not got:
+                errors.append(f"{p}: directory holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+            files.extend(got)
+    for i in range(0, len(files), part_rows):
+        chunk = files[i:i + part_rows]
+        parts.append({"kind": "files", "files": [f for f, _, _ in chunk],
+                      "ids": [i for _, _, i in chunk],
+                      "digest": hashlib.sha256(json.dumps(chunk).encode()).hexdigest()})
+    return parts, errors
+
+
+def _load_part(part: dict, size: int, st) -> dict:
+    """Read and preprocess one part (a Ray CPU task): ``{"ids", "paths", "heights", "widths",
+    "errors", "x" (N, size, size) uint8}``; a row that fails has its ``errors`` entry set and
+    zeros in ``x``."""
+    ids, paths, hs, ws, errs, xs = [], [], [], [], [], []
+    if part["kind"] == "dataset":
+        fs, root = storage.resolve(part["uri"], st)
+        with storage.storage_errors(part["uri"], st):
+            t = pq.read_table(f"{root.rstrip('/')}/{part['shard']}", filesystem=fs,
+                              columns=["id", "path", "image", "orig_height", "orig_width"])
+        for r in t.to_pylist():
+            ids.append(r["id"])
+            paths.append(r["path"])
+            hs.append(r["orig_height"])
+            ws.append(r["orig_width"])
+            try:
+                xs.append(resize_image(decode_png(r["image"], name=r["id"]), size))
+                errs.append(None)
+            except (DataError, ValueError) as exc:
+                xs.append(np.zeros((size, size), np.uint8))
+                errs.append(str(exc))
+    else:
+        for uri, rid in zip(part["files"], part["ids"]):
+            ids.append(rid)
+            paths.append(uri)
+            try:
+                fs, path = storage.resolve(uri, st)
+                with storage.storage_errors(uri, st):
+                    with fs.open_input_stream(path) as f:
+                        data = f.read()
+                grey, (h, w) = load_grey_bounded(data, max(MAX_SIDE, size), MIN_SIDE, name=uri)
+                xs.append(resize_image(grey, size))
+                hs.append(h)
+                ws.append(w)
+                errs.append(None)
+            except (UserError, OSError) as exc:
+                msg = str(exc)
+                xs.append(np.zeros((size, size), np.uint8))
+                hs.append(None)
+                ws.append(None)
+                errs.append(msg if uri in msg else f"{uri}: {msg}")
+    x = np.stack(xs) if xs else np.zeros((0, size, size), np.uint8)
+    return {"ids": ids, "paths": paths, "heights": hs, "widths": ws, "errors": errs, "x": x}
+
+
+class _Predictor:
+    """One model per actor (``map_batches`` with a class): a part's images in forward passes
+    of ``batch_size``; returns per image the class probabilities, the lung fraction and,
+    when asked, the mask and saliency PNGs (at the model's input size)."""
+
+    def __init__(self, ref: str, st, device: str, batch_size: int, mask_threshold: float,
+                 masks: bool, saliency: bool):
+        from multimix import checkpoint, engine
+
+        self.eval_step = engine.eval_step
+        self.model, self.cfg, _ = checkpoint.load_model(ref, st, device=device)
+        self.device, self.batch_size = device, batch_size
+        self.mask_threshold, self.masks, self.saliency = mask_threshold, masks, saliency
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        out = []
+        for blob in batch["part"]:
+            d = pickle.loads(blob)
+            x, n = d.pop("x"), len(d["ids"])
+            probs, fractions, masks, sals = [], [], [], []
+            for i in range(0, n, self.batch_size):
+                res = self.eval_step(self.model, {"img": torch.from_numpy(
+                    np.ascontiguousarray(x[i:i + self.batch_size, None]))}, self.device,
+                    saliency=self.saliency)
+                if "cls_prob" in res:
+                    probs.extend(res["cls_prob"])
+                if "seg_prob" in res:
+                    m = res["seg_prob"][:, 0] >= self.mask_threshold
+                    fractions.extend(m.reshape(len(m), -1).mean(1))
+                    if self.masks:
+                        masks.extend(encode_png(mi.astype(np.uint8) * np.uint8(255),
+                                                MASK_PNG_LEVEL) for mi in m)
+                if self.saliency and res.get("saliency") is not None:
+                    for s in res["saliency"][:, 0]:
+                        s = s / s.max() if s.max() > 0 else s
+                        sals.append(encode_png(np.clip(np.rint(s * 255), 0, 255)
+                                               .astype(np.uint8)))
+            d.update(probs=np.asarray(probs, np.float32) if probs else None,
+                     lung_fraction=np.asarray(fractions, np.float64) if fractions else None,
+                     masks=masks or None, saliency=sals or None)
+            out.append(pickle.dumps(d, protocol=5))
+        return {"part": out, "k": batch["k"]}
+
+
+def prediction_table(d: dict, classes: list[str], threshold: Optional[float]) -> pa.Table:
+    """The rows of one part: ``id``, ``path``, ``height``/``width`` (the original image's),
+    ``p_<class>`` per class, ``pneumonia_probability`` (when a class is PNEUMONIA),
+    ``predicted`` (at ``threshold`` on p(class 1), else the argmax), ``predicted_argmax``,
+    ``threshold``, ``lung_fraction`` (share of the model-size mask), ``mask`` / ``saliency``
+    (PNG bytes, or null) and ``error`` (null, or why the image has no prediction)."""
+    n = len(d["ids"])
+    ok = [e is None for e in d["errors"]]
+    cols: dict = {"id": pa.array(d["ids"], pa.string()),
+                  "path": pa.array(d["paths"], pa.string()),
+                  "height": pa.array(d["heights"], pa.int32()),
+                  "width": pa.array(d["widths"], pa.int32())}
+    probs = d.get("probs")
+    if probs is not None:
+        for j, c in enumerate(classes):
+            cols[f"p_{c}"] = pa.array([float(probs[i, j]) if ok[i] else None for i in range(n)],
+                                      pa.float32())
+        if "PNEUMONIA" in classes:
+            cols["pneumonia_probability"] = cols["p_PNEUMONIA"]
+        arg = probs.argmax(1) if len(probs) else np.zeros(0, int)
+        dec = arg if threshold is None else (probs[:, 1] >= threshold).astype(int)
+        cols["predicted"] = pa.array([classes[dec[i]] if ok[i] else None for i in range(n)],
+                                     pa.string())
+        cols["predicted_argmax"] = pa.array([classes[arg[i]] if ok[i] else None
+                                             for i in range(n)], pa.string())
+        cols["threshold"] = pa.array([threshold if ok[i] else None for i in range(n)],
+                                     pa.float32())
+    if d.get("lung_fraction") is not None:
+        cols["lung_fraction"] = pa.array([float(d["lung_fraction"][i]) if ok[i] else None
+                                          for i in range(n)], pa.float32())
+    for key in ("mask", "saliency"):
+        vals = d.get("masks" if key == "mask" else "saliency")
+        cols[key] = pa.array([vals[i] if vals is not None and ok[i] else None
+                              for i in range(n)], pa.binary())
+    cols["error"] = pa.array(d["errors"], pa.string())
+    return pa.table(cols)
+
+
+def _part_name(k: int, key: str) -> str:
+    return f"part-{k:05d}-{key[:16]}.parquet"
+
+
+def run_ray(args, st) -> int:
+    """``multimix predict --ray`` (module docstring): returns 1 when any image failed."""
+    import ray
+
+    from multimix import checkpoint
+
+    if args.batch_size < 1 or args.part_rows < 1:
+        raise UserError("--batch-size and --part-rows must be >= 1")
+    if args.actors is not None and args.actors < 1:
+        raise UserError(f"--actors must be >= 1, got {args.actors}")
+    parts, errors = _collect(args.images, st, args.part_rows)
+    for line in errors:
+        print(f"multimix predict: error: {line}", file=sys.stderr)
+    if not parts:
+        raise DataError(errors[0] if len(errors) == 1
+                        else "no images to predict: " + "; ".join(errors))
+    ref = checkpoint.resolve_checkpoint(args.checkpoint, st)
+    raw = storage.read_bytes(ref, st)
+    state = checkpoint.load_bytes(raw, name=ref)
+    cfg = load_config(without_removed_keys(state["config"]))
+    size = cfg.data.image_size
+    classes = state.get("classes") or [f"class{i}" for i in range(cfg.model.num_classes)]
+    threshold = checkpoint.decision_threshold(state)
+    del state
+    storage.check_writable(args.out, st)
+    opts = json.dumps([hashlib.sha256(raw).hexdigest(), size, args.threshold, args.masks,
+                       args.saliency, MAX_SIDE])
+    for k, part in enumerate(parts):
+        part["k"] = k
+        part["name"] = _part_name(k, hashlib.sha256(
+            (opts + part["digest"]).encode()).hexdigest())
+    out_dir = storage.join(args.out, PARQUET_DIR)
+    have = set(storage.list_files(out_dir, st, recursive=False))
+    todo = [p for p in parts if p["name"] not in have]
+    if len(todo) < len(parts):
+        print(f"predict: {len(parts) - len(todo)} of {len(parts)} part(s) already in {out_dir} "
+              "(resumed)", file=sys.stderr)
+    resources.connect_ray(st)
+    gpus = args.num_gpus if args.num_gpus is not None else (
+        1.0 if args.device.startswith("cuda") else 0.0)
+    if args.actors is not None:
+        actors = args.actors
+    else:
+        total = ray.cluster_resources()
+        actors = (max(1, int(total.get("GPU", 0) // gpus)) if gpus > 0
+                  else max(1, int(total.get("CPU", 1) // 2)))
+    actors = max(1, min(actors, len(todo) or 1))
+    total_rows = sum(p.get("rows", len(p.get("files", ()))) for p in todo)
+    print(f"predict: {len(todo)} part(s), {total_rows} image(s) on Ray: {actors} model "
+          f"actor(s) x ({args.cpus_per_actor:g} CPU, {gpus:g} GPU), batch {args.batch_size}",
+          file=sys.stderr, flush=True)
+    done_rows = failed = 0
+    if todo:
+        for res in _ray_parts(todo, args, st, ref, size, classes, threshold, out_dir, actors,
+                              gpus):
+            done_rows += res["rows"]
+            failed += res["failed"]
+            print(f"predict: part {res['k']} done ({res['rows']} rows, {res['failed']} failed); "
+                  f"{done_rows}/{total_rows} image(s)", file=sys.stderr, flush=True)
+    # parts of other inputs, checkpoints or options under the same --out: not this result
+    keep = {p["name"] for p in parts}
+    fs, root = storage.resolve(out_dir, st)
+    for rel in storage.list_files(out_dir, st, recursive=False):
+        if rel.startswith("part-") and rel.endswith(".parquet") and rel not in keep:
+            with storage.storage_errors(out_dir, st):
+                fs.delete_file(f"{root.rstrip('/')}/{rel}")
+    if len(todo) < len(parts):  # count the failures of the parts written before
+        failed = _count_failed(out_dir, st)
+    rows = sum(p.get("rows", len(p.get("files", ()))) for p in parts)
+    failed_all = failed + len(errors)
+    print(f"wrote {rows} prediction row(s) to {out_dir} ({len(parts)} part(s))"
+          + (f"; {failed_all} image(s) failed (rows with an error)" if failed_all else ""))
+    return 1 if failed_all else 0
+
+
+def _count_failed(out_dir: str, st) -> int:
+    fs, root = storage.resolve(out_dir, st)
+    with storage.storage_errors(out_dir, st):
+        t = pq.read_table(root, filesystem=fs, columns=["error"])
+    return int(t.num_rows - t.column("error").null_count)
+
+
+def _ray_parts(todo: list[dict], args, st, ref: str, size: int, classes: list[str],
+               threshold: Optional[float], out_dir: str, actors: int, gpus: float):
+    """The Ray Data execution: read (CPU tasks) → model (actor pool) → write (CPU tasks);
+    yields ``{"k", "rows", "failed"}`` per part as it is written."""
+    import ray
+
+    def load(batch: dict) -> dict:
+        return {"k": batch["k"], "part": [pickle.dumps(_load_part(pickle.loads(b), size, st),
+                                                       protocol=5) for b in batch["part"]]}
+
+    def write(batch: dict) -> dict:
+        fs, root = storage.resolve(out_dir, st)
+        rows, failed = [], []
+        for k, blob in zip(batch["k"], batch["part"]):
+            d = pickle.loads(blob)
+            t = prediction_table(d, classes, threshold)
+            sink = pa.BufferOutputStream()
+            pq.write_table(t, sink, compression="zstd")
+            name = names[int(k)]
+            storage.write_file(fs, f"{root.rstrip('/')}/{name}", sink.getvalue(),
+                               uri=storage.join(out_dir, name), storage_cfg=st)
+            rows.append(t.num_rows)
+            failed.append(t.num_rows - t.column("error").null_count)
+        return {"k": batch["k"], "rows": np.asarray(rows), "failed": np.asarray(failed)}
+
+    names = {p["k"]: p["name"] for p in todo}
+    items = [{"k": p["k"], "part": pickle.dumps(p, protocol=5)} for p in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # a read task holds a part's images (N x size² bytes) and one decoded original (up to
+    # 2048² floats in Pillow's resize): it reserves that memory, which also keeps Ray Data from
+    # fusing the reads into the model actors (fusion needs equal resource requests), so
+    # decoding stays on CPU tasks and the actors only run the model
+    mem = max(p.get("rows", len(p.get("files", ()))) for p in todo) * size * size + (64 << 20)
+    ds = ds.map_batches(load, batch_size=1, num_cpus=1, batch_format="numpy", memory=mem)
+    ds = ds.map_batches(_Predictor, batch_size=1, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=actors),
+                        num_cpus=args.cpus_per_actor, num_gpus=gpus,
+                        fn_constructor_kwargs=dict(ref=ref, st=st, device=args.device,
+                                                   batch_size=args.batch_size,
+                                                   mask_threshold=args.threshold,
+                                                   masks=args.masks, saliency=args.saliency))
+    ds = ds.map_batches(write, batch_size=1, num_cpus=0.5, batch_format="numpy")
+    for row in ds.iter_rows():
+        yield {"k": int(row["k"]), "rows": int(row["rows"]), "failed": int(row["failed"])}
