@@ -242,6 +242,14 @@ class RunConfig:
     checkpoint_metric: str = "val_score_balanced"
     checkpoint_mode: Literal["max", "min"] = "max"
     log_every: int = 10
+    #: TensorBoard event files in <run dir>/tensorboard/ (multimix.tracking); a Tune trial
+    #: leaves them to Tune's own TensorBoard logger
+    tensorboard: bool = True
+    #: MLflow tracking (the mlflow extra): the config, every epoch's metrics, the evaluation
+    mlflow: bool = False
+    #: MLflow tracking URI: "" = mlruns/ in the working directory, a local path, or a URI
+    #: (sqlite:///..., http://host:5000, databricks)
+    mlflow_uri: str = ""
 
 
 @dataclass
@@ -467,6 +475,9 @@ def _validate(cfg: Config) -> None:
 
     _check(bool(cfg.run.name.strip()), "run.name", "must not be empty", cfg.run.name)
     _check(cfg.run.log_every >= 1, "run.log_every", "must be >= 1", cfg.run.log_every)
+    _check(cfg.run.mlflow_uri == cfg.run.mlflow_uri.strip() and "\n" not in cfg.run.mlflow_uri,
+           "run.mlflow_uri", "must be a path or a URI (no surrounding spaces)",
+           cfg.run.mlflow_uri)
 
 
 def _validate_unlabeled(d: DataConfig) -> None:

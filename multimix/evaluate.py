@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from multimix import tracking
 from multimix.config import add_config_arguments, load_config
 from multimix.data import storage
 from multimix.data.dataset import read_manifest, read_table
@@ -75,14 +76,17 @@ def run(args) -> int:
 
 def evaluate_run(result, cfg) -> dict:
     """Evaluate the best checkpoint of a finished run on its own datasets; the report goes
-    into the run directory (``<run_dir>/eval/``, also on ``s3://``)."""
-    return evaluate_checkpoint(
+    into the run directory (``<run_dir>/eval/``, also on ``s3://``) and, with ``run.mlflow``,
+    into the run's MLflow run (:func:`multimix.tracking.log_evaluation`)."""
+    report = evaluate_checkpoint(
         result.best_checkpoint,
         cls_data=[cfg.data.cls_data] if cfg.data.cls_data else [],
         seg_data=[cfg.data.seg_data] if cfg.data.seg_data else [],
         out_dir=storage.join(result.run_dir, "eval"),
         storage_cfg=cfg.storage,
     )
+    tracking.log_evaluation(cfg, report, run_dir=result.run_dir)
+    return report
 
 
 def _same_dataset(a: str, b: str) -> bool:

@@ -29,7 +29,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from multimix import resources
+from multimix import resources, tracking
 from multimix.config import ConfigError
 from multimix.data import dataset, splits, storage
 from multimix.data.pipeline import check_skipped, load_pools
@@ -224,6 +224,7 @@ def check_inputs(cfg, *, storage: bool = True, pools: bool = False,
         from multimix.checkpoint import check_resume
 
         check_resume(run_dir, cfg.storage)
+        tracking.check(cfg)  # the mlflow extra when run.mlflow is on; its URI made absolute
     flags = variant_flags(cfg.model.variant)
     out = Preflight()
     for task, need in (("cls", flags.has_cls), ("seg", flags.has_seg)):

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from multimix import evaluate, resources
+from multimix import evaluate, resources, tracking
 from multimix.config import Config, add_config_arguments, load_config
 from multimix.data import pipeline, storage
 from multimix.data.batches import TrainBatches, open_streams
@@ -345,6 +345,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
 
     start_epoch, history = 0, []
     storage_ctx = ctx.get_storage()
+    # TensorBoard, learning_curves.png, MLflow (rank 0; multimix.tracking)
+    tracker = tracking.RunTracker(cfg, storage_ctx.storage_filesystem,
+                                  storage_ctx.experiment_fs_path, rank)
     restored = ray.train.get_checkpoint()
     state, source = None, None
     if restored is not None:
@@ -441,8 +444,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                                  checkpoint_dir_name=name)
             _write_run_files(storage_ctx, cfg, history, name)
+            tracker.epoch(history)
         else:
             ray.train.report(metrics, checkpoint_dir_name=name)
+    tracker.close()
 
 
 class _SkippedRows:

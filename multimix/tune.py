@@ -54,7 +54,7 @@ from pathlib import Path
 
 import yaml
 
-from multimix import evaluate, resources
+from multimix import evaluate, resources, tracking
 from multimix import train as train_cmd
 from multimix.config import Config, ConfigError, add_config_arguments, load_config
 from multimix.data import storage
@@ -237,6 +237,8 @@ class Search:
         cfg = json.loads(json.dumps(base, default=str))
         cfg.get("run", {}).pop("name", None)
         cfg.get("run", {}).pop("storage_path", None)
+        for key in ("tensorboard", "mlflow", "mlflow_uri"):  # tracking: not the search
+            cfg.get("run", {}).pop(key, None)
         d = json.loads(json.dumps(asdict(self), default=str))
         d.pop("concurrent"), d.pop("retries")
         return {"search": d, "config": cfg}
@@ -335,7 +337,9 @@ def trial(params: dict, base: dict, exp_uri: str) -> None:
     # an all-digit trial id such as 83046_00000 stays a string: --set values are read by the
     # type of their field (config.parse_overrides)
     cfg = load_config(base, param_overrides(params) + [
-        f"run.storage_path={exp_uri.rstrip('/')}/trials", f"run.name={tid}"])
+        f"run.storage_path={exp_uri.rstrip('/')}/trials", f"run.name={tid}",
+        # Tune's own loggers record the trial (TensorBoard; MLflow: tracking.tune_callbacks)
+        "run.tensorboard=false", "run.mlflow=false"])
     train_cmd.train(cfg, callbacks=[TuneReportCallback()])
 
 
@@ -385,6 +389,7 @@ def tune(cfg: Config, search: Search, restart: bool = False):
     cfg = absolute_paths(cfg)
     search.check(cfg)
     check_search_inputs(cfg, search)  # datasets, budgets, storage: before Ray starts
+    tracking.check(cfg)  # the mlflow extra with run.mlflow
     train_cmd.init_ray(cfg)
     search = _fit_concurrency(cfg, search)
     exp_uri = experiment_uri(cfg)
@@ -436,7 +441,8 @@ def tune(cfg: Config, search: Search, restart: bool = False):
             # PlacementGroupCleaner can take a live trial's workers for dead: ray#65447)
             run_config=rt.RunConfig(
                 name=cfg.run.name, storage_path=path, storage_filesystem=fs,
-                failure_config=rt.FailureConfig(max_failures=search.retries)),
+                failure_config=rt.FailureConfig(max_failures=search.retries),
+                callbacks=tracking.tune_callbacks(cfg, exp_uri)),  # MLflow: a run per trial
         )
     return tuner.fit()
 
@@ -640,8 +646,9 @@ def run(args) -> int:
             cls_data=args.eval_cls or ([cfg.data.cls_data] if cfg.data.cls_data else []),
             seg_data=args.eval_seg or ([cfg.data.seg_data] if cfg.data.seg_data else []),
             out_dir=storage_join(experiment_uri(cfg), "eval"), storage_cfg=cfg.storage)
-        print(report["markdown_text"])
+        print(report["summary_text"])
         print(f"evaluation report: {report['markdown']}")
+        tracking.log_evaluation(cfg, report, trial=best["trial"])
     if failed:
         raise UserError(f"{len(failed)} of {len(rows)} trials failed; first: "
                         f"{failed[0]['error']}")
