@@ -189,9 +189,31 @@ def _config(args, root: str, storage: str):
             f"run.storage_path={storage}", "run.name=bench-train"]
     if args.device == "cuda":
         over.append(f"scaling.gpus_per_worker={base.scaling.gpus_per_worker or 1}")
+    else:
+        over += _fit_cpu(base, args)
     if args.data is None:
         over += ["data.cls_labeled=100", "data.seg_labeled=10"]
     return load_config(args.config, list(args.set) + over)
+
+
+def _fit_cpu(base, args) -> list:
+    """``--device cpu`` on a machine the preset's worker does not fit (``paper``: 4 CPUs per
+    worker): the Train worker gets half of the local Ray's CPUs and each data task at most a
+    quarter, so that the data tasks have CPUs too; a line says so. Values given with ``--set``
+    are kept."""
+    cpus = args.cpus or os.cpu_count() or 1
+    given = {item.split("=", 1)[0].strip() for item in args.set}
+    s, out = base.scaling, []
+    if s.cpus_per_worker > cpus / 2 and "scaling.cpus_per_worker" not in given:
+        out.append(f"scaling.cpus_per_worker={max(0.5, cpus / 2):g}")
+    if s.data_cpus_per_task > cpus / 4 and "scaling.data_cpus_per_task" not in given:
+        out.append(f"scaling.data_cpus_per_task={max(0.25, cpus / 4):g}")
+    if out:
+        print(f"[bench train] {args.config} on {cpus:g} local CPUs: "
+              + ", ".join(f"{o.replace('=', ' ', 1)} (was "
+                          f"{getattr(s, o.split('=')[0].split('.')[1]):g})" for o in out)
+              + "; --set to choose others", file=sys.stderr, flush=True)
+    return out
 
 
 def measure(args) -> dict:
