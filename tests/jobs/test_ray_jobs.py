@@ -335,3 +335,48 @@ def test_jobs_that_cannot_start_fail_with_one_line(cluster, shared_data, tmp_pat
         # log and metadata: the documentation says never to pass them; multimix repeats none)
         ours = [ln for ln in logs.splitlines() if "Running entrypoint for job" not in ln]
         assert not any("inline-secret-xyz" in ln for ln in ours), logs[-3000:]
+
+
+def test_predict_ray_job_on_s3(cluster, shared_data, tmp_path):
+    """`ray job submit ... ray_jobs/predict.py --ray` over a prepared dataset on S3, with the
+    checkpoint and the output on S3: one row per dataset row in predictions.parquet, the
+    probabilities of in-process prediction on the same rows."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from multimix import checkpoint
+    from multimix.config import load_config
+    from multimix.data.dataset import read_table
+    from multimix.data.images import decode_png
+    from multimix.model import create_model
+    from multimix.predict import predict_array
+
+    head, s3, bucket = cluster
+    b = f"s3://{bucket}"
+    _tiny_sets_on_s3(s3, bucket, shared_data, tmp_path / "sets")
+    torch.manual_seed(0)
+    cfg = load_config("cpu-small", [])
+    state = checkpoint.build_state(model=create_model(cfg.model), optimizer=None,
+                                   scheduler=None, epoch=1, config=cfg, splits={},
+                                   classes=["NORMAL", "PNEUMONIA"], history=[])
+    checkpoint.save(state, str(tmp_path / "checkpoint.pt"))
+    client = s3.client()
+    client.upload_file(str(tmp_path / "checkpoint.pt"), bucket, "predckpt/checkpoint.pt")
+    status, logs, out = submit(head, "ray_jobs/predict.py", "--ray", "--checkpoint",
+                               f"{b}/predckpt", "--out", f"{b}/predray", f"{b}/tiny/cls",
+                               "--actors", "1", "--batch-size", "16")
+    assert status == "SUCCEEDED", logs[-4000:] + out[-2000:]
+    assert f"wrote 80 prediction row(s) to {b}/predray/predictions.parquet" in logs
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="predray/")
+            ["Contents"]]
+    assert keys and all(k.startswith("predray/predictions.parquet/part-") for k in keys)
+    for k in keys:
+        client.download_file(bucket, k, str(tmp_path / Path(k).name))
+    rows = [r for k in keys for r in pq.read_table(tmp_path / Path(k).name).to_pylist()]
+    got = {r["id"]: r for r in rows}
+    assert len(rows) == len(got) == 80 and all(r["error"] is None for r in rows)
+    model, mcfg, _ = checkpoint.load_model(str(tmp_path / "checkpoint.pt"))
+    table = read_table(str(tmp_path / "sets" / "cls"), columns=["id", "image"]).to_pylist()
+    for r in table[:20]:
+        p = predict_array(model, mcfg, decode_png(r["image"]))["probs"][1]
+        assert got[r["id"]]["pneumonia_probability"] == pytest.approx(float(p), abs=0.02)
