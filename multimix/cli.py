@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except KeyboardInterrupt:
-        print(f"multimix {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a command may say where it stopped (train.Interrupted)
+        print(f"multimix {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr,
+              flush=True)
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of a job's log is one clear line
         # A UserError (also one raised inside a Ray Train worker or a Tune trial and wrapped by

@@ -265,7 +265,7 @@ def check_cluster_keys(storage_cfg) -> None:
                           "of `ray start`) and drop the keys from the config")
 
 
-def connect_ray(storage_cfg=None) -> None:
+def connect_ray(storage_cfg=None, quiet: bool = False, log_to_driver: bool = True) -> None:
     """Connect to the cluster in ``RAY_ADDRESS``, or start a local Ray (``train``, ``tune``,
     ``prepare --ray``).
 
@@ -274,6 +274,17 @@ def connect_ray(storage_cfg=None) -> None:
     through Ray's runtime env or job metadata). On a cluster they are refused: there the Ray
     processes get credentials from the standard chain (instance profile, IRSA, their
     environment).
+
+    A local Ray is started with its dashboard on a port chosen here and
+    ``RAY_API_SERVER_ADDRESS`` pointing at it in every process it starts: Ray Train's helpers
+    look their cluster up through the state API, and with no address given they search the
+    machine and fail when another Ray runs there ("Found multiple active Ray instances").
+
+    ``quiet``: Ray's notices that are not about this run stay out of the console (the token
+    authentication notice; Ray Data's INFO and WARNING lines in the local Ray's processes; they
+    are still in Ray's session logs). ``log_to_driver``: whether the output of Ray's worker
+    processes is echoed here (Ray's ``log_to_driver``; ``train`` shows its progress through
+    :mod:`multimix.progress` and echoes them only with ``--verbose``).
 
     Raises:
         ConfigError: keys in the config while connecting to a cluster.
@@ -284,5 +295,40 @@ def connect_ray(storage_cfg=None) -> None:
     if ray.is_initialized():
         return
     storage.export_keys(storage_cfg)
-    # "local": a new local Ray, never one found through /tmp/ray/ray_current_cluster
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", configure_logging=False)
+    address = os.environ.get("RAY_ADDRESS")
+    if quiet:
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+    if address:
+        ray.init(address=address, configure_logging=False, log_to_driver=log_to_driver)
+        return
+    if quiet:
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+    before = os.environ.get("RAY_API_SERVER_ADDRESS")
+    try:
+        for attempt in range(3):
+            port = _free_port()
+            # inherited by the local Ray's processes only: restored below for this one
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            try:
+                # "local": a new local Ray, never one found through /tmp/ray/ray_current_cluster
+                ray.init(address="local", configure_logging=False, dashboard_port=port,
+                         log_to_driver=log_to_driver)
+                return
+            except Exception:  # noqa: BLE001 - the port was taken meanwhile: another one
+                ray.shutdown()
+                if attempt == 2:
+                    raise
+    finally:
+        if before is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = before
+
+
+def _free_port() -> int:
+    """A TCP port free on the loopback now (the OS's choice)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -22,18 +22,21 @@ Re-running the same command resumes from the latest checkpoint; a worker that di
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from multimix import evaluate, resources, tracking
+from multimix import evaluate, progress, resources, rundir, tracking
 from multimix.config import Config, add_config_arguments, load_config
 from multimix.data import pipeline, storage
 from multimix.data.batches import TrainBatches, open_streams
@@ -41,7 +44,7 @@ from multimix.data.pipeline import skipped_counts
 from multimix.data.splits import split_record
 from multimix.data.state import skipped_rows
 from multimix.data.storage import write_file
-from multimix.errors import RunFailed, one_line, root_cause
+from multimix.errors import RunFailed, UserError, one_line, root_cause
 from multimix.metrics import collective_device, val_score_balanced, validation_cls_metrics
 from multimix.preflight import check_inputs
 from multimix.validate import validate
@@ -68,18 +71,60 @@ def add_arguments(p) -> None:
     p.add_argument("--evaluate", action="store_true",
                    help="after training, evaluate the best checkpoint on the validation ids and "
                         "write the report into the run directory")
+    add_run_arguments(p)
+
+
+def add_run_arguments(p) -> None:
+    """``--restart`` and ``--verbose``: what ``train``, ``tune`` and ``demo`` share."""
+    p.add_argument("--restart", action="store_true",
+                   help="delete the run in the run directory (saying what) and start over; "
+                        "without it a rerun resumes, and only the same experiment")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show Ray's own log lines (Ray Train, Ray Data, the token notice)")
+
+
+#: set by --verbose; read by every process of the run (Ray's processes inherit it)
+VERBOSE_ENV = "MULTIMIX_VERBOSE"
+
+
+def verbose() -> bool:
+    """Whether Ray's own log lines are shown (``--verbose``)."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
 def run(args) -> int:
     cfg = load_config(args.config, args.set)
-    result = train(cfg)
-    print(f"training finished: {result.epochs} epochs; run directory: {result.run_dir}")
-    print(f"best checkpoint: {result.best_checkpoint}  ({cfg.run.checkpoint_metric} = "
-          f"{result.best_value:.4f})")
+    if getattr(args, "verbose", False):
+        os.environ[VERBOSE_ENV] = "1"
+    result = train(cfg, restart=getattr(args, "restart", False))
+    print(finished_lines(result, cfg))
     if args.evaluate:
         report = evaluate.evaluate_run(result, cfg)
         print(f"evaluation report: {report['markdown']}")
     return 0
+
+
+#: files of a run directory named at the end of a run, when they are there
+_RESULT_FILES = (("learning curves", "learning_curves.png"), ("TensorBoard logs", "tensorboard"),
+                 ("history", "history.json"))
+
+
+def finished_lines(result: "TrainResult", cfg: Config) -> str:
+    """What the end of ``train`` prints: where the run, its best checkpoint, its curves and its
+    TensorBoard logs are."""
+    lines = [f"training finished: {result.epochs} epochs; run directory: {result.run_dir}",
+             f"best checkpoint: {result.best_checkpoint}  ({cfg.run.checkpoint_metric} = "
+             f"{result.best_value:.4f})"]
+    for what, name in _RESULT_FILES:
+        uri = storage.join(result.run_dir, name)
+        try:
+            there = storage.exists(uri, cfg.storage)
+        except UserError:
+            there = False
+        if there:
+            extra = f"  (tensorboard --logdir {uri})" if name == "tensorboard" else ""
+            lines.append(f"{what}: {uri}{extra}")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +164,8 @@ class WorkerInputs:
     datasets: tuple
     steps: int
     extra: dict = field(default_factory=dict)
+    #: the run's progress actor (:func:`multimix.progress.create_board`), or None
+    board: Any = None
 
 
 def prepare_inputs(cfg: Config, checked=None):
@@ -131,13 +178,15 @@ def prepare_inputs(cfg: Config, checked=None):
 
 
 def build_trainer(cfg: Config, inputs, callbacks: list | None = None, loop=None,
-                  extra: dict | None = None):
+                  extra: dict | None = None, board=None):
     """The :class:`TorchTrainer` for ``cfg`` and the driver's
     :class:`~multimix.data.pipeline.DataInputs` (exposed so Ray Tune trials can run it).
     ``loop`` replaces :func:`train_loop_per_worker` and ``extra`` goes to
-    :attr:`WorkerInputs.extra` (``multimix bench train``)."""
+    :attr:`WorkerInputs.extra` (``multimix bench train``); ``board``: the progress actor the
+    workers post to (:mod:`multimix.progress`)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
+                           ScalingConfig)
     from ray.train.torch import TorchConfig, TorchTrainer
 
     s = cfg.scaling
@@ -148,7 +197,7 @@ def build_trainer(cfg: Config, inputs, callbacks: list | None = None, loop=None,
                             resources_per_worker=resources)
     # keyless: Ray pickles this into its run state; workers resolve keys through the AWS chain
     fs, path = storage.resolve(cfg.run.storage_path, storage.chain_storage(cfg.storage))
-    env_vars = {k: os.environ[k] for k in (FAULT_ENV,) if k in os.environ}
+    env_vars = {k: os.environ[k] for k in (FAULT_ENV, VERBOSE_ENV) if k in os.environ}
     run_config = RunConfig(
         name=cfg.run.name,
         storage_path=path,
@@ -161,6 +210,9 @@ def build_trainer(cfg: Config, inputs, callbacks: list | None = None, loop=None,
         ),
         callbacks=callbacks or [],
         worker_runtime_env={"env_vars": env_vars} if env_vars else None,
+        # Ray Train's own lines (resources requested, each report, a failure's traceback echo)
+        # stay in Ray's session logs; the run's progress and its one error line are ours
+        logging_config=LoggingConfig(log_level="INFO" if verbose() else "CRITICAL"),
     )
     worker_inputs = WorkerInputs(
         config=cfg.to_dict(include_secrets=False),
@@ -171,6 +223,7 @@ def build_trainer(cfg: Config, inputs, callbacks: list | None = None, loop=None,
         datasets=tuple(sorted(inputs.datasets)),
         steps=inputs.steps,
         extra=dict(extra or {}),
+        board=board,
     )
     return TorchTrainer(
         loop or train_loop_per_worker,
@@ -183,22 +236,45 @@ def build_trainer(cfg: Config, inputs, callbacks: list | None = None, loop=None,
     )
 
 
-def init_ray(cfg: Config) -> None:
-    """:func:`multimix.resources.connect_ray` with the config's storage settings."""
-    resources.connect_ray(cfg.storage)
+def init_ray(cfg: Config, log_to_driver: bool | None = None) -> None:
+    """:func:`multimix.resources.connect_ray` with the config's storage settings: Ray's own
+    log lines quiet, and its processes' output not echoed (``log_to_driver``, default: only
+    with ``--verbose``; the run's progress and errors reach the console through
+    :mod:`multimix.progress` and :func:`record_failure`)."""
+    resources.connect_ray(cfg.storage, quiet=not verbose(),
+                          log_to_driver=verbose() if log_to_driver is None else log_to_driver)
 
 
-def train(cfg: Config, callbacks: list | None = None, checked=None) -> TrainResult:
+def train(cfg: Config, callbacks: list | None = None, checked=None, *, lease: bool = True,
+          restart: bool = False) -> TrainResult:
     """Train ``cfg`` to ``optim.epochs`` epochs (resuming a run of the same name if it exists).
 
     The inputs are checked before Ray starts (:func:`multimix.preflight.check_inputs`, or
-    ``checked``, its result). A failure inside Ray (a Train worker, the controller, a data
-    task) is raised as :class:`~multimix.errors.RunFailed`: its root cause in one line, the
-    full traceback in ``<run dir>/error.log`` (:func:`record_failure`).
+    ``checked``, its result); so is the run directory (:mod:`multimix.rundir`): its lease
+    (``lease``; a Tune trial runs under its search's lease), that a rerun is the same
+    experiment (or ``restart``: deleted first), and that no incomplete checkpoint is left in
+    it. A failure inside Ray (a Train worker, the controller, a data task) is raised as
+    :class:`~multimix.errors.RunFailed`: its root cause in one line, the full traceback in
+    ``<run dir>/error.log`` (:func:`record_failure`); Ctrl-C as :class:`Interrupted`.
     """
     run_dir = storage.join(cfg.run.storage_path, cfg.run.name)
     # datasets, budgets, storage, the labeled pools: all before Ray starts
     checked = checked if checked is not None else check_inputs(cfg, pools=True)
+    held = rundir.Lease(run_dir, cfg.storage, command="multimix train").acquire() if lease \
+        else None
+    try:
+        if restart:
+            rundir.clear(run_dir, cfg.storage)
+        else:
+            rundir.check_same_experiment(run_dir, cfg)
+            rundir.remove_incomplete_checkpoints(run_dir, cfg.storage)
+        return _train(cfg, callbacks, checked, run_dir)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _train(cfg: Config, callbacks, checked, run_dir: str) -> TrainResult:
     init_ray(cfg)
 
     resources.check(cfg.scaling)  # fails at once when no node could ever place the workers
@@ -208,12 +284,71 @@ def train(cfg: Config, callbacks: list | None = None, checked=None) -> TrainResu
                         json.dumps(cfg.to_dict(), indent=2).encode(), cfg.storage)
     storage.write_bytes(storage.join(run_dir, CONTAMINATION),  # the guard's counts
                         json.dumps(inputs.contamination, indent=1).encode(), cfg.storage)
-    trainer = build_trainer(cfg, inputs, callbacks)
+    board = progress.create_board()
+    trainer = build_trainer(cfg, inputs, callbacks, board=board)
+    console = progress.Console(board).start()
     try:
-        trainer.fit()
+        _fit(trainer)
+    except KeyboardInterrupt:
+        console.stop()
+        line = console.interrupted_line(_resume_epoch(run_dir, cfg))
+        _stop_ray()
+        raise Interrupted(line) from None
     except Exception as exc:  # noqa: BLE001 - Train V2 / Tune wrappers: one line + a log file
-        raise record_failure(exc, run_dir, cfg.storage, "training") from exc
+        console.stop()
+        failed = record_failure(exc, run_dir, cfg.storage, "training")
+        rundir.remove_incomplete_checkpoints(run_dir, cfg.storage)
+        raise failed from exc
+    console.stop()
     return read_run(run_dir, cfg)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training: the message says where it stopped and how to resume."""
+
+
+def _fit(trainer):
+    """``trainer.fit()``; from the main thread, run in a helper thread so that Ctrl-C reaches
+    the main thread as :class:`KeyboardInterrupt` (in the main thread Ray Train installs its
+    own SIGINT handler, which ends the process with no word on where the run stopped)."""
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, name="multimix-fit", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.5)
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+def _stop_ray() -> None:
+    """After Ctrl-C: end this driver's Ray (a local Ray and its processes; on a cluster, the
+    run's actors, which this driver owns), so nothing keeps training in the background."""
+    import ray
+
+    try:
+        ray.shutdown()
+    except Exception:  # noqa: BLE001 - already going down
+        pass
+
+
+def _resume_epoch(run_dir: str, cfg: Config):
+    """The epoch (0-based) a rerun resumes after: the last one ``last.json`` records, or
+    None."""
+    try:
+        last = json.loads(storage.read_bytes(storage.join(run_dir, "last.json"), cfg.storage))
+        return int(last["epoch"]) + 1
+    except Exception:  # noqa: BLE001 - nothing checkpointed (or unreadable): from the start
+        return None
 
 
 #: the file in the run directory that holds the full traceback of a failed run
@@ -255,7 +390,28 @@ def record_failure(exc: BaseException, run_dir: str, storage_cfg, what: str) -> 
     root = root_cause(exc)
     if isinstance(root, RunFailed):  # already recorded (a Tune trial's train())
         return root
-    return RunFailed(f"{what} failed: {one_line(exc)} (full traceback: {path})", root, path)
+    root = storage_cause(root, run_dir, storage_cfg)
+    return RunFailed(f"{what} failed: {one_line(root)} (full traceback: {path})", root, path)
+
+
+def storage_cause(root: BaseException, run_dir: str, storage_cfg) -> BaseException:
+    """A storage error raised inside Ray (a pyarrow ``OSError`` from S3 in a data task or a
+    Train worker, a full disk under Ray's checkpoint copy) as the same
+    :class:`~multimix.errors.StorageError` the driver gives for that fault
+    (:func:`multimix.data.storage.translate`); any other error as it is."""
+    if isinstance(root, UserError) or not isinstance(root, OSError):
+        return root
+    msg = str(root)
+    m = re.search(r"key '([^']*)' in bucket '([^']*)'", msg)
+    if m:
+        uri = f"s3://{m.group(2)}/{m.group(1)}"
+    elif getattr(root, "errno", None) == errno.ENOSPC or "No space left" in msg:
+        uri = getattr(root, "filename", None) or run_dir
+    elif "AWS Error" in msg:
+        uri = run_dir
+    else:
+        return root
+    return storage.translate(root, uri, storage_cfg)
 
 
 def read_run(run_dir: str, cfg: Config) -> TrainResult:
@@ -303,6 +459,28 @@ def _log(rank: int, msg: str) -> None:
     logger.info(msg)
 
 
+def _say(report: "progress.Reporter", rank: int, text: str) -> None:
+    """A message of the run: to the driver's console, or rank 0's log without a board."""
+    if report.board is not None:
+        report.message(text)
+    else:
+        _log(rank, f"[multimix] {text}")
+
+
+def best_epoch(history: list[dict], metric: str, mode: str) -> dict:
+    """The epoch's metrics dict that ``best.json`` names: the best ``metric`` (ties to the
+    later epoch, as Ray's CheckpointConfig keeps that one), else the last."""
+    def at_least(a, b):
+        return a >= b if mode == "max" else a <= b
+
+    best = None
+    for h in history:
+        v = h.get(metric)
+        if v is not None and v == v and (best is None or at_least(v, best[metric])):
+            best = h
+    return best or history[-1]
+
+
 def _mean_over_workers(values: dict[str, float]) -> dict[str, float]:
     """The mean of each value over the workers (all-reduce on the process group's device: a
     CUDA tensor under NCCL, see :func:`multimix.metrics.collective_device`)."""
@@ -334,6 +512,9 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
     cfg = load_config(inputs.config)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    report = progress.Reporter(inputs.board, rank)
+    if not verbose():  # Ray Train's INFO lines logged under the root logger (each report)
+        logging.getLogger().setLevel(logging.WARNING)
     device = ray.train.torch.get_device()
     if device.type == "cuda":  # collectives under NCCL use the current device (Ray sets it too)
         torch.cuda.set_device(device)
@@ -376,7 +557,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         ckpt_mod.set_rng_state(state["rng"])
         torch.manual_seed(cfg.optim.seed + rank + 1000 * (state["epoch"] + 1))
         start_epoch, history = state["epoch"] + 1, list(state["history"])
-        _log(rank, f"[multimix] resumed from epoch {state['epoch']} ({source})")
+        _say(report, rank, f"resumed from epoch {state['epoch'] + 1} ({source})")
 
     pools = ray.get(inputs.pools)
     labeler = None
@@ -404,8 +585,10 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                 ema.update(unwrap(model))
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
-            if (step + 1) % cfg.run.log_every == 0 or step + 1 == steps:
-                rate = (step + 1) * n_img * world / (time.perf_counter() - t0)
+            rate = (step + 1) * n_img * world / (time.perf_counter() - t0)
+            if report.board is not None:
+                report.step(epoch, cfg.optim.epochs, step, steps, terms, rate)
+            elif (step + 1) % cfg.run.log_every == 0 or step + 1 == steps:
                 _log(rank, f"[multimix] epoch {epoch + 1}/{cfg.optim.epochs} step {step + 1}/"
                            f"{steps} " + " ".join(f"{k}={v:.4f}" for k, v in terms.items()
                                                   if k in TERM_KEYS)
@@ -429,9 +612,16 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
                    "img_per_s": steps * n_img * world / max(train_time, 1e-9),
                    "lr": optimizer.param_groups[0]["lr"], **skipped.epoch()}
         history.append(metrics)
-        _log(rank, f"[multimix] epoch {epoch + 1}/{cfg.optim.epochs} done: "
-             + " ".join(f"{k}={metrics[k]:.4f}" for k in SUMMARY_KEYS if k in metrics)
-             + " " + skipped.summary(metrics))
+        if report.board is not None:
+            best = best_epoch(history, cfg.run.checkpoint_metric, cfg.run.checkpoint_mode)
+            report.epoch(epoch, cfg.optim.epochs, metrics,
+                         {"epoch": best["epoch"], "value": best.get(cfg.run.checkpoint_metric)})
+            if metrics.get("skipped_rows"):
+                report.message(f"epoch {epoch + 1}: " + skipped.summary(metrics))
+        else:
+            _log(rank, f"[multimix] epoch {epoch + 1}/{cfg.optim.epochs} done: "
+                 + " ".join(f"{k}={metrics[k]:.4f}" for k in SUMMARY_KEYS if k in metrics)
+                 + " " + skipped.summary(metrics))
         name = f"checkpoint_epoch-{epoch:04d}"
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
@@ -509,19 +699,9 @@ def _write_run_files(storage_ctx, cfg: Config, history: list[dict], name: str) -
     metric, mode = cfg.run.checkpoint_metric, cfg.run.checkpoint_mode
 
     def put(fname: str, obj) -> None:  # atomic: a kill never leaves a truncated last.json
-
         write_file(fs, f"{root}/{fname}", json.dumps(obj, indent=1, default=float).encode())
 
-    def at_least(a, b):
-        return a >= b if mode == "max" else a <= b
-
-    best = None
-    for h in history:
-        v = h.get(metric)
-        # ties go to the later epoch: Ray's CheckpointConfig keeps that one, deletes the earlier
-        if v is not None and v == v and (best is None or at_least(v, best[metric])):
-            best = h
-    best = best or history[-1]
+    best = best_epoch(history, metric, mode)
     put("history.json", history)
     last = history[-1]
     put("last.json", {"checkpoint": name, "epoch": last["epoch"], "metric": metric,

@@ -390,7 +390,7 @@ def tune(cfg: Config, search: Search, restart: bool = False):
     search.check(cfg)
     check_search_inputs(cfg, search)  # datasets, budgets, storage: before Ray starts
     tracking.check(cfg)  # the mlflow extra with run.mlflow
-    train_cmd.init_ray(cfg)
+    train_cmd.init_ray(cfg, log_to_driver=True)  # each trial's lines, under Tune's table
     search = _fit_concurrency(cfg, search)
     exp_uri = experiment_uri(cfg)
     if restart:

@@ -34,7 +34,7 @@ LAYERS = {
     "multimix.data.batches": 4, "multimix.data.pipeline": 4,
     # 5 run services
     "multimix.preflight": 5, "multimix.checkpoint": 5, "multimix.validate": 5,
-    "multimix.plots": 5, "multimix.tracking": 5,
+    "multimix.plots": 5, "multimix.progress": 5, "multimix.rundir": 5, "multimix.tracking": 5,
     # 6 commands
     "multimix.train": 6, "multimix.evaluate": 6, "multimix.predict": 6, "multimix.tune": 6,
     "multimix.experiment": 6, "multimix.demo": 6,

@@ -438,6 +438,144 @@ def replace_local(path: "str | os.PathLike", data: "bytes | str") -> None:
         _replace_local(str(path), data)
 
 
+# ---------------------------------------------------------------------------------------------
+# conditional writes (the run directory's lease)
+
+
+def _s3_client(st: Optional[StorageConfig]):
+    """A boto3 S3 client for the same endpoint, region and keys as :func:`resolve` (keys only
+    when the config has them; else boto3's default chain)."""
+    import boto3
+
+    st = st if st is not None else default_storage()
+    kwargs: dict = {"region_name": st.region or "us-east-1"}
+    if st.endpoint:
+        kwargs["endpoint_url"] = st.endpoint
+    if st.access_key_id and st.secret_access_key:
+        kwargs.update(aws_access_key_id=st.access_key_id,
+                      aws_secret_access_key=st.secret_access_key)
+        if st.session_token:
+            kwargs["aws_session_token"] = st.session_token
+    return boto3.client("s3", **kwargs)
+
+
+def _local_version(path: str) -> str:
+    info = os.stat(path)
+    return f"{info.st_ino}-{info.st_size}-{info.st_mtime_ns}"
+
+
+@contextmanager
+def _local_lock(path: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``.<name>.lock`` beside ``path`` (processes of one machine)."""
+    import fcntl
+
+    folder, name = os.path.split(path)
+    os.makedirs(folder or ".", exist_ok=True)
+    fd = os.open(os.path.join(folder, f".{name}.lock"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def read_versioned(uri: str, storage_cfg: Optional[StorageConfig] = None
+                   ) -> Optional[tuple[bytes, str]]:
+    """``(content, version)`` of a small file, or None when it does not exist. ``version`` (the
+    S3 ETag; locally inode, size and mtime) is what :func:`write_if` compares against."""
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        client = _s3_client(storage_cfg)
+        try:
+            obj = client.get_object(Bucket=bucket, Key=key)
+        except client.exceptions.NoSuchKey:
+            return None
+        except Exception as exc:  # noqa: BLE001 - botocore errors: one storage error line
+            raise translate(OSError(str(exc)), uri, storage_cfg) from None
+        return obj["Body"].read(), obj["ETag"]
+    _, path = resolve(uri, storage_cfg)
+    with storage_errors(uri, storage_cfg):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            return data, _local_version(path)
+        except FileNotFoundError:
+            return None
+
+
+def write_if(uri: str, data: bytes, storage_cfg: Optional[StorageConfig] = None, *,
+             version: Optional[str] = None) -> bool:
+    """Write ``data`` to ``uri`` only if it does not exist (``version`` None) or is still the
+    ``version`` read by :func:`read_versioned`; returns whether it was written.
+
+    ``s3://``: one PutObject with ``If-None-Match: *`` / ``If-Match: <ETag>`` (S3 has honoured
+    both since 2024; so does SeaweedFS 4.x): the server decides, so of two writers racing one
+    wins. Locally: under an exclusive ``flock`` beside the file, then an atomic rename (one
+    machine; on a shared network filesystem flock may not hold across machines).
+
+    Raises:
+        StorageError: disk full, permissions, S3 trouble.
+    """
+    if is_s3(uri):
+        bucket, key = _split_s3(uri)
+        client = _s3_client(storage_cfg)
+        cond = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            client.put_object(Bucket=bucket, Key=key, Body=data, **cond)
+        except client.exceptions.ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409,
+                                                                                        412):
+                return False
+            if version is not None and code == "NoSuchKey":  # If-Match on a deleted object
+                return False
+            raise translate(OSError(str(exc)), uri, storage_cfg) from None
+        except Exception as exc:  # noqa: BLE001 - connection errors: one storage error line
+            raise translate(OSError(str(exc)), uri, storage_cfg) from None
+        return True
+    _, path = resolve(uri, storage_cfg)
+    with storage_errors(uri, storage_cfg):
+        with _local_lock(path):
+            try:
+                current = _local_version(path)
+            except FileNotFoundError:
+                current = None
+            if current != version:
+                return False
+            _replace_local(path, data)
+            return True
+
+
+def remove_if(uri: str, storage_cfg: Optional[StorageConfig] = None, *,
+              version: str) -> bool:
+    """Delete ``uri`` if it is still ``version``; returns whether it was deleted (a file that
+    is already gone counts as deleted). ``s3://``: read-compare-delete (a concurrent writer in
+    between is possible but only shortens a lease that was being given up anyway)."""
+    if is_s3(uri):
+        got = read_versioned(uri, storage_cfg)
+        if got is None:
+            return True
+        if got[1] != version:
+            return False
+        bucket, key = _split_s3(uri)
+        try:
+            _s3_client(storage_cfg).delete_object(Bucket=bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            raise translate(OSError(str(exc)), uri, storage_cfg) from None
+        return True
+    _, path = resolve(uri, storage_cfg)
+    with storage_errors(uri, storage_cfg):
+        with _local_lock(path):
+            try:
+                if _local_version(path) != version:
+                    return False
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            return True
+
+
 def read_text(uri: str, storage_cfg: Optional[StorageConfig] = None) -> str:
     return read_bytes(uri, storage_cfg).decode("utf-8")
 

@@ -33,10 +33,11 @@ def test_worker_failure_recorded(tmp_path):
     run_dir = tmp_path / "runs" / "r1"
     failed = record_failure(_raised(_group(disk)), str(run_dir), None, "training")
     log = run_dir / ERROR_LOG
-    assert str(failed) == ("training failed: OSError: [Errno 28] No space left on device "
+    # the same words (and exit code) as the driver's own storage errors
+    assert str(failed) == (f"training failed: {run_dir}: no space left on device (disk full) "
                            f"(full traceback: {log})")
     assert failed.root is not None and failed.log_path == str(log)
-    assert not is_user_error(failed)
+    assert is_user_error(failed)
     text = log.read_text()
     assert text.splitlines()[0] == ("multimix training failed: OSError: [Errno 28] No space "
                                     "left on device")
@@ -93,3 +94,31 @@ def test_epoch_summary_shows_skipped_rows():
     assert _SkippedRows.summary({"skipped_rows": 7, "skipped_unl_cls": 4, "skipped_cls_val": 3,
                                  "skipped_cls_labeled": 0}) == (
         "skipped_rows=7 (cls_val=3 unl_cls=4)")
+
+
+@pytest.mark.parametrize("text,where", [
+    ("When reading information for key 'runs/r1/x.parquet' in bucket 'b': AWS Error "
+     "NETWORK_CONNECTION during HeadObject operation: curlCode: 7, Couldn't connect to server",
+     "s3://b/runs/r1/x.parquet"),
+    ("When uploading part for key 'runs/r1/checkpoint_epoch-0001/checkpoint.pt' in bucket 'b':"
+     " AWS Error NETWORK_CONNECTION during UploadPart operation: curlCode: 7, Couldn't connect "
+     "to server", "s3://b/runs/r1/checkpoint_epoch-0001/checkpoint.pt"),
+])
+def test_s3_errors_inside_ray_read_as_the_drivers(tmp_path, text, where):
+    """A pyarrow OSError from S3 raised in a data task or a Train worker (mid-epoch: a read;
+    after a checkpoint: an upload) ends in the line the driver gives for an unreachable
+    endpoint, and counts as the user's (exit 2), not as a crash."""
+    from multimix.config import StorageConfig
+
+    st = StorageConfig(endpoint="http://127.0.0.1:9")
+    failed = record_failure(_raised(_group(OSError(text))), str(tmp_path / "r1"), st,
+                            "training")
+    assert str(failed).startswith(f"training failed: cannot reach the S3 endpoint "
+                                  f"http://127.0.0.1:9 for {where}: check storage.endpoint")
+    assert is_user_error(failed) and "\n" not in str(failed)
+
+
+def test_an_os_error_that_is_not_storage_stays_as_it_is(tmp_path):
+    failed = record_failure(_raised(_group(OSError(errno.EIO, "device error"))),
+                            str(tmp_path / "r1"), None, "training")
+    assert "OSError: [Errno 5] device error" in str(failed) and not is_user_error(failed)
