@@ -16,6 +16,7 @@ SUBCOMMANDS = {
                                       "worker → train_step vs the bare step"),
     "scale": ("multimix.bench.scale", "peak memory and steps/s of a run with an N-row "
                                       "unlabeled pool vs a 5,000-row one"),
+    "predict": ("multimix.bench.predict", "DICOM vs JPEG decoding; predict in-process vs --ray"),
 }
 
 
