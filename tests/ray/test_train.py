@@ -63,19 +63,51 @@ def _check_continuity(run_dir: Path, epochs: int, steps: int) -> None:
     assert state["scheduler"]["last_epoch"] == epochs
 
 
-@pytest.mark.realdata
-def test_train_evaluate_predict_real_data(ray_local, kermany_prepared, v7_prepared,
-                                          shared_data, tmp_path, capsys):
-    from multimix import evaluate
-    from multimix.cli import main
-    from multimix.data.splits import split_name, split_uri
-    from multimix.train import train
+# One 2-worker run on the real data serves four tests: rank 1 SIGKILLs itself at epoch 1 step 2,
+# the restarted worker group resumes from epoch 0's checkpoint, and the finished run is then
+# evaluated and predicted with. A worker group start and a Ray Data start-up cost ~50 s on the
+# 2-CPU CI machine; a restart is part of what a run may go through, so a finished run must look
+# the same either way (the continuity test checks that the restart left no trace).
 
-    # the streams split across the 2 DDP workers by Ray Train's DataConfig
-    cfg = _cfg(tmp_path, kermany_prepared, v7_prepared, "real",
+#: rank 1 of 2 SIGKILLs itself at epoch 1, step 2 (the last epoch is the one redone)
+FAULT = (1, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def real_run(ray_local, kermany_prepared, v7_prepared, tmp_path_factory):
+    from multimix.train import FAULT_ENV, train
+
+    tmp = tmp_path_factory.mktemp("real_run")
+    marker = tmp / "killed.txt"
+    # the streams split across the 2 DDP workers by Ray Train's DataConfig; the restarted
+    # worker group splits the datasets again and resumes from the checkpoint of epoch 0
+    cfg = _cfg(tmp, kermany_prepared, v7_prepared, "real", "scaling.max_failures=2",
                "data.cls_labeled=100", "data.seg_labeled=10")
-    result = train(cfg)
+    mp = pytest.MonkeyPatch()
+    mp.setenv(FAULT_ENV, ":".join(map(str, FAULT)) + f":{marker}")
+    try:
+        result = train(cfg)
+    finally:
+        mp.undo()
+    return {"cfg": cfg, "result": result, "marker": marker, "tmp": tmp,
+            "data": (kermany_prepared, v7_prepared)}
 
+
+@pytest.mark.realdata
+def test_worker_killed_mid_run_restarts_without_gaps_or_repeats(real_run):
+    cfg, result = real_run["cfg"], real_run["result"]
+    assert real_run["marker"].exists(), "the fault was never injected"
+    assert [h["epoch"] for h in result.history] == [0, 1]
+    assert result.epochs == cfg.optim.epochs == 2
+    _check_continuity(Path(result.run_dir), 2, cfg.optim.steps_per_epoch)
+
+
+@pytest.mark.realdata
+def test_real_data_run_reports_validates_and_checkpoints(real_run):
+    from multimix.data.splits import recorded_split, split_name, split_uri
+
+    cfg, result = real_run["cfg"], real_run["result"]
+    kermany_prepared, v7_prepared = real_run["data"]
     # every epoch reported, validated on both tasks, checkpointed
     assert result.epochs == 2 and [h["epoch"] for h in result.history] == [0, 1]
     for h in result.history:
@@ -91,8 +123,6 @@ def test_train_evaluate_predict_real_data(ray_local, kermany_prepared, v7_prepar
     assert state["epoch"] == 1 and set(state) >= {"model", "optimizer", "scheduler", "rng",
                                                   "config", "splits", "history"}
     # the splits as records (file beside the data + ids sha256), the ids only in those files
-    from multimix.data.splits import recorded_split
-
     for task, n, uri in (("cls", 100, kermany_prepared), ("seg", 10, v7_prepared)):
         rec = state["splits"][task]
         assert rec["counts"]["labeled"] == n and "labeled" not in rec
@@ -101,12 +131,18 @@ def test_train_evaluate_predict_real_data(ray_local, kermany_prepared, v7_prepar
     best = json.loads((run_dir / "best.json").read_text())
     assert (run_dir / best["checkpoint"] / "checkpoint.pt").is_file()
 
-    # evaluate: in-domain (held-out ids) + cross-domain (every GB row), JSON + Markdown + plots
-    gb = tmp_path / "gb"
+
+@pytest.mark.realdata
+def test_evaluate_real_data_run_in_and_cross_domain(real_run, shared_data, tmp_path):
+    from multimix import evaluate
     from multimix.data.prepare import prepare
 
+    result = real_run["result"]
+    kermany_prepared, v7_prepared = real_run["data"]
+    # evaluate: in-domain (held-out ids) + cross-domain (every GB row), JSON + Markdown + plots
+    gb = tmp_path / "gb"
     prepare(str(shared_data / "gb-covid-lungs"), str(gb), image_size=64, progress=False)
-    rep = evaluate.evaluate_checkpoint(str(run_dir), cls_data=[str(kermany_prepared)],
+    rep = evaluate.evaluate_checkpoint(result.run_dir, cls_data=[str(kermany_prepared)],
                                        seg_data=[str(v7_prepared), str(gb)],
                                        out_dir=str(tmp_path / "eval"))
     report = json.loads(Path(rep["json"]).read_text())
@@ -126,6 +162,12 @@ def test_train_evaluate_predict_real_data(ray_local, kermany_prepared, v7_prepar
         assert Image.open(p).format == "PNG"
     assert {"roc", "dice_box"} <= set(report["plots"])
 
+
+@pytest.mark.realdata
+def test_predict_with_real_data_run(real_run, shared_data, tmp_path, capsys):
+    from multimix.cli import main
+
+    run_dir = real_run["result"].run_dir
     # predict: a Kermany JPEG (RGB, 224²), a V7 PNG (grey), a 16-bit PNG, and a non-image
     jpeg = next((shared_data / "kermany-cxr" / "train" / "PNEUMONIA").glob("*.jpeg"))
     png = next((shared_data / "v7-covid-lungs" / "images").glob("*.png"))
@@ -148,23 +190,6 @@ def test_train_evaluate_predict_real_data(ray_local, kermany_prepared, v7_prepar
         assert mask.shape == (h, w) and set(np.unique(mask)) <= {0, 255}
         assert Image.open(p["saliency"]).size == (w, h)
         assert Image.open(p["overlay"]).mode == "RGB"
-
-
-def test_worker_killed_mid_run_restarts_without_gaps_or_repeats(ray_local, demo_data, tmp_path,
-                                                     monkeypatch):
-    from multimix.train import FAULT_ENV, train
-
-    marker = tmp_path / "killed.txt"
-    monkeypatch.setenv(FAULT_ENV, f"1:1:2:{marker}")  # rank 1 SIGKILLs itself at epoch 1 step 2
-    # the restarted worker group splits the datasets again and resumes from the checkpoint of
-    # epoch 0 (the last epoch is the one redone: 2 epochs are enough)
-    cfg = _cfg(tmp_path, *demo_data, "faulty", "optim.epochs=2", "scaling.max_failures=2",
-               "data.cls_labeled=40", "data.seg_labeled=10")
-    result = train(cfg)
-    assert marker.exists(), "the fault was never injected"
-    assert [h["epoch"] for h in result.history] == [0, 1]
-    assert result.epochs == cfg.optim.epochs
-    _check_continuity(Path(result.run_dir), 2, cfg.optim.steps_per_epoch)
 
 
 def test_rerun_resumes_after_interruption(demo_data, tmp_path):
@@ -206,3 +231,12 @@ def test_rerun_resumes_after_interruption(demo_data, tmp_path):
 
     state = checkpoint.load(str(run_dir), which="last")
     assert "student" in state and state["ema_updates"] == 2 * 6  # counted across the restart
+    # tracking: TensorBoard events of both epochs (one file per start), the curves redrawn
+    from multimix import tracking
+
+    assert len(list((run_dir / "tensorboard").glob("*tfevents*"))) == 2
+    scalars = tracking.read_scalars(run_dir / "tensorboard")
+    assert [s for s, _ in scalars["train/loss"]] == [1, 2]
+    assert [v for _, v in scalars["val/cls_auc"]] == pytest.approx(
+        [h["val_cls_auc"] for h in history])
+    assert (run_dir / "learning_curves.png").stat().st_size > 10000
