@@ -9,13 +9,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 from multimix import evaluate
 from multimix.config import add_config_arguments, load_config
 from multimix.data.prepare import prepare, prepare_demo
-from multimix.train import train
+from multimix.train import VERBOSE_ENV, add_run_arguments, train
 
 
 def add_arguments(p) -> None:
@@ -24,6 +25,7 @@ def add_arguments(p) -> None:
                    help="use real data under ROOT (kermany-cxr/, v7-covid-lungs/, optional "
                         "gb-covid-lungs/) instead of the synthetic phantoms")
     add_config_arguments(p, "cpu-small")
+    add_run_arguments(p)
 
 
 def _prepare(args, size: int) -> tuple[str, str, list[str], list[str]]:
@@ -61,7 +63,9 @@ def run(args) -> int:
         overrides += ["data.cls_labeled=40", "data.seg_labeled=10", "optim.epochs=5",
                       "optim.steps_per_epoch=40"]
     cfg = load_config(args.config, overrides + list(args.set))
-    result = train(cfg)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
+    result = train(cfg, restart=args.restart)
     report = evaluate.evaluate_checkpoint(
         result.best_checkpoint,
         cls_data=[cls_uri, *extra_cls],

@@ -90,21 +90,21 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 
 def epoch_line(epoch: int, epochs: int, m: dict, best: Optional[dict] = None) -> str:
-    """The one summary line of an epoch (fits 100 columns)."""
+    """The one summary line of an epoch (fits 100 columns): the training loss, the validation
+    AUC, balanced accuracy at the validation-chosen threshold and Dice, the best checkpoint's
+    metric and epoch, the speed. Skipped rows get a line of their own."""
     parts = [f"epoch {epoch + 1}/{epochs}", f"loss {_fmt(m.get('train_loss'))}"]
     if "val_cls_auc" in m:
         parts.append(f"AUC {_fmt(m.get('val_cls_auc'))}")
     if "val_cls_balanced_accuracy" in m:
         thr = m.get("val_cls_threshold")
-        at = f" @{_fmt(thr, '.2f')}" if thr is not None and thr == thr else ""
+        at = f"@{_fmt(thr, '.2f')}" if thr is not None and thr == thr else ""
         parts.append(f"bal.acc {_fmt(m.get('val_cls_balanced_accuracy'))}{at}")
     if "val_seg_dice_mean" in m:
         parts.append(f"Dice {_fmt(m.get('val_seg_dice_mean'))}")
     if best:
-        parts.append(f"best {_fmt(best.get('value'))} (epoch {int(best.get('epoch', 0)) + 1})")
-    if m.get("skipped_rows"):
-        parts.append(f"{int(m['skipped_rows'])} rows skipped")
-    parts.append(f"{_fmt(m.get('img_per_s'), '.1f')} img/s")
+        parts.append(f"best {_fmt(best.get('value'))} @{int(best.get('epoch', 0)) + 1}")
+    parts.append(f"{_fmt(m.get('img_per_s'), '.0f')} img/s")
     return "  ".join(parts)
 
 

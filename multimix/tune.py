@@ -54,7 +54,7 @@ from pathlib import Path
 
 import yaml
 
-from multimix import evaluate, resources, tracking
+from multimix import evaluate, resources, rundir, tracking
 from multimix import train as train_cmd
 from multimix.config import Config, ConfigError, add_config_arguments, load_config
 from multimix.data import storage
@@ -340,7 +340,8 @@ def trial(params: dict, base: dict, exp_uri: str) -> None:
         f"run.storage_path={exp_uri.rstrip('/')}/trials", f"run.name={tid}",
         # Tune's own loggers record the trial (TensorBoard; MLflow: tracking.tune_callbacks)
         "run.tensorboard=false", "run.mlflow=false"])
-    train_cmd.train(cfg, callbacks=[TuneReportCallback()])
+    # under the search's lease (a restarted trial takes its directory over at once)
+    train_cmd.train(cfg, callbacks=[TuneReportCallback()], lease=False)
 
 
 #: variables Ray Tune would copy from the driver into every trial actor's runtime env
@@ -379,22 +380,33 @@ def _fit_concurrency(cfg: Config, search: Search) -> Search:
 def tune(cfg: Config, search: Search, restart: bool = False):
     """Run (or restore and finish) the search; returns the :class:`ray.tune.ResultGrid`.
 
+    The experiment directory has one writer: the search holds its lease
+    (:class:`multimix.rundir.Lease`) while it runs; ``restart`` deletes what it holds first.
+
     Raises:
         UserError: the stored experiment was started with another search or base config.
+        RunDirBusy: another search is writing into the experiment directory.
     """
+    cfg = absolute_paths(cfg)
+    search.check(cfg)
+    check_search_inputs(cfg, search)  # datasets, budgets, storage: before Ray starts
+    held = rundir.Lease(experiment_uri(cfg), cfg.storage, command="multimix tune").acquire()
+    try:
+        return _tune(cfg, search, restart)
+    finally:
+        held.release()
+
+
+def _tune(cfg: Config, search: Search, restart: bool):
     from ray import tune as rt
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
-    cfg = absolute_paths(cfg)
-    search.check(cfg)
-    check_search_inputs(cfg, search)  # datasets, budgets, storage: before Ray starts
-    tracking.check(cfg)  # the mlflow extra with run.mlflow
     train_cmd.init_ray(cfg, log_to_driver=True)  # each trial's lines, under Tune's table
     search = _fit_concurrency(cfg, search)
     exp_uri = experiment_uri(cfg)
     if restart:
-        storage.delete_dir(exp_uri, cfg.storage)
+        rundir.clear(exp_uri, cfg.storage)
     # keyless: Tune pickles it into tuner.pkl / experiment state; keys come from the AWS chain
     fs, path = storage.resolve(cfg.run.storage_path, storage.chain_storage(cfg.storage))
     base = cfg.to_dict(include_secrets=False)  # trial actors read keys from their environment

@@ -442,6 +442,12 @@ def replace_local(path: "str | os.PathLike", data: "bytes | str") -> None:
 # conditional writes (the run directory's lease)
 
 
+def _bucket_key(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` → ``("bucket", "a/b")`` (boto3's names)."""
+    bucket, path = _split_s3(uri)
+    return bucket, path[len(bucket):].lstrip("/")
+
+
 def _s3_client(st: Optional[StorageConfig]):
     """A boto3 S3 client for the same endpoint, region and keys as :func:`resolve` (keys only
     when the config has them; else boto3's default chain)."""
@@ -484,7 +490,7 @@ def read_versioned(uri: str, storage_cfg: Optional[StorageConfig] = None
     """``(content, version)`` of a small file, or None when it does not exist. ``version`` (the
     S3 ETag; locally inode, size and mtime) is what :func:`write_if` compares against."""
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = _bucket_key(uri)
         client = _s3_client(storage_cfg)
         try:
             obj = client.get_object(Bucket=bucket, Key=key)
@@ -517,7 +523,7 @@ def write_if(uri: str, data: bytes, storage_cfg: Optional[StorageConfig] = None,
         StorageError: disk full, permissions, S3 trouble.
     """
     if is_s3(uri):
-        bucket, key = _split_s3(uri)
+        bucket, key = _bucket_key(uri)
         client = _s3_client(storage_cfg)
         cond = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
         try:
@@ -558,7 +564,7 @@ def remove_if(uri: str, storage_cfg: Optional[StorageConfig] = None, *,
             return True
         if got[1] != version:
             return False
-        bucket, key = _split_s3(uri)
+        bucket, key = _bucket_key(uri)
         try:
             _s3_client(storage_cfg).delete_object(Bucket=bucket, Key=key)
         except Exception as exc:  # noqa: BLE001
