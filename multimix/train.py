@@ -557,7 +557,7 @@ def train_loop_per_worker(loop_cfg: dict) -> None:
         ckpt_mod.set_rng_state(state["rng"])
         torch.manual_seed(cfg.optim.seed + rank + 1000 * (state["epoch"] + 1))
         start_epoch, history = state["epoch"] + 1, list(state["history"])
-        _say(report, rank, f"resumed from epoch {state['epoch'] + 1} ({source})")
+        _say(report, rank, f"resumed after epoch {state['epoch'] + 1} ({source})")
 
     pools = ray.get(inputs.pools)
     labeler = None

