@@ -195,18 +195,6 @@ def shard_entry(fs, path: str, rel: str) -> dict:
             "sha256": _sha256(fs, path)}
 
 
-def add_shard_info(uri: str, storage_cfg=None) -> dict:
-    """Write ``shard_info`` for the shards a manifest lists (as they are now) into it; returns
-    the manifest. For tests and for upgrading a dataset prepared before ``shard_info``."""
-    manifest = read_manifest(uri, storage_cfg)
-    fs, root = storage.resolve(uri, storage_cfg)
-    manifest["shard_info"] = [shard_entry(fs, f"{root.rstrip('/')}/{rel}", rel)
-                              for rel in manifest.get("shards") or []]
-    storage.write_text(storage.join(uri, "manifest.json"),
-                       json.dumps(manifest, indent=1) + "\n", storage_cfg)
-    return manifest
-
-
 def checksum_on_read(uri: str, manifest: dict) -> bool:
     """Whether readers verify checksums: a local dataset of at most :data:`READ_CHECKSUM_BYTES`
     with ``shard_info`` (an ``s3://`` one would be downloaded twice)."""
