@@ -144,11 +144,13 @@ def asha_grid(ray_local, kermany_prepared, v7_prepared, tmp_path_factory):
                      # two trials at once on a 2-CPU Ray: 2 x (worker 0.25 + 2 streams x 0.25)
                      # = 1.5 CPUs, so one trial's data tasks cannot starve the other's worker
                      "--set", "scaling.cpus_per_worker=0.25",
-                     "--set", "scaling.data_cpus_per_task=0.25"])
+                     "--set", "scaling.data_cpus_per_task=0.25",
+                     # MLflow (the dev extra installs mlflow-skinny): one run per trial
+                     "--set", "run.mlflow=true", "--set", f"run.mlflow_uri={runs.parent}/mlruns"])
     finally:
         mp.undo()
     return {"code": code, "exp": runs / "grid", "runs": runs, "wall": time.time() - t0,
-            "data": (kermany_prepared, v7_prepared)}
+            "data": (kermany_prepared, v7_prepared), "mlruns": runs.parent / "mlruns"}
 
 
 @pytest.mark.slow
@@ -218,11 +220,48 @@ def test_best_yaml_retrains_the_best_trial(asha_grid):
     trial_cfg = json.loads((exp / "trials" / best["trial"] / "config.json").read_text())
     best_cfg = cfg.to_dict()
     for d in (trial_cfg, best_cfg):
-        d["run"].pop("name", None), d["run"].pop("storage_path", None)
+        for key in ("name", "storage_path", "tensorboard", "mlflow", "mlflow_uri"):  # a trial
+            d["run"].pop(key, None)  # leaves TensorBoard and MLflow to Tune's loggers
     assert best_cfg == trial_cfg  # the trial's config, up to where it is written
     assert main(["train", "--config", str(exp / "best.yaml")]) == 0
-    hist = json.loads((asha_grid["runs"] / "grid-best" / "history.json").read_text())
+    run_dir = asha_grid["runs"] / "grid-best"
+    hist = json.loads((run_dir / "history.json").read_text())
     assert [h["epoch"] for h in hist] == [0, 1]
+    # a 2-epoch train run: TensorBoard events, the learning curves, its MLflow run
+    from mlflow.tracking import MlflowClient
+
+    from multimix import tracking
+
+    scalars = tracking.read_scalars(run_dir / "tensorboard")
+    assert [s for s, _ in scalars[tracking.tag(METRIC)]] == [1, 2]
+    assert (run_dir / "learning_curves.png").stat().st_size > 10000
+    client = MlflowClient(f"file:{asha_grid['mlruns']}")
+    (run,) = client.search_runs([client.get_experiment_by_name("grid-best").experiment_id])
+    assert run.data.params["optim.lr"] == best["param:optim.lr"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, METRIC)] == [1, 2]
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_each_trial_has_tensorboard_events_and_one_mlflow_run(asha_grid):
+    from mlflow.tracking import MlflowClient
+
+    exp = asha_grid["exp"]
+    rows = _read_csv(exp / "results.csv")
+    for r in rows:  # Tune's TBXLoggerCallback: <experiment>/<trial>/events.out.tfevents.*
+        assert list((exp / r["trial"]).glob("events.out.tfevents.*")), r["trial"]
+        if r["status"] == "done":  # an ASHA stop can kill a trial before its figure
+            assert (exp / "trials" / r["trial"] / "learning_curves.png").is_file()
+        assert not (exp / "trials" / r["trial"] / "tensorboard").exists()  # not twice
+    client = MlflowClient(f"file:{asha_grid['mlruns']}")
+    runs = client.search_runs([client.get_experiment_by_name("grid").experiment_id])
+    assert sorted(run.data.tags["trial_name"] for run in runs) == sorted(r["trial"] for r in rows)
+    for run in runs:
+        row = next(r for r in rows if r["trial"] == run.data.tags["trial_name"])
+        assert (run.data.params["optim.lr"], run.data.params["optim.seed"]) == (
+            row["param:optim.lr"], row["param:optim.seed"])
+        history = client.get_metric_history(run.info.run_id, METRIC)
+        assert len(history) == int(row["epochs"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,7 +278,10 @@ def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
     argv = ["tune", *_tiny(tmp_path / "demo" / "cls", tmp_path / "demo" / "seg", runs, "res"),
             "--set", "optim.epochs=1", "--set", "data.cls_labeled=40",
             "--grid", "optim.seed=0,1", "--concurrent", "1"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    # the driver joins the session's Ray (a Ray of its own cost ~10 s to start): its SIGKILL
+    # ends the search's actors, which it owns, and the rerun below restores from storage alone
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")},
+           "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     log = open(tmp_path / "driver.log", "wb")
     driver = subprocess.Popen([sys.executable, "-m", "multimix.cli", *argv], env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -254,13 +296,18 @@ def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
                           + (tmp_path / "driver.log").read_text()[-3000:])
         os.kill(driver.pid, signal.SIGKILL)  # the driver only, mid-search
         driver.wait(timeout=30)
-    finally:  # the driver and whatever of its local Ray is left (its own process group)
+    finally:  # the driver and whatever it started (its own process group)
         try:
             os.killpg(driver.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         driver.wait(timeout=30)
         log.close()
+    # Ray ends the dead driver's actors on its own: wait until their CPUs are back
+    deadline = time.time() + 60
+    while time.time() < deadline and ray_local.available_resources().get("CPU", 0.0) < \
+            ray_local.cluster_resources().get("CPU", 0.0):
+        time.sleep(0.5)
     first = finished[0]
     done_hist = (first / "history.json").read_text()
     assert main(argv) == 0  # the same command again: restored, not started over
