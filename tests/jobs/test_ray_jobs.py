@@ -162,22 +162,45 @@ def cluster(s3_server, shared_data, tmp_path_factory):
         head.stop()
 
 
+class Submitted:
+    """A `ray job submit` under way (it follows the job's logs until the job ends); its output
+    goes to a file, so that several can run at once without filling a pipe."""
+
+    def __init__(self, head: Head, script: str, *args: str,
+                 runtime_env: str = "ray_jobs/runtime_env.yaml", timeout: float = 400):
+        self.head, self.script, self.timeout = head, script, timeout
+        self.sid = f"mm-{Path(script).stem}-{uuid.uuid4().hex[:6]}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
+        env.update(head.auth_env)
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", head.address,
+               "--submission-id", self.sid, "--working-dir", ".", "--runtime-env", runtime_env,
+               "--", "python", script, *args]
+        self.out = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self.out,
+                                     stderr=subprocess.STDOUT)
+        self.started = time.time()
+
+    def result(self) -> tuple[str, str, str]:
+        """Wait for `ray job submit` to return; (status, logs, submit output)."""
+        try:
+            self.proc.wait(timeout=max(1.0, self.timeout - (time.time() - self.started)))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.out.seek(0)
+        out = self.out.read().decode(errors="replace")
+        self.out.close()
+        jobs = {j.get("submission_id") for j in self.head.api("/api/jobs/")}
+        assert self.sid in jobs, (f"`ray job submit` did not submit (rc "
+                                  f"{self.proc.returncode}):\n" + out[-3000:])
+        status = self.head.api(f"/api/jobs/{self.sid}")["status"]
+        return status, self.head.api(f"/api/jobs/{self.sid}/logs")["logs"], out
+
+
 def submit(head: Head, script: str, *args: str, runtime_env: str = "ray_jobs/runtime_env.yaml",
            timeout: float = 400) -> tuple[str, str, str]:
     """`ray job submit` as documented; returns (status, logs, submit output)."""
-    sid = f"mm-{Path(script).stem}-{uuid.uuid4().hex[:6]}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
-    env.update(head.auth_env)
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", head.address,
-           "--submission-id", sid, "--working-dir", ".", "--runtime-env", runtime_env,
-           "--", "python", script, *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    jobs = {j.get("submission_id") for j in head.api("/api/jobs/")}
-    assert sid in jobs, f"`ray job submit` did not submit (rc {proc.returncode}):\n" + (
-        proc.stdout + proc.stderr)[-3000:]
-    status = head.api(f"/api/jobs/{sid}")["status"]
-    return status, head.api(f"/api/jobs/{sid}/logs")["logs"], proc.stdout + proc.stderr
+    return Submitted(head, script, *args, runtime_env=runtime_env, timeout=timeout).result()
 
 
 def _last_line(logs: str) -> str:
@@ -191,14 +214,20 @@ def test_jobs_on_a_ray_cluster_with_s3(cluster, shared_data, tmp_path):
     seen_logs: list[str] = []
     took: list[str] = []
 
-    def ok(script, *args):
+    def ok(*jobs):
+        """Submit ``(script, *args)`` jobs at once (independent steps: the cluster runs them side
+        by side, as it would for several users) and wait for all; each must succeed. Returns
+        their logs, in order."""
         t = time.time()
-        status, logs, out = submit(head, script, *args)
-        took.append(f"{Path(script).stem} {time.time() - t:.0f} s")
-        seen_logs.extend([logs, out])
-        (tmp_path / f"job{len(took)}-{Path(script).stem}.log").write_text(logs)  # for debugging
-        assert status == "SUCCEEDED", f"{script}: {status}\n{logs[-4000:]}\n{out[-2000:]}"
-        return logs
+        running = [Submitted(head, script, *args) for script, *args in jobs]
+        results = [r.result() for r in running]
+        names = "+".join(Path(script).stem for script, *_ in jobs)
+        took.append(f"{names} {time.time() - t:.0f} s")
+        for (script, *_), (status, logs, out) in zip(jobs, results):
+            seen_logs.extend([logs, out])
+            (tmp_path / f"job{len(seen_logs) // 2}-{Path(script).stem}.log").write_text(logs)
+            assert status == "SUCCEEDED", f"{script}: {status}\n{logs[-4000:]}\n{out[-2000:]}"
+        return [logs for _, logs, _ in results]
 
     # 1. prepare real chest X-rays straight to S3: 240 Kermany images (a CSV manifest of
     #    absolute paths, 120 per class) and the 418 V7 image-mask pairs (folder layout)
@@ -206,41 +235,52 @@ def test_jobs_on_a_ray_cluster_with_s3(cluster, shared_data, tmp_path):
     rows = [f"{p},{cls}" for cls in ("NORMAL", "PNEUMONIA")
             for p in sorted((kermany / cls).glob("*.jpeg"))[:120]]
     (tmp_path / "kermany240.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
-    ok("ray_jobs/prepare.py", str(tmp_path / "kermany240.csv"), "--out", f"{b}/cls",
-       "--size", str(SIZE), "--workers", "2", "--quiet")
-    ok("ray_jobs/prepare.py", str(shared_data / "v7-covid-lungs"), "--out", f"{b}/seg",
-       "--size", str(SIZE), "--workers", "2", "--quiet")
+    ok(("ray_jobs/prepare.py", str(tmp_path / "kermany240.csv"), "--out", f"{b}/cls",
+        "--size", str(SIZE), "--workers", "2", "--quiet"),
+       ("ray_jobs/prepare.py", str(shared_data / "v7-covid-lungs"), "--out", f"{b}/seg",
+        "--size", str(SIZE), "--workers", "2", "--quiet"))
     data = ["--set", f"data.cls_data={b}/cls", "--set", f"data.seg_data={b}/seg",
             "--set", f"run.storage_path={b}/runs"]
 
     # 2. train (Ray Train on the cluster), report into the run directory
-    logs = ok("ray_jobs/train.py", *TINY, *data, "--set", "run.name=e2e", "--evaluate")
-    assert "[multimix] epoch 1/2 step 1/2" in logs and "epoch 2/2 done" in logs
+    logs, = ok(("ray_jobs/train.py", *TINY, *data, "--set", "run.name=e2e", "--evaluate"))
+    # one summary line per epoch (no progress bar: the job's output is not a terminal)
+    lines = logs.splitlines()
+    assert any(ln.startswith("epoch 1/2  loss ") for ln in lines), logs[-3000:]
+    assert any(ln.startswith("epoch 2/2  loss ") for ln in lines), logs[-3000:]
+    assert "training finished: 2 epochs" in logs
     assert f"evaluation report: {b}/runs/e2e/eval/report.md" in logs
 
-    # 3. evaluate a checkpoint into s3://
-    ok("ray_jobs/evaluate.py", "--checkpoint", f"{b}/runs/e2e", "--cls-data", f"{b}/cls",
-       "--seg-data", f"{b}/seg", "--out", f"{b}/eval-e2e")
-
-    # 4. tune: 2 tiny trials
-    logs = ok("ray_jobs/tune.py", *TINY, *data, "--set", "optim.epochs=1", "--set",
-              "run.name=e2etune", "--space", "objective.threshold=choice:0.6,0.9",
-              "--num-samples", "2", "--concurrent", "2", "--set", "scaling.cpus_per_worker=0.25",
-              "--set", "scaling.data_cpus_per_task=0.25")  # both trials fit the 2-CPU head
-    assert "best: val_score_balanced=" in logs
-    t_jobs = time.time()
-
-    # 5. predict (on the laptop, credentials from its environment) with --out on S3
+    # 3.-5. from the trained run and the prepared data, side by side: evaluate a checkpoint
+    # into s3://; tune 2 tiny trials (both fit the 2-CPU head: 2 x (0.25 + 2 x 0.25) CPUs; the
+    # evaluate job holds none); predict on the laptop (credentials from its environment) with
+    # --out on S3
     img = sorted((kermany / "PNEUMONIA").glob("*.jpeg"))[-1]
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))},
            "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key,
            "AWS_ENDPOINT_URL": s3.endpoint, "AWS_REGION": s3.region}
-    pred = subprocess.run([str(BIN / "multimix"), "predict", "--checkpoint", f"{b}/runs/e2e",
-                           str(img), "--out", f"{b}/pred"], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert pred.returncode == 0, pred.stderr[-3000:]
-    assert f"wrote 1 prediction(s) to {b}/pred" in pred.stdout
-    seen_logs.extend([pred.stdout, pred.stderr])
+    pred = subprocess.Popen([str(BIN / "multimix"), "predict", "--checkpoint", f"{b}/runs/e2e",
+                             str(img), "--out", f"{b}/pred"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _, logs = ok(("ray_jobs/evaluate.py", "--checkpoint", f"{b}/runs/e2e", "--cls-data",
+                      f"{b}/cls", "--seg-data", f"{b}/seg", "--out", f"{b}/eval-e2e"),
+                     ("ray_jobs/tune.py", *TINY, *data, "--set", "optim.epochs=1", "--set",
+                      "run.name=e2etune", "--space", "objective.threshold=choice:0.6,0.9",
+                      "--num-samples", "2", "--concurrent", "2",
+                      "--set", "scaling.cpus_per_worker=0.25",
+                      "--set", "scaling.data_cpus_per_task=0.25"))
+    finally:
+        try:
+            pred_out, pred_err = pred.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            pred.kill()
+            pred_out, pred_err = pred.communicate()
+    assert "best: val_score_balanced=" in logs
+    t_jobs = time.time()
+    assert pred.returncode == 0, pred_err[-3000:]
+    assert f"wrote 1 prediction(s) to {b}/pred" in pred_out
+    seen_logs.extend([pred_out, pred_err])
 
     # everything landed on S3
     client = s3.client()
@@ -323,10 +363,13 @@ def test_jobs_that_cannot_start_fail_with_one_line(cluster, shared_data, tmp_pat
     wrong = tmp_path / "wrong-keys.yaml"
     wrong.write_text("env_vars:\n  AWS_SECRET_ACCESS_KEY: not-the-secret-000\n"
                      "excludes: [.git, .venv, /runs, /out, /tests]\n")
-    for sets, renv, expect in cases:
-        status, logs, out = submit(head, "ray_jobs/train.py", *TINY, *data, *sets,
-                                   runtime_env=str(wrong) if renv == "wrong-keys"
-                                   else "ray_jobs/runtime_env.yaml", timeout=200)
+    # all submitted at once (each fails in its own driver, before any Ray work), then checked
+    running = [Submitted(head, "ray_jobs/train.py", *TINY, *data, *sets,
+                         runtime_env=str(wrong) if renv == "wrong-keys"
+                         else "ray_jobs/runtime_env.yaml", timeout=200)
+               for sets, renv, _ in cases]
+    for (sets, renv, expect), job in zip(cases, running):
+        status, logs, out = job.result()
         assert status == "FAILED", (sets, status, logs[-3000:])
         last = _last_line(logs)
         assert last.startswith(expect), (sets, last, logs[-3000:])
