@@ -44,7 +44,7 @@ def sets(shared_data, tmp_path_factory) -> dict:
 @pytest.fixture
 def no_ray(monkeypatch):
     """Fail the test if a run gets as far as starting Ray."""
-    def tripwire(cfg):
+    def tripwire(cfg, **kw):
         raise AssertionError("Ray was started before the inputs were checked")
 
     monkeypatch.setattr(T, "init_ray", tripwire)

@@ -349,6 +349,8 @@ def test_an_all_digit_trial_id_stays_the_run_name(monkeypatch):
 
     monkeypatch.setattr(ray.tune, "get_context", lambda: Ctx())
     monkeypatch.setattr(ray_train, "TuneReportCallback", lambda: None)
-    monkeypatch.setattr(train, "train", lambda cfg, callbacks: seen.update(name=cfg.run.name))
+    monkeypatch.setattr(train, "train",
+                        lambda cfg, callbacks, **kw: seen.update(name=cfg.run.name, **kw))
     tune.trial({}, load_config("cpu-small").to_dict(), "/tmp/exp")
     assert seen["name"] == "83046_00000"
+    assert seen["lease"] is False  # under the search's lease
