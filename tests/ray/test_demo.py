@@ -16,7 +16,7 @@ EPOCHS = 4
 REDUCED = ["--set", f"optim.epochs={EPOCHS}", "--set", "optim.steps_per_epoch=40"]
 
 # Floors: measured with this schedule 0.873 AUC and 0.891 Dice (a 3 x 40 run matched it epoch
-# for epoch: 0.49, 0.59, 0.83 AUC); with the presets' class-balanced batches (session 13) the
+# for epoch: 0.49, 0.59, 0.83 AUC); with the presets' class-balanced batches (commit 29442e3) the
 # full demo's epoch 4 had 0.83 AUC and 0.911 Dice (seed 0; the set is 50/50, so only the draws
 # differ);
 # the floors keep a margin below that and stay above what a broken pipeline scores on this

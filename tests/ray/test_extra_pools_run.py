@@ -1,4 +1,4 @@
-"""Extra unlabeled pools on real data (issue #18): Kermany as the labeled classification set,
+"""Extra unlabeled pools on real data: Kermany as the labeled classification set,
 V7 (a segmentation set) and the GB images (prepared with ``--layout images``) as extra
 unlabeled pools; one short run on the local Ray writes ``contamination.json``, and the stream
 yields rows of every pool."""
