@@ -27,7 +27,7 @@ def _cfg(tmp_path, cls_uri, seg_uri, name, *extra):
         f"run.storage_path={tmp_path / 'runs'}", f"run.name={name}",
         "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
         "scaling.data_cpus_per_task=0.5", "scaling.data_concurrency=1",
-        "optim.epochs=2", "optim.steps_per_epoch=6", "run.log_every=3", *extra,
+        "optim.epochs=2", "optim.steps_per_epoch=3", "run.log_every=3", *extra,
     ])
 
 
