@@ -8,9 +8,10 @@ naming the holder. A lease is *stale*, and taken over with a line saying so, whe
 gone (same host, pid not running) or when it has not been refreshed for :data:`STALE_S`
 seconds (another host: a crashed driver). The writes are conditional, so of two commands that
 start together one wins: S3's ``If-None-Match``/``If-Match`` on PutObject, an ``flock`` on a
-local disk (:func:`multimix.data.storage.write_if`). A Tune trial's Train run holds no lease of
-its own: the search's lease covers its trial directories, and a restarted trial must be able to
-take its directory over at once.
+local disk (:func:`multimix.data.storage.write_if`). A search's lease sits beside its folder
+(:func:`beside`): Tune uploads that folder again from its local copy when it restores. A Tune
+trial's Train run holds no lease of its own: the search's lease covers its trial directories,
+and a restarted trial must be able to take its directory over at once.
 
 **The same experiment** (:func:`check_same_experiment`): a rerun compares the stored
 ``config.json`` with the new configuration; any difference but the schedule's length
@@ -64,6 +65,14 @@ OPERATIONAL = ("optim.epochs", "scaling.", "storage.", "run.name", "run.storage_
 _RUN_FILES = ("history.json", "last.json", "best.json")
 
 
+def beside(run_dir: str) -> str:
+    """``<parent>/.<name>.lease.json``: the lease of a directory kept next to it, for Tune's
+    experiment folder, which Tune uploads again from its local copy when it restores a search
+    (a lease inside would be overwritten by the stale copy)."""
+    parent, _, name = run_dir.rstrip("/").rpartition("/")
+    return storage.join(parent or ".", f".{name}.lease.json")
+
+
 class RunDirBusy(UserError):
     """Another command is writing into the run directory."""
 
@@ -94,12 +103,15 @@ class Lease:
         run_dir: the run directory (folder or ``s3://``).
         command: what holds it, for the refusal message (``"multimix train"``).
         out: where the takeover line is printed (default stdout).
+        uri: the lease file (default ``<run_dir>/lease.json``; :func:`beside` for a folder
+            that another program rewrites from a copy of its own).
     """
 
     def __init__(self, run_dir: str, storage_cfg=None, command: str = "multimix",
-                 out=None, refresh_s: float = REFRESH_S, stale_s: float = STALE_S):
+                 out=None, refresh_s: float = REFRESH_S, stale_s: float = STALE_S,
+                 uri: Optional[str] = None):
         self.run_dir, self.storage, self.command = run_dir, storage_cfg, command
-        self.uri = storage.join(run_dir, LEASE)
+        self.uri = uri or storage.join(run_dir, LEASE)
         self.out = out or sys.stdout
         self.refresh_s, self.stale_s = refresh_s, stale_s
         self.token = uuid.uuid4().hex

@@ -390,7 +390,9 @@ def tune(cfg: Config, search: Search, restart: bool = False):
     cfg = absolute_paths(cfg)
     search.check(cfg)
     check_search_inputs(cfg, search)  # datasets, budgets, storage: before Ray starts
-    held = rundir.Lease(experiment_uri(cfg), cfg.storage, command="multimix tune").acquire()
+    exp_uri = experiment_uri(cfg)
+    held = rundir.Lease(exp_uri, cfg.storage, command="multimix tune",
+                        uri=rundir.beside(exp_uri)).acquire()
     try:
         return _tune(cfg, search, restart)
     finally:
