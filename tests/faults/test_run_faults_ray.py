@@ -80,10 +80,36 @@ class Run:
             self.lines.append(line)
 
 
-def _raylets() -> set:
-    out = subprocess.run(["pgrep", "-f", "ray/core/src/ray/raylet/raylet"],
-                         capture_output=True, text=True).stdout
-    return set(out.split())
+def _descendants(pid: int) -> set:
+    """Every process started (directly or not) by ``pid`` (from /proc; other tests' Rays are
+    not counted)."""
+    parent = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p]
+        out.update(kids)
+        todo.extend(kids)
+    return out
+
+
+def _alive(pids: set) -> set:
+    """Those of ``pids`` still running (zombies count as gone)."""
+    out = set()
+    for p in pids:
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            out.add(p)
+    return out
 
 
 def _whole_checkpoints(run: Path) -> list[str]:
@@ -137,9 +163,10 @@ def test_ctrl_c_a_second_writer_the_resume_and_a_full_disk(demo, small_disk, ano
     disk, small = small_disk
     argv = _argv(str(demo / "cls"), str(demo / "seg"), str(disk), "optim.steps_per_epoch=40",
                  "run.tensorboard=false")
-    before = _raylets()
     first = Run(argv + ["--verbose"])
     first.wait_for(r"^epoch 1/2 ")
+    started = _descendants(first.proc.pid)  # its local Ray: GCS, raylet, workers, ...
+    assert started
     # a second command into the same run directory: refused at once, naming the holder
     second = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2
@@ -152,8 +179,10 @@ def test_ctrl_c_a_second_writer_the_resume_and_a_full_disk(demo, small_disk, ano
                         r"rerun the same command to resume from epoch 2", first.lines[-1])
     assert any("(TrainController" in line for line in first.lines)  # --verbose: Ray's lines
     assert not any("multiple active Ray instances" in line for line in first.lines)
-    time.sleep(2)
-    assert _raylets() <= before, "the interrupted run left its Ray running"
+    deadline = time.time() + 30
+    while _alive(started) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _alive(started), "the interrupted run left its Ray running"
     assert not (disk / "r" / "lease.json").exists()
     # the rerun resumes after epoch 1
     again = Run(argv)

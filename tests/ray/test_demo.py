@@ -37,7 +37,8 @@ def test_demo_reduced_schedule_writes_a_report_that_clears_the_floors(ray_local,
     assert main(["demo", "--out", str(out), *REDUCED]) == 0
     printed = capsys.readouterr().out
     assert "# MultiMix evaluation" not in printed and "[demo] report:" in printed
-    summary = printed[printed.index("evaluation: epoch"):].splitlines()[:6]
+    summary = printed[printed.index("evaluation: epoch"):printed.index("[demo] report:")]
+    summary = summary.splitlines()  # the terminal summary (the report's path follows it)
     assert max(map(len, summary)) <= 100 and summary[1].startswith("classification")
 
     run = out / "runs" / "demo"
