@@ -287,7 +287,7 @@ def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     trials = runs / "res" / "trials"
     try:
-        deadline = time.time() + 240
+        deadline = time.time() + 480  # a first trial: Ray, Tune, Train and Ray Data start-up
         finished = []
         while not finished and time.time() < deadline and driver.poll() is None:
             time.sleep(0.5)
