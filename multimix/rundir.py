@@ -346,8 +346,6 @@ def remove_incomplete_checkpoints(run_dir: str, storage_cfg=None, out=None) -> l
     """Remove the checkpoint folders after the one ``last.json`` names whose ``checkpoint.pt``
     is missing or does not load (module docstring); returns their names. Best effort: a
     storage that cannot be reached leaves them to the next run's check."""
-    from multimix import checkpoint  # torch: only when there is a folder to verify
-
     out = out or sys.stdout
     try:
         names = _checkpoint_dirs(run_dir, storage_cfg)
@@ -356,10 +354,14 @@ def remove_incomplete_checkpoints(run_dir: str, storage_cfg=None, out=None) -> l
     last = _read_json(run_dir, "last.json", storage_cfg) or {}
     best = _read_json(run_dir, "best.json", storage_cfg) or {}
     confirmed = last.get("checkpoint")
+    names = [n for n in names
+             if n != best.get("checkpoint") and (confirmed is None or n > confirmed)]
+    if not names:
+        return []
+    from multimix import checkpoint  # torch (1.6 s): only when there is a folder to verify
+
     removed = []
     for name in names:
-        if name == best.get("checkpoint") or (confirmed is not None and name <= confirmed):
-            continue
         uri = storage.join(run_dir, name, checkpoint.FILENAME)
         try:
             checkpoint.load_bytes(storage.read_bytes(uri, storage_cfg), name=uri)
