@@ -265,9 +265,11 @@ def check_cluster_keys(storage_cfg) -> None:
                           "of `ray start`) and drop the keys from the config")
 
 
-def connect_ray(storage_cfg=None, quiet: bool = False, log_to_driver: bool = True) -> None:
+def connect_ray(storage_cfg=None, quiet: bool = False, log_to_driver: bool = True, *,
+                num_cpus: float | None = None, local: bool = False) -> None:
     """Connect to the cluster in ``RAY_ADDRESS``, or start a local Ray (``train``, ``tune``,
-    ``prepare --ray``).
+    ``prepare --ray``, ``bench train``/``scale``). ``num_cpus``: the local Ray's CPUs (default:
+    the machine's); ``local``: start a local Ray even when ``RAY_ADDRESS`` is set.
 
     S3 keys set in the config (``storage_cfg``) are for local runs: they are exported to this
     process's environment before the local Ray starts, so its processes inherit them (never
@@ -278,7 +280,10 @@ def connect_ray(storage_cfg=None, quiet: bool = False, log_to_driver: bool = Tru
     A local Ray is started with its dashboard on a port chosen here and
     ``RAY_API_SERVER_ADDRESS`` pointing at it in every process it starts: Ray Train's helpers
     look their cluster up through the state API, and with no address given they search the
-    machine and fail when another Ray runs there ("Found multiple active Ray instances").
+    machine and fail when another Ray runs there ("Found multiple active Ray instances"). Ray
+    Train's ``PlacementGroupCleaner`` asks the state API whether a run's controller is still
+    alive: without a dashboard it never learns, and the CPUs of every Tune trial stopped by the
+    scheduler (ASHA at its last rung, or at ``max_t``) stay reserved until the driver exits.
 
     ``quiet``: Ray's notices that are not about this run stay out of the console (the token
     authentication notice; Ray Data's INFO and WARNING lines in the local Ray's processes; they
@@ -295,7 +300,7 @@ def connect_ray(storage_cfg=None, quiet: bool = False, log_to_driver: bool = Tru
     if ray.is_initialized():
         return
     storage.export_keys(storage_cfg)
-    address = os.environ.get("RAY_ADDRESS")
+    address = None if local else os.environ.get("RAY_ADDRESS")
     if quiet:
         logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     if address:
@@ -312,7 +317,7 @@ def connect_ray(storage_cfg=None, quiet: bool = False, log_to_driver: bool = Tru
             try:
                 # "local": a new local Ray, never one found through /tmp/ray/ray_current_cluster
                 ray.init(address="local", configure_logging=False, dashboard_port=port,
-                         log_to_driver=log_to_driver)
+                         log_to_driver=log_to_driver, num_cpus=num_cpus)
                 return
             except Exception:  # noqa: BLE001 - the port was taken meanwhile: another one
                 ray.shutdown()

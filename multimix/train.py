@@ -288,7 +288,7 @@ def _train(cfg: Config, callbacks, checked, run_dir: str) -> TrainResult:
     trainer = build_trainer(cfg, inputs, callbacks, board=board)
     console = progress.Console(board).start()
     try:
-        _fit(trainer)
+        fit_trainer(trainer)
     except KeyboardInterrupt:
         console.stop()
         line = console.interrupted_line(_resume_epoch(run_dir, cfg))
@@ -307,10 +307,12 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C during training: the message says where it stopped and how to resume."""
 
 
-def _fit(trainer):
+def fit_trainer(trainer):
     """``trainer.fit()``; from the main thread, run in a helper thread so that Ctrl-C reaches
-    the main thread as :class:`KeyboardInterrupt` (in the main thread Ray Train installs its
-    own SIGINT handler, which ends the process with no word on where the run stopped)."""
+    the main thread as :class:`KeyboardInterrupt`. In the main thread Ray Train 2.60 installs
+    its own SIGINT handler, which ends the process with no word on where the run stopped, and
+    never removes it: the handler keeps the finished run's controller actor (and its data
+    actors) alive for the rest of the process, and a later Ctrl-C goes to that old run."""
     if threading.current_thread() is not threading.main_thread():
         return trainer.fit()
     box: dict = {}

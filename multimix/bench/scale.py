@@ -45,7 +45,7 @@ import tempfile
 import threading
 import time
 
-from multimix import train as T
+from multimix import resources, train as T
 from multimix.bench import ratio
 from multimix.config import add_config_arguments, load_config
 from multimix.data.dataset import read_manifest
@@ -307,8 +307,8 @@ def run_once(cfg, rows: int, cpus) -> dict:
     t0 = time.perf_counter()
     with PeakSampler() as sampler:
         if not ray.is_initialized():
-            ray.init(address="local", num_cpus=cpus or os.cpu_count(), include_dashboard=False,
-                     log_to_driver=False, configure_logging=False)
+            resources.connect_ray(quiet=True, log_to_driver=False, local=True,
+                                  num_cpus=cpus or os.cpu_count())
             started = True
         try:
             result = T.train(cfg)

@@ -236,8 +236,8 @@ def measure(args) -> dict:
         cfg = _config(args, os.path.abspath(root), os.path.join(tmp, "runs"))
         started = False
         if not ray.is_initialized():
-            ray.init(address="local", num_cpus=args.cpus or os.cpu_count(),
-                     include_dashboard=False, log_to_driver=False, configure_logging=False)
+            resources.connect_ray(quiet=True, log_to_driver=False, local=True,
+                                  num_cpus=args.cpus or os.cpu_count())
             started = True
         try:
             resources.check(cfg.scaling)
@@ -246,7 +246,7 @@ def measure(args) -> dict:
             trainer = T.build_trainer(cfg, inputs, loop=bench_loop, extra={
                 "warmup": args.warmup, "timed": args.steps, "driver_pid": os.getpid()})
             t_fit = time.perf_counter()
-            m = trainer.fit().metrics
+            m = T.fit_trainer(trainer).metrics  # as train does: no SIGINT handler left behind
             t_fit = time.perf_counter() - t_fit
         finally:
             if started:
