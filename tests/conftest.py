@@ -198,12 +198,15 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole session (2 CPUs, as on the CI machine)."""
+    """One local Ray for the whole session (2 CPUs, as on the CI machine), started as the
+    commands start theirs (:func:`multimix.resources.connect_ray`: with the dashboard, whose state
+    API Ray Train's placement-group cleaner needs to hand back a stopped trial's CPUs)."""
     import ray
 
+    from multimix import resources
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        resources.connect_ray(quiet=True, log_to_driver=False, num_cpus=2, local=True)
     yield ray
     ray.shutdown()
 

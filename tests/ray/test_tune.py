@@ -134,6 +134,7 @@ def asha_grid(ray_local, kermany_prepared, v7_prepared, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("AWS_SECRET_ACCESS_KEY", ENV_SECRET)  # Tune would copy it into trial actors
     t0 = time.time()
+    cpus_free = ray_local.available_resources().get("CPU", 0.0)
     try:
         code = main(["tune", *_tiny(kermany_prepared, v7_prepared, runs, "grid"),
                      "--set", f"storage.access_key_id={KEY_ID}",
@@ -150,6 +151,7 @@ def asha_grid(ray_local, kermany_prepared, v7_prepared, tmp_path_factory):
     finally:
         mp.undo()
     return {"code": code, "exp": runs / "grid", "runs": runs, "wall": time.time() - t0,
+            "cpus_free": cpus_free,
             "data": (kermany_prepared, v7_prepared), "mlruns": runs.parent / "mlruns"}
 
 
@@ -181,6 +183,20 @@ def test_grid_asha_results_files(asha_grid):
     for png in ("tune_scores.png", "learning_curves.png"):
         assert (exp / png).stat().st_size > 5000
     assert (exp / "search.json").is_file() and (exp / "tuner.pkl").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_a_finished_search_hands_every_cpu_back(asha_grid, ray_local):
+    """ASHA stops trials (at a rung, and at max_t) by ending their actors: Ray Train's cleaner
+    must then remove each stopped run's placement group, or a long-lived cluster loses the
+    trial's CPUs for good (and the next run's data tasks wait for CPUs forever)."""
+    deadline = time.time() + 30  # the cleaner checks its controller every second
+    free = ray_local.available_resources().get("CPU", 0.0)
+    while free < asha_grid["cpus_free"] and time.time() < deadline:
+        time.sleep(0.5)
+        free = ray_local.available_resources().get("CPU", 0.0)
+    assert free >= asha_grid["cpus_free"], (free, asha_grid["cpus_free"])
 
 
 @pytest.mark.slow
@@ -270,7 +286,6 @@ def test_each_trial_has_tensorboard_events_and_one_mlflow_run(asha_grid):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
-    from multimix.cli import main
     from multimix.data.prepare import prepare_demo
 
     prepare_demo(str(tmp_path / "demo"), image_size=64)
@@ -278,39 +293,25 @@ def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
     argv = ["tune", *_tiny(tmp_path / "demo" / "cls", tmp_path / "demo" / "seg", runs, "res"),
             "--set", "optim.epochs=1", "--set", "data.cls_labeled=40",
             "--grid", "optim.seed=0,1", "--concurrent", "1"]
-    # the driver starts a Ray of its own (~10 s), as a user's would: what earlier tests left in
-    # the session's Ray cannot hold its trials back; its SIGKILL ends that Ray, and the rerun
-    # below restores from storage alone
+    # each driver starts a Ray of its own (~10 s), as a user's would: what earlier tests left in
+    # the session's Ray cannot hold its trials back; the SIGKILL ends that Ray, and the rerun
+    # restores from storage alone
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    log = open(tmp_path / "driver.log", "wb")
-    driver = subprocess.Popen([sys.executable, "-m", "multimix.cli", *argv], env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     trials = runs / "res" / "trials"
-    try:
-        deadline = time.time() + 480  # a first trial: Ray, Tune, Train and Ray Data start-up
-        finished = []
-        while not finished and time.time() < deadline and driver.poll() is None:
-            time.sleep(0.5)
-            finished = [d for d in trials.glob("*") if (d / "last.json").is_file()]
-        assert finished, (f"no trial finished (driver exit {driver.poll()}): "
-                          + (tmp_path / "driver.log").read_text()[-3000:])
-        os.kill(driver.pid, signal.SIGKILL)  # the driver only, mid-search
-        driver.wait(timeout=30)
-    finally:  # the driver and whatever it started (its own process group)
-        try:
-            os.killpg(driver.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        driver.wait(timeout=30)
-        log.close()
-    # Ray ends the dead driver's actors on its own: wait until their CPUs are back
-    deadline = time.time() + 60
-    while time.time() < deadline and ray_local.available_resources().get("CPU", 0.0) < \
-            ray_local.cluster_resources().get("CPU", 0.0):
-        time.sleep(0.5)
+    finished: list[Path] = []
+
+    def first_trial_done() -> bool:
+        finished[:] = [d for d in trials.glob("*") if (d / "last.json").is_file()]
+        return bool(finished)
+
+    # a first trial: Ray, Tune, Train and Ray Data start-up (~80 s alone on 2 cores)
+    code, out = _cli(argv, env, tmp_path / "driver.log", until=first_trial_done, timeout=480)
+    assert finished, f"no trial finished (driver exit {code}): {out}"
     first = finished[0]
     done_hist = (first / "history.json").read_text()
-    assert main(argv) == 0  # the same command again: restored, not started over
+    # the same command again: restored, not started over
+    code, out = _cli(argv, env, tmp_path / "rerun.log", timeout=480)
+    assert code == 0, out
     rows = _read_csv(runs / "res" / "results.csv")
     assert len(rows) == 2 and all(r["status"] == "done" for r in rows), rows
     assert first.name in {r["trial"] for r in rows}  # the same trial ids, none added
@@ -320,6 +321,30 @@ def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
         from multimix import tune
 
         tune.run(tune_args(argv[1:] + ["--grid", "optim.lr=0.01,0.02"]))
+
+
+def _cli(argv: list[str], env: dict, log_path: Path, timeout: float, until=None):
+    """``python -m multimix.cli ARGV`` in its own process group, its output in ``log_path``;
+    with ``until``, SIGKILLed (the driver only, then its group) once ``until()`` holds. Returns
+    (exit code or None, the log's tail); the group is killed on the way out, also on a timeout."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "multimix.cli", *argv], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + timeout
+            while proc.poll() is None and time.time() < deadline:
+                if until is not None and until():
+                    os.kill(proc.pid, signal.SIGKILL)  # the driver only, mid-search
+                    break
+                time.sleep(0.5)
+        finally:
+            code = proc.poll()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # its Ray, or all of it on a timeout
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
+    return code, log_path.read_text(errors="replace")[-3000:]
 
 
 def tune_args(argv: list[str]):
