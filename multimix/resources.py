@@ -265,6 +265,15 @@ def check_cluster_keys(storage_cfg) -> None:
                           "of `ray start`) and drop the keys from the config")
 
 
+#: printed when the cluster in RAY_ADDRESS runs no dashboard
+NO_DASHBOARD = (
+    "[multimix] warning: the Ray cluster at {address} runs no dashboard: Ray Train asks its "
+    "state API whether a run's controller still lives, so the CPUs/GPUs of a run that dies "
+    "(a Tune trial stopped by ASHA, a killed driver) stay reserved until this driver exits, "
+    "and a search can wait for them forever; start the head without "
+    "--include-dashboard=false")
+
+
 def connect_ray(storage_cfg=None, quiet: bool = False, log_to_driver: bool = True, *,
                 num_cpus: float | None = None, local: bool = False) -> None:
     """Connect to the cluster in ``RAY_ADDRESS``, or start a local Ray (``train``, ``tune``,
@@ -304,7 +313,10 @@ def connect_ray(storage_cfg=None, quiet: bool = False, log_to_driver: bool = Tru
     if quiet:
         logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     if address:
-        ray.init(address=address, configure_logging=False, log_to_driver=log_to_driver)
+        ctx = ray.init(address=address, configure_logging=False, log_to_driver=log_to_driver)
+        info = getattr(ctx, "address_info", None)  # None through the Ray Client (ray://)
+        if isinstance(info, dict) and not info.get("webui_url"):
+            print(NO_DASHBOARD.format(address=address), file=sys.stderr, flush=True)
         return
     if quiet:
         os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")

@@ -137,3 +137,25 @@ def test_autoscaler_wait_is_reported(ray_local, monkeypatch, capsys):
     assert out[0].startswith("[multimix] waiting for the autoscaler: scaling.use_gpu: ")
     assert sum("for the autoscaler: scaling.use_gpu" in line for line in out) >= 3
     assert not reporter.is_alive()
+
+
+@pytest.mark.parametrize("webui_url,warned", [("", True), ("127.0.0.1:8265", False)])
+def test_a_cluster_without_dashboard_is_named_when_connecting(monkeypatch, capsys, webui_url,
+                                                               warned):
+    """Ray Train frees a dead run's placement group only through the dashboard's state API: a
+    cluster without one is said at connect time (ray.init stands in for the cluster here)."""
+    import types
+
+    import ray
+
+    from multimix import resources
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw) or types.SimpleNamespace(
+        address_info={"webui_url": webui_url}))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    resources.connect_ray(quiet=True)
+    assert calls and calls[0]["address"] == "10.0.0.1:6379"
+    err = capsys.readouterr().err
+    assert ("runs no dashboard" in err and "10.0.0.1:6379" in err) is warned
