@@ -37,6 +37,7 @@ local Ray it started (a Ray it connected to elsewhere is not sampled).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -360,7 +361,9 @@ def measure(args) -> dict:
 
 
 def run(args) -> int:
-    res = measure(args)
+    # with --json, stdout carries the JSON line alone: the run's own lines go to stderr
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+        res = measure(args)
     if args.json:
         print(json.dumps(res))
         return 0

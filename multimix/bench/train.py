@@ -31,6 +31,7 @@ Figures (``--json`` prints them as one object):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -286,7 +287,9 @@ def measure(args) -> dict:
 
 
 def run(args) -> int:
-    res = measure(args)
+    # with --json, stdout carries the JSON line alone: the run's own lines go to stderr
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):
+        res = measure(args)
     if args.json:
         print(json.dumps(res))
         return 0

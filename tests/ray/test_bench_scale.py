@@ -36,7 +36,7 @@ def test_bench_scale_json_has_sane_figures(ray_local, tmp_path, capsys):
                          "--work",
                          str(tmp_path / "work"), "--json"])
     assert B.run(args) == 0
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    res = json.loads(capsys.readouterr().out)  # --json: stdout is the JSON line alone
     assert set(B.KEYS) <= set(res)
     assert res["baseline"]["rows"] == 5000 and res["scaled"]["rows"] == 6000
     for key in ("baseline", "scaled"):
