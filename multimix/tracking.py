@@ -240,8 +240,29 @@ def tune_callbacks(cfg, exp_uri: str) -> list:
 
     uri = mlflow_uri(cfg.run.mlflow_uri)
     _allow_file_store(uri)
-    return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=cfg.run.name,
-                                 tags={"multimix.experiment": exp_uri})]
+
+    class ResumingMLflowLoggerCallback(MLflowLoggerCallback):
+        """A trial of a restored search logs into the MLflow run its first driver opened (found
+        by the trial's name and the experiment's URI), not into a second run of the same
+        name; Tune's callback keeps its trial → run map in the driver's memory only."""
+
+        def log_trial_start(self, trial):
+            if trial not in self._trial_runs:
+                from mlflow.tracking import MlflowClient
+
+                client = MlflowClient(uri)
+                runs = client.search_runs(
+                    [self.mlflow_util.experiment_id],
+                    filter_string=(f"tags.trial_name = '{trial}' and "
+                                   f"tags.`multimix.experiment` = '{exp_uri}'"),
+                    max_results=1)
+                if runs:
+                    self._trial_runs[trial] = runs[0].info.run_id
+                    client.update_run(runs[0].info.run_id, status="RUNNING")
+            super().log_trial_start(trial)
+
+    return [ResumingMLflowLoggerCallback(tracking_uri=uri, experiment_name=cfg.run.name,
+                                         tags={"multimix.experiment": exp_uri})]
 
 
 def _eval_metrics(report: dict) -> dict:

@@ -432,6 +432,12 @@ def _tune(cfg: Config, search: Search, restart: bool):
               flush=True)
         tuner = rt.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
                                  resume_errored=True, storage_filesystem=fs)
+        # Tune would run the callbacks pickled in tuner.pkl by the first driver: this command's
+        # tracking settings decide (they are not in the fingerprint, so run.mlflow may have been
+        # turned on), made here as for a new search (with MLflow's file-store permission)
+        local = getattr(tuner, "_local_tuner", None)  # None through the Ray Client
+        if local is not None:
+            local.get_run_config().callbacks = tracking.tune_callbacks(cfg, exp_uri)
     else:
         storage.write_bytes(search_uri, json.dumps(fingerprint, indent=1).encode(), cfg.storage)
         if search.scheduler == "asha":

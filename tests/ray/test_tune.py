@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from multimix.config import ConfigError, RunConfig, load_config
 from multimix.errors import UserError
@@ -285,14 +284,15 @@ def test_each_trial_has_tensorboard_events_and_one_mlflow_run(asha_grid):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
+def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path, monkeypatch):
     from multimix.data.prepare import prepare_demo
 
     prepare_demo(str(tmp_path / "demo"), image_size=64)
     runs = tmp_path / "runs"
     argv = ["tune", *_tiny(tmp_path / "demo" / "cls", tmp_path / "demo" / "seg", runs, "res"),
             "--set", "optim.epochs=1", "--set", "data.cls_labeled=40",
-            "--grid", "optim.seed=0,1", "--concurrent", "1"]
+            "--grid", "optim.seed=0,1", "--concurrent", "1",
+            "--set", "run.mlflow=true", "--set", f"run.mlflow_uri={tmp_path}/mlruns"]
     # each driver starts a Ray of its own (~10 s), as a user's would: what earlier tests left in
     # the session's Ray cannot hold its trials back; the SIGKILL ends that Ray, and the rerun
     # restores from storage alone
@@ -300,12 +300,13 @@ def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
     trials = runs / "res" / "trials"
     finished: list[Path] = []
 
-    def first_trial_done() -> bool:
+    def first_done_second_started() -> bool:  # killed mid-search, the second trial mid-run
         finished[:] = [d for d in trials.glob("*") if (d / "last.json").is_file()]
-        return bool(finished)
+        return bool(finished) and len(list(trials.glob("*/config.json"))) == 2
 
     # a first trial: Ray, Tune, Train and Ray Data start-up (~80 s alone on 2 cores)
-    code, out = _cli(argv, env, tmp_path / "driver.log", until=first_trial_done, timeout=480)
+    code, out = _cli(argv, env, tmp_path / "driver.log", until=first_done_second_started,
+                     timeout=480)
     assert finished, f"no trial finished (driver exit {code}): {out}"
     first = finished[0]
     done_hist = (first / "history.json").read_text()
@@ -316,6 +317,16 @@ def test_resume_after_sigkill_of_the_driver(ray_local, tmp_path):
     assert len(rows) == 2 and all(r["status"] == "done" for r in rows), rows
     assert first.name in {r["trial"] for r in rows}  # the same trial ids, none added
     assert (first / "history.json").read_text() == done_hist  # the finished trial not rerun
+    # one MLflow run per trial across both drivers, each with its epochs' metrics, finished
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as tracking sets it in the driver
+    client = MlflowClient(f"file:{tmp_path}/mlruns")
+    mlruns = client.search_runs([client.get_experiment_by_name("res").experiment_id])
+    assert sorted(r.data.tags["trial_name"] for r in mlruns) == sorted(r["trial"] for r in rows)
+    for run in mlruns:
+        assert run.info.status == "FINISHED", run.info
+        assert len(client.get_metric_history(run.info.run_id, METRIC)) == 1  # optim.epochs=1
     # another search under the same name: refused with what to do, until --restart
     with pytest.raises(UserError, match="--restart"):
         from multimix import tune
