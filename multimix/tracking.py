@@ -38,6 +38,7 @@ import math
 import os
 import re
 import tempfile
+import uuid
 from pathlib import Path
 
 from multimix.data import storage
@@ -181,7 +182,10 @@ class RunTracker:
         from tensorboardX.proto.summary_pb2 import Summary
 
         if self._writer is None:  # synchronous (SummaryWriter's thread may not have written)
-            self._writer = EventsWriter(f"{self._tmp.name}/events", f".{os.getpid()}")
+            # the name has the second it was made in: a random part keeps two writers of one
+            # run directory (a resume, in the same process, the same second) off one file
+            self._writer = EventsWriter(f"{self._tmp.name}/events",
+                                        f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
         values = [Summary.Value(tag=tag(k), simple_value=v) for k, v in _numbers(metrics).items()]
         self._writer.write_event(Event(wall_time=time.time(), step=step,
                                        summary=Summary(value=values)))
