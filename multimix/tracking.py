@@ -162,13 +162,12 @@ class RunTracker:
 
         uri = mlflow_uri(self.cfg.run.mlflow_uri)
         _allow_file_store(uri)
-        exp = MlflowClient(uri).get_experiment_by_name(self.cfg.run.name)
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(self.cfg.run.name)
         if exp is not None:  # a resumed run continues its MLflow run
-            runs = MlflowClient(uri).search_runs(
-                [exp.experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{self.run_dir}'",
-                max_results=1)
-            if runs:
-                os.environ["MLFLOW_RUN_ID"] = runs[0].info.run_id
+            run_id = find_run(client, exp.experiment_id, {RUN_DIR_TAG: self.run_dir})
+            if run_id:
+                os.environ["MLFLOW_RUN_ID"] = run_id
         self._mlflow = setup_mlflow(
             _params(self.cfg), tracking_uri=uri, experiment_name=self.cfg.run.name,
             run_name=self.cfg.run.name, tags={RUN_DIR_TAG: self.run_dir},
@@ -233,6 +232,14 @@ class RunTracker:
             self._tmp = None
 
 
+def find_run(client, experiment_id: str, tags: dict) -> str | None:
+    """The id of the experiment's MLflow run with these tag values (the first found), or
+    None: how a resumed train run, a restored Tune trial and an evaluation find their run."""
+    where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([experiment_id], filter_string=where, max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 def tune_callbacks(cfg, exp_uri: str) -> list:
     """The Tune callbacks of ``cfg``'s tracking: Ray's ``MLflowLoggerCallback`` with
     ``run.mlflow`` (one MLflow run per trial, experiment ``run.name``), else none (Tune adds
@@ -255,14 +262,11 @@ def tune_callbacks(cfg, exp_uri: str) -> list:
                 from mlflow.tracking import MlflowClient
 
                 client = MlflowClient(uri)
-                runs = client.search_runs(
-                    [self.mlflow_util.experiment_id],
-                    filter_string=(f"tags.trial_name = '{trial}' and "
-                                   f"tags.`multimix.experiment` = '{exp_uri}'"),
-                    max_results=1)
-                if runs:
-                    self._trial_runs[trial] = runs[0].info.run_id
-                    client.update_run(runs[0].info.run_id, status="RUNNING")
+                run_id = find_run(client, self.mlflow_util.experiment_id,
+                                  {"trial_name": str(trial), "multimix.experiment": exp_uri})
+                if run_id:
+                    self._trial_runs[trial] = run_id
+                    client.update_run(run_id, status="RUNNING")
             super().log_trial_start(trial)
 
     return [ResumingMLflowLoggerCallback(tracking_uri=uri, experiment_name=cfg.run.name,
@@ -297,12 +301,11 @@ def log_evaluation(cfg, report: dict, *, run_dir: str | None = None,
     exp = client.get_experiment_by_name(cfg.run.name)
     if exp is None:
         return None
-    where = (f"tags.`{RUN_DIR_TAG}` = '{run_key(run_dir, cfg.storage)}'" if run_dir is not None
-             else f"tags.trial_name = '{trial}'")
-    runs = client.search_runs([exp.experiment_id], filter_string=where, max_results=1)
-    if not runs:
+    run_id = find_run(client, exp.experiment_id,
+                      {RUN_DIR_TAG: run_key(run_dir, cfg.storage)} if run_dir is not None
+                      else {"trial_name": trial})
+    if not run_id:
         return None
-    run_id = runs[0].info.run_id
     for k, v in _eval_metrics(report).items():
         client.log_metric(run_id, k, v)
     if report.get("markdown_text"):
